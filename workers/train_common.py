@@ -1,0 +1,314 @@
+"""What the VAE and DiT train loops share: settings, optimiser, EMA, checkpoints, reporting.
+
+Both loops run inside Ray Train workers (`train_loop_per_worker`). They never talk to MLflow:
+rank 0 appends one JSON line per logged step to `<run_dir>/<name>.metrics.jsonl` (which the
+driver replays into MLflow, live or after `fit()`), and every `checkpoint_every` steps all ranks
+call `ray.train.report` with rank 0 carrying the checkpoint. Ray Train's own `Result` keeps
+metrics only for checkpointed reports, hence the JSONL.
+
+A checkpoint directory holds `state.pt` (model, EMA, optimiser, scheduler, step) and
+`config.json` (the job's settings), so it is complete on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from einops import rearrange
+from torch import Tensor, nn
+
+NONFINITE_EVENT = "nonfinite"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by the driver when a loop stopped on a non-finite loss or gradient."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Settings every training job has; the VAE and DiT job configs extend this."""
+
+    run_dir: str = "runs/default"
+    """Directory of the whole pipeline run: Ray Train storage, metric JSONL, mlflow.db."""
+    name: str = "train"
+    """Name of this training run; restarting with the same name resumes from its last checkpoint."""
+    data_root: str = ""
+    """Root of the collected episodes (`<data_root>/episodes/game=<G>/*.parquet`)."""
+    game: str = ""
+    """Game to train on, as in `ALE/<game>-v5` (e.g. "Breakout"); empty = every game collected."""
+    steps: int = 1000
+    """Optimiser steps in total (a resumed run continues up to this count)."""
+    batch_size: int = 8
+    """Clips per worker per step (the global batch is batch_size x num_workers)."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate, reached after warmup_steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices and kernels only (not biases and norms)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 100
+    """Linear learning-rate warmup from 0, then constant."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still checked)."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of the weights (the EMA weights are exported)."""
+    log_every: int = 10
+    """Steps between metric lines."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints reported to Ray Train (the final step always checkpoints)."""
+    num_to_keep: int = 2
+    """Checkpoints Ray Train keeps on storage."""
+    seed: int = 0
+    """Base seed; each worker adds its rank."""
+    num_workers: int = 1
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL), else CPU (gloo)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; keep it fractional on small machines so Ray Data can read."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint that FailureConfig allows."""
+    bf16: bool = True
+    """bf16 autocast on GPU (ignored on CPU)."""
+    compile: bool = False
+    """torch.compile the network."""
+    fail_at_step: int = -1
+    """Tests only: the last rank exits hard once at this step, to exercise FailureConfig."""
+    nan_at_step: int = -1
+    """Tests only: the loss becomes NaN at this step, to exercise the non-finite guard."""
+
+
+def config_from_dict(cls: type, values: dict[str, Any]):
+    """Build a frozen config dataclass; unknown keys are errors, lists become tuples."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} settings {unknown}; valid: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    clean = {}
+    for key, value in values.items():
+        if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
+            value = tuple(value)
+        clean[key] = value
+    return cls(**clean)
+
+
+def metrics_path(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / f"{name}.metrics.jsonl"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The metric JSONL, deduplicated by step (a resumed run re-logs steps after its checkpoint;
+    the later line wins)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows: dict[int, dict[str, Any]] = {}
+    events = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "event" in rec:
+            events.append(rec)
+        else:
+            rows[int(rec["step"])] = rec
+    return [rows[s] for s in sorted(rows)] + events
+
+
+# -- inside the workers -------------------------------------------------------------------------
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def pixels_to_model(frames: Tensor) -> Tensor:
+    """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [-1, 1]."""
+    if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"want uint8 frames (B, T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    return rearrange(frames, "B T H W C -> B T C H W").float().div_(127.5).sub_(1.0)
+
+
+def model_to_pixels(x: Tensor) -> Tensor:
+    """float (B, T, 3, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3), rounded and clamped."""
+    x = ((x.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return rearrange(x, "B T C H W -> B T H W C")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices/kernels only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = max(cfg.warmup_steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+
+
+class EMA:
+    """Exponential moving average of a model's weights (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA; nothing on CPU (bf16 matmuls there are slow and gain nothing)."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def infinite_batches(shard, batch_size: int, columns: tuple[str, ...]) -> Iterator[dict[str, Tensor]]:
+    """Epoch after epoch of a Ray Data shard, as tensors. drop_last keeps every rank on the same
+    number of steps per epoch (the shards are split equally), so no rank waits in an all-reduce
+    while another starts a new epoch."""
+    epoch = 0
+    while True:
+        n = 0
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+            n += 1
+            yield {c: batch[c] for c in columns}
+        if n == 0:
+            raise RuntimeError(
+                f"the training shard yielded no full batch of {batch_size} clips in epoch {epoch}: "
+                "collect more data, shorten the clips or lower batch_size")
+        epoch += 1
+
+
+class JsonlLog:
+    """Rank 0's metric lines; other ranks hold a no-op."""
+
+    def __init__(self, path: Path, active: bool):
+        self.path, self.active = path, active
+        if active:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.active:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """One all-reduce for all logged scalars."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    _, world = rank_and_world()
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return dict(zip(keys, t.tolist()))
+
+
+def save_checkpoint(directory: Path, *, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
+                    sched, step: int, config: Any, extra: dict[str, Any] | None = None) -> None:
+    torch.save({
+        "model": unwrap(model).state_dict(),
+        "ema": ema.model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "step": step,
+        **(extra or {}),
+    }, directory / "state.pt")
+    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+
+
+def load_checkpoint_state(map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The state of the run's latest reported checkpoint (resume or FailureConfig restart)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(Path(d) / "state.pt", map_location=map_location, weights_only=False)
+
+
+def report(metrics: dict[str, float], *, checkpoint_fn=None) -> None:
+    """ray.train.report on every rank; rank 0 attaches the checkpoint that checkpoint_fn(dir) writes."""
+    import ray.train
+
+    rank, _ = rank_and_world()
+    if checkpoint_fn is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            checkpoint_fn(Path(tmp))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def maybe_crash(cfg: TrainSettings, step: int) -> None:
+    """Tests only: the last rank dies hard once (a marker file keeps the restart from dying too)."""
+    if cfg.fail_at_step < 0 or step != cfg.fail_at_step:
+        return
+    rank, world = rank_and_world()
+    marker = Path(cfg.run_dir) / f"{cfg.name}.crashed"
+    if rank == world - 1 and not marker.exists():
+        marker.write_text(str(step))
+        print(f"[train] injected crash of rank {rank} at step {step}", flush=True)
+        os._exit(1)
+
+
+def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: TrainSettings,
+                   step: int, log: JsonlLog) -> tuple[bool, float]:
+    """Backward, clip, step, EMA. Returns (ok, grad_norm); ok is False when the loss or gradient is
+    not finite: then nothing is updated, rank 0 writes a `nonfinite` event and the caller stops.
+
+    DDP all-reduces gradients before clipping, so a NaN on any rank makes the norm NaN on every
+    rank and all ranks take the same decision without another collective."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if not torch.isfinite(norm):
+        log.write({"event": NONFINITE_EVENT, "step": step, "loss": float(loss.detach()),
+                   "message": f"non-finite loss/gradient at step {step} (loss {float(loss.detach())}, "
+                              f"grad norm {float(norm)}); stopped, the last good checkpoint is kept"})
+        opt.zero_grad(set_to_none=True)
+        return False, float(norm)
+    opt.step()
+    sched.step()
+    ema.update(unwrap(model))
+    return True, float(norm)

@@ -1,0 +1,160 @@
+"""ST-DiT training loop with the VAE frozen, run by a Ray Train TorchTrainer on each worker.
+
+Each sample is a window of L = n_cond + horizon frames with its actions. Pixels uint8
+(B, L, 210, 160, 3) -> [-1, 1] (B, L, 3, H, W) -> frozen VAE encoder mean x latent_scale ->
+rectified-flow loss, noise and loss on the latent frames that hold future frames only
+(frame_mask), condition latents clean. Encoding runs on the fly: the VAE encoder costs a fraction
+of a DiT step, and it keeps a single data path for every VAE setting.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models.action_encoder import action_positions
+from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
+from models.stdit import STDiT, STDiT_models
+from workers.train_common import (
+    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_checkpoint_state,
+    make_optimizer, make_scheduler, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
+    pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
+)
+from workers.world_model import ACTION_MODES, load_vae
+
+
+@dataclass(frozen=True)
+class TrainDiTConfig(TrainSettings):
+    """Settings of one DiT training run (field names match tune_spaces)."""
+
+    name: str = "dit"
+    """Run name (resume key)."""
+    vae_path: str = ""
+    """Directory of the trained VAE (vae.pt + vae.json), frozen here."""
+    latent_scale: float = 0.0
+    """Multiplier that gives the latents unit std; 0 = measured on data by the driver before training."""
+    dit_preset: str = "tiny"
+    """ST-DiT size, a key of models.stdit.STDiT_models."""
+    n_cond: int = 4
+    """Condition frames n."""
+    horizon: int = 4
+    """Generated frames T (the generation length)."""
+    action_mode: str = "future"
+    """"future": a_t..a_{t+T-1} (T tokens); "past_future": a_{t-n+1}..a_{t+T-1} (n+T-1 tokens)."""
+    action_encoder: str = "embedding"
+    """"embedding" (learned) or "onehot"."""
+    num_actions: int = 18
+    """Size of the action vocabulary (18 = ALE's full action set covers every game)."""
+    clip_stride: int = 2
+    """Stride of the training windows over each episode."""
+    t_sampling: str = "logit_normal"
+    """Training timestep distribution, "logit_normal" or "uniform"."""
+    action_dropout: float = 0.0
+    """Probability of dropping a sample's actions (trains the unconditional model for guidance)."""
+    sample_steps: int = 8
+    """Euler steps the exported world model samples with."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+
+    def __post_init__(self) -> None:
+        if self.action_mode not in ACTION_MODES:
+            raise ValueError(f"TrainDiTConfig.action_mode={self.action_mode!r}; expected one of {ACTION_MODES}")
+        if self.dit_preset not in STDiT_models:
+            raise ValueError(f"TrainDiTConfig.dit_preset={self.dit_preset!r}; presets: {sorted(STDiT_models)}")
+        if self.n_cond < 1 or self.horizon < 1:
+            raise ValueError(f"TrainDiTConfig needs n_cond >= 1 and horizon >= 1, got {self.n_cond}, {self.horizon}")
+
+    @property
+    def clip_length(self) -> int:
+        return self.n_cond + self.horizon
+
+    @property
+    def num_action_tokens(self) -> int:
+        return self.horizon if self.action_mode == "future" else self.n_cond - 1 + self.horizon
+
+
+def build_dit(cfg: TrainDiTConfig, latent_channels: int) -> STDiT:
+    return STDiT_models[cfg.dit_preset](in_channels=latent_channels, num_actions=cfg.num_actions,
+                                        action_encoder=cfg.action_encoder)
+
+
+def slice_actions(actions: torch.Tensor, cfg: TrainDiTConfig) -> torch.Tensor:
+    """Window actions (B, L) (the action taken at each frame) -> the model's tokens (B, A)."""
+    n, T = cfg.n_cond, cfg.horizon
+    return actions[:, n - 1: n + T - 1] if cfg.action_mode == "future" else actions[:, 0: n + T - 1]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(TrainDiTConfig, config)
+    if cfg.latent_scale <= 0:
+        raise ValueError("TrainDiTConfig.latent_scale must be set (the driver measures it) before training")
+    rank, world = rank_and_world()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.seed + rank)
+
+    vae = load_vae(cfg.vae_path, device)  # frozen, eval
+    if cfg.n_cond % vae.frames_per_latent:
+        raise ValueError(f"n_cond={cfg.n_cond} is not a multiple of the VAE's temporal factor {vae.frames_per_latent}")
+    dit = build_dit(cfg, vae.cfg.latent_channels).to(device)
+    ema = EMA(dit, cfg.ema_decay)
+    opt, step = make_optimizer(dit, cfg), 0
+    sched = make_scheduler(opt, cfg)
+    state = load_checkpoint_state(device)
+    if state is not None:
+        dit.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+    model = ray.train.torch.prepare_model(dit)
+    if cfg.compile:
+        model = torch.compile(model)
+    flow = RectifiedFlow(RectifiedFlowConfig(t_sampling=cfg.t_sampling, action_dropout=cfg.action_dropout))
+    log = JsonlLog(metrics_path(cfg.run_dir, cfg.name), active=rank == 0)
+    log.write({"event": "start", "step": step, "world_size": world})
+    batches = infinite_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, ("frames", "actions"))
+
+    L = cfg.clip_length
+    frame_mask = torch.arange(L, device=device) >= cfg.n_cond  # (L,) True = generated
+    positions = action_positions(cfg.num_action_tokens, cfg.n_cond, cfg.action_mode, device=device)
+
+    def checkpoint(d):
+        save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
+
+    t_last, steps_since = time.time(), 0
+    while step < cfg.steps:
+        maybe_crash(cfg, step)
+        batch = next(batches)
+        frames = batch["frames"].to(device, non_blocking=True)  # (B, L, H, W, 3) uint8
+        if frames.shape[1] != L:
+            raise ValueError(f"training windows have {frames.shape[1]} frames, expected n_cond+horizon={L}")
+        actions = slice_actions(batch["actions"].to(device).long(), cfg)  # (B, A)
+        B = frames.shape[0]
+        with torch.no_grad(), autocast(device, cfg.bf16):
+            mean, _ = vae.encode(pixels_to_model(frames))  # (B, T', C, h, w)
+        x0 = mean.float() * cfg.latent_scale
+        lat_mask = vae.latent_frame_mask(frame_mask.expand(B, L))  # (B, T')
+        with autocast(device, cfg.bf16):
+            loss = flow.loss(model, x0, lat_mask, actions=actions, action_positions=positions)
+        if step == cfg.nan_at_step:
+            loss = loss * float("nan")
+        ok, grad_norm = optimizer_step(loss.float(), model, opt, sched, ema, cfg, step, log)
+        if not ok:
+            return
+        step += 1
+        steps_since += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.time()
+            m = mean_across_ranks({"train/loss": float(loss.detach())}, device)
+            m.update({"train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0],
+                      "train/steps_per_s": steps_since / max(now - t_last, 1e-9)})
+            log.write({"step": step, **m})
+            t_last, steps_since = now, 0
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)

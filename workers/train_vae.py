@@ -1,0 +1,111 @@
+"""VAE training loop, run by a Ray Train TorchTrainer on each worker (DDP, CPU or GPU).
+
+The driver (`pipeline/train.py`) hands in `dataclasses.asdict(TrainVAEConfig)` and a Ray Dataset
+of clips (column `frames`, uint8 (L, 210, 160, 3)); this loop reconstructs the config (unknown keys
+fail), resumes from the run's last checkpoint if there is one, and trains for `steps` optimiser
+steps, reporting metrics and checkpoints through Ray Train (see `workers/train_common.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models.vae import VAE_models, VideoVAE, vae_loss
+from workers.train_common import (
+    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_checkpoint_state,
+    make_optimizer, make_scheduler, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
+    pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
+)
+
+
+@dataclass(frozen=True)
+class TrainVAEConfig(TrainSettings):
+    """Settings of one VAE training run."""
+
+    name: str = "vae"
+    """Run name (resume key)."""
+    vae_preset: str = "tiny"
+    """VAE size, a key of models.vae.VAE_models."""
+    latent_channels: int = 4
+    """Channels of the latent."""
+    temporal_downsample: int = 1
+    """Frames per latent frame (1, 2 or 4); the DiT's n_cond must be a multiple of it."""
+    clip_length: int = 8
+    """Frames per training clip."""
+    clip_stride: int = 4
+    """Stride of the sliding windows over each episode."""
+    kl_weight: float = 1e-4
+    """Weight of the KL term (per-element mean, see models.vae.vae_loss)."""
+    recon_kind: str = "l1"
+    """Reconstruction loss, "l1" or "l2"."""
+    lr: float = 2e-4
+    """Peak AdamW learning rate."""
+
+
+def build_vae(cfg: TrainVAEConfig) -> VideoVAE:
+    if cfg.vae_preset not in VAE_models:
+        raise ValueError(f"TrainVAEConfig.vae_preset={cfg.vae_preset!r}; presets: {sorted(VAE_models)}")
+    return VAE_models[cfg.vae_preset](latent_channels=cfg.latent_channels,
+                                 temporal_downsample=cfg.temporal_downsample)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(TrainVAEConfig, config)
+    rank, world = rank_and_world()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.seed + rank)
+
+    vae = build_vae(cfg).to(device)
+    ema = EMA(vae, cfg.ema_decay)
+    opt, step = make_optimizer(vae, cfg), 0
+    sched = make_scheduler(opt, cfg)
+    state = load_checkpoint_state(device)
+    if state is not None:  # a resumed run, or a FailureConfig restart
+        vae.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+    model = ray.train.torch.prepare_model(vae)  # DDP over the workers (gloo on CPU, NCCL on GPU)
+    if cfg.compile:
+        model = torch.compile(model)
+    log = JsonlLog(metrics_path(cfg.run_dir, cfg.name), active=rank == 0)
+    log.write({"event": "start", "step": step, "world_size": world})
+    batches = infinite_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, ("frames",))
+
+    def checkpoint(d):
+        save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
+
+    t_last, steps_since = time.time(), 0
+    while step < cfg.steps:
+        maybe_crash(cfg, step)
+        x = pixels_to_model(next(batches)["frames"].to(device, non_blocking=True))  # (B, T, 3, H, W)
+        with autocast(device, cfg.bf16):
+            recon, mean, logvar = model(x)
+        # The loss in float32: a bf16 mean over ~10^6 pixels loses the small reconstruction errors.
+        loss, parts = vae_loss(x, recon.float(), mean.float(), logvar.float(), cfg.kl_weight,
+                               recon_kind=cfg.recon_kind)
+        if step == cfg.nan_at_step:
+            loss = loss * float("nan")
+        ok, grad_norm = optimizer_step(loss, model, opt, sched, ema, cfg, step, log)
+        if not ok:
+            return  # the driver turns the logged event into NonFiniteLossError
+        step += 1
+        steps_since += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.time()
+            m = mean_across_ranks({f"train/{k}": float(v) for k, v in parts.items()}, device)
+            m["train/loss"] = m.pop("train/total")
+            m.update({"train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0],
+                      "train/steps_per_s": steps_since / max(now - t_last, 1e-9)})
+            log.write({"step": step, **m})
+            t_last, steps_since = now, 0
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
