@@ -1,0 +1,171 @@
+"""Evaluation driver: score a trained world model on held-out episodes, log tables and figures.
+
+    python pipeline/evaluate.py --run_dir /abs/runs/x --model_path /abs/runs/x/models/dit \
+        --data_root /abs/data --game Breakout
+
+For each game: windows of n + max(horizons) frames from the test split (episodes never seen in
+training), rolled out once to the longest horizon through Ray Data (`workers.evaluate.ScoreWindows`),
+scored per frame at native 210x160 beside the copy-last-frame baseline. Horizons past the model's
+trained length are chained chunks. Outputs, under `<run_dir>/eval/<name>/` and in one MLflow run:
+
+- `tables/generation_length.json`: game x generation length x method, MSE/PSNR/LPIPS mean and std
+  over windows (the layout of the paper's Table 2; Tables 3 and 4 are the same rows across runs
+  that differ in action_mode / action_encoder, which are columns here);
+- `tables/per_frame.json`: the same per generated frame;
+- metrics `eval/<game>/<method>/<metric>@<h>`; figures: frame strips, action strips, GIFs, and
+  each metric against horizon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import figures
+from pipeline.tracking import Tracker
+from pipeline.train import _ensure_ray, clip_dataset, parse_config
+from workers.evaluate import METHODS, METRICS, ScoreWindows, frame_table, horizon_table, score_windows, window_actions
+from workers.world_model import load_world_model
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one evaluation."""
+
+    run_dir: str = "runs/default"
+    """Pipeline run directory (the MLflow store and eval outputs go here)."""
+    model_path: str = ""
+    """World-model directory written by train_dit_main (or downloaded from MLflow)."""
+    data_root: str = ""
+    """Root of the collected episodes; the test split is used."""
+    games: tuple[str, ...] = ()
+    """Games to score; empty = the game the model was trained on."""
+    name: str = "eval"
+    """MLflow run name of this evaluation."""
+    horizons: tuple[int, ...] = (1, 2, 4, 8)
+    """Generation lengths scored (past the trained length, chunks are chained)."""
+    stride: int = 16
+    """Stride of the evaluation windows in each test episode."""
+    max_windows: int = 128
+    """Windows scored per game (the first ones in dataset order)."""
+    batch_size: int = 8
+    """Windows per model call."""
+    lpips: bool = True
+    """Score LPIPS (AlexNet v0.1 at 210x160) besides MSE and PSNR."""
+    sample_steps: int = 0
+    """Euler steps; 0 = the model's own setting."""
+    seed: int = 0
+    """Seed of the sampler's noise."""
+    figure_windows: int = 2
+    """Windows drawn as frame strips and GIFs per game."""
+    action_sequences: tuple[str, ...] = ("0000", "2222", "3333", "3222")
+    """Action sequences of the action/inertia strips (digits are the game's action ids; Breakout:
+    0 NOOP, 1 FIRE, 2 RIGHT, 3 LEFT)."""
+    num_cpus: float = 1.0
+    """CPUs of the scoring actor."""
+    use_gpu: bool = False
+    """Score on a GPU."""
+
+    def __post_init__(self) -> None:
+        if not self.horizons or min(self.horizons) < 1:
+            raise ValueError(f"EvalConfig.horizons must be positive ints, got {self.horizons}")
+
+
+def _flat(d: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in d.items()}
+
+
+def score_game(cfg: EvalConfig, game: str, n_cond: int) -> tuple[dict[str, np.ndarray], Any]:
+    """Per-window per-frame scores of one game, computed by a Ray Data actor."""
+    H = max(cfg.horizons)
+    ds = clip_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride).limit(cfg.max_windows)
+    scored = ds.map_batches(
+        ScoreWindows, batch_size=cfg.batch_size, concurrency=1, num_cpus=cfg.num_cpus,
+        num_gpus=1 if cfg.use_gpu else 0,
+        fn_constructor_kwargs={"model_path": cfg.model_path, "horizon": H, "lpips": cfg.lpips,
+                               "sample_steps": cfg.sample_steps or None, "seed": cfg.seed,
+                               "device": "cuda" if cfg.use_gpu else "cpu"})
+    parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
+    if not parts:
+        raise ValueError(f"no test windows of {n_cond + H} frames for game {game!r} under {cfg.data_root}")
+    keys = [k for k in parts[0] if "/" in k]
+    return {k: np.concatenate([np.stack(p[k]) for p in parts]) for k in keys}, ds
+
+
+def draw_figures(cfg: EvalConfig, world_model, ds, game: str, out_dir: Path, tracker: Tracker) -> None:
+    """Frame strips and GIFs of the first windows, and action strips from the first window."""
+    H = max(cfg.horizons)
+    batch = ds.take_batch(cfg.figure_windows)
+    frames = torch.from_numpy(np.stack(batch["frames"]))
+    actions = torch.from_numpy(np.stack(batch["actions"]).astype(np.int64))
+    n = world_model.n_cond
+    g = torch.Generator().manual_seed(cfg.seed)
+    _, pred = score_windows(world_model, frames, actions, H, None, g)
+    for i in range(len(frames)):
+        fig = figures.frame_strip(frames[i, :n].numpy(), pred[i].numpy(), frames[i, n:n + H].numpy(),
+                                  title=f"{game}: condition | generated / truth")
+        tracker.log_figure(fig, f"figures/{game}/strip_{i}.png")
+        gif = figures.rollout_gif(out_dir / f"{game}_rollout_{i}.gif", pred[i].numpy(),
+                                  frames[i, n:n + H].numpy(), cond=frames[i, :n].numpy())
+        tracker.log_artifact(gif, f"figures/{game}")
+    rollouts = {}
+    for seq in cfg.action_sequences:
+        future = torch.tensor([int(c) for c in seq], dtype=torch.int64)[None]  # (1, T)
+        acts = future if world_model.action_mode == "future" else torch.cat(
+            [window_actions(actions[:1], n, len(seq), "past_future")[:, : n - 1], future], dim=1)
+        rollouts[seq] = world_model.predict(frames[:1, :n], acts, len(seq), generator=g)[0].numpy()
+    fig = figures.action_strips(frames[0, :n].numpy(), rollouts, title=f"{game}: same condition, different actions")
+    tracker.log_figure(fig, f"figures/{game}/actions.png")
+
+
+def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().resolve()))
+    if not cfg.model_path:
+        raise ValueError("EvalConfig.model_path is empty: point it at a trained world-model directory")
+    _ensure_ray()
+    world_model = load_world_model(cfg.model_path, sample_steps=cfg.sample_steps or None)
+    meta = __import__("json").loads((Path(cfg.model_path) / "world_model.json").read_text())
+    games = cfg.games or ((meta.get("game"),) if meta.get("game") else ())
+    if not games:
+        raise ValueError("EvalConfig.games is empty and the model records no game: name the games")
+    model_cols = {"action_mode": world_model.action_mode, "action_encoder": meta["dit"]["action_encoder"],
+                  "train_horizon": world_model.horizon, "sample_steps": world_model.sampler.cfg.num_steps}
+    out_dir = Path(cfg.run_dir) / "eval" / cfg.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import matplotlib.pyplot as plt
+
+    lengths, per_frame = [], []
+    with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "eval"}) as tracker:
+        tracker.log_params(cfg)
+        tracker.set_tags({"model_path": cfg.model_path})
+        for game in games:
+            scores, ds = score_game(cfg, game, world_model.n_cond)
+            for row in horizon_table(scores, tuple(sorted(cfg.horizons))):
+                lengths.append({"game": game, **row, **model_cols})
+                tracker.log_metrics({f"eval/{game}/{row['method']}/{m}@{row['generation_length']}": row[m]
+                                     for m in METRICS if m in row}, step=0)
+            for row in frame_table(scores):
+                per_frame.append({"game": game, **row})
+            np.savez_compressed(out_dir / f"{game}_scores.npz", **{k.replace("/", "__"): v for k, v in scores.items()})
+            draw_figures(cfg, world_model, ds, game, out_dir, tracker)
+        tables = {"generation_length": pd.DataFrame(lengths), "per_frame": pd.DataFrame(per_frame)}
+        for name, df in tables.items():
+            df.to_csv(out_dir / f"{name}.csv", index=False)
+            tracker.log_table(df, f"tables/{name}.json")
+        for metric in METRICS:
+            if metric in tables["per_frame"]:
+                fig = figures.metric_vs_horizon(tables["per_frame"], metric)
+                tracker.log_figure(fig, f"figures/{metric}_vs_horizon.png")
+                plt.close(fig)
+        plt.close("all")
+    return tables
+
+
+if __name__ == "__main__":
+    print(main(parse_config(EvalConfig)))

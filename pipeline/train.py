@@ -1,0 +1,234 @@
+"""Training drivers: `train_vae_main(cfg)` then `train_dit_main(cfg)`, each one Ray Train run.
+
+    python pipeline/train.py vae --run_dir /abs/runs/x --data_root /abs/data --steps 2000
+    python pipeline/train.py dit --run_dir /abs/runs/x --data_root /abs/data --vae_path /abs/runs/x/models/vae
+
+Layout of a run directory (`cfg.run_dir`, made absolute here, because Ray Train storage and
+`ray job submit`'s temporary working directory both need absolute paths):
+
+    <run_dir>/<name>/                  Ray Train storage of the run: checkpoints, resume state
+    <run_dir>/<name>.metrics.jsonl     rank 0's metric lines (see workers/train_common.py)
+    <run_dir>/models/<name>/           exported EMA weights: the VAE, or the whole world model
+    <run_dir>/mlflow.db, mlartifacts/  the default MLflow store (pipeline/tracking.py)
+
+Metrics reach MLflow from the driver only: while `fit()` runs, a thread follows the JSONL and logs
+each new line (so the MLflow UI shows live progress); lines written before this `fit()` were logged
+by the driver that saw them. Restarting with the same `name` resumes from the last checkpoint (Ray
+Train finds it in `<run_dir>/<name>/`) and continues the same MLflow run. A crashed worker group is
+restarted from the last checkpoint up to `max_failures` times (FailureConfig). A loop that meets a
+non-finite loss stops; the driver raises `NonFiniteLossError` naming the step and the last good
+checkpoint, which stays in storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import threading
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipeline.tracking import Tracker
+from workers.train_common import (
+    NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, pixels_to_model,
+)
+from workers.train_dit import TrainDiTConfig, build_dit
+from workers.train_dit import train_loop_per_worker as dit_loop
+from workers.train_vae import TrainVAEConfig, build_vae
+from workers.train_vae import train_loop_per_worker as vae_loop
+from workers.world_model import load_vae, save_vae, save_world_model, world_model_meta
+
+
+
+# -- data ------------------------------------------------------------------------------------------
+def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int):
+    """Ray Dataset of windows (`frames` uint8 (L, 210, 160, 3), `actions` int64 (L,)) of one split."""
+    from workers.clips import read_episodes, window_dataset
+
+    episodes = read_episodes(data_root, games=[game] if game else None, split=split)
+    return window_dataset(episodes, length=length, stride=stride).select_columns(["frames", "actions"])
+
+
+# -- running a TorchTrainer -------------------------------------------------------------------------
+class MetricsFollower(threading.Thread):
+    """Logs the lines appended to a metric JSONL to MLflow while training runs."""
+
+    def __init__(self, path: Path, tracker: Tracker, poll_s: float = 2.0):
+        super().__init__(daemon=True)
+        self.path, self.tracker, self.poll_s = path, tracker, poll_s
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.events: list[dict[str, Any]] = []
+        self._halt = threading.Event()
+
+    def drain(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        end = chunk.rfind("\n") + 1  # a line still being written waits for the next poll
+        self.offset += len(chunk[:end].encode())
+        rows = []
+        for line in chunk[:end].splitlines():
+            rec = json.loads(line)
+            (self.events if "event" in rec else rows).append(rec)
+        if rows:
+            self.tracker.log_metric_rows(rows)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.poll_s):
+            self.drain()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self.drain()
+
+
+def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Tracker):
+    """Build and fit the TorchTrainer of one job; returns its Result (checkpoint = last good one)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=dataclasses.asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        datasets={"train": dataset},
+        run_config=RunConfig(
+            storage_path=cfg.run_dir, name=cfg.name,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+        ),
+    )
+    follower = MetricsFollower(metrics_path(cfg.run_dir, cfg.name), tracker)
+    follower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        follower.stop()
+    bad = [e for e in follower.events if e["event"] == NONFINITE_EVENT]
+    if bad:
+        where = result.checkpoint.path if result.checkpoint else "none (no checkpoint was reported yet)"
+        tracker.set_tags({"train/stopped": bad[0]["message"]})
+        raise NonFiniteLossError(f"{cfg.name}: {bad[0]['message']}. Last good checkpoint: {where}")
+    if result.checkpoint is None:
+        raise RuntimeError(f"{cfg.name}: training reported no checkpoint (steps={cfg.steps})")
+    return result
+
+
+def _load_state(result) -> dict[str, Any]:
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+
+
+def _absolute(cfg):
+    return dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().resolve()))
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # a local cluster, or the one RAY_ADDRESS / `ray job submit` points at
+
+
+# -- the two jobs ----------------------------------------------------------------------------------
+def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path:
+    """Train the VAE; returns the directory of its exported EMA weights (for TrainDiTConfig.vae_path)."""
+    cfg = _absolute(cfg)
+    _ensure_ray()
+    build_vae(cfg)  # a bad preset fails here, before any worker starts
+    ds = clip_dataset(cfg.data_root, cfg.game, "train", cfg.clip_length, cfg.clip_stride)
+    with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "vae"}) as tracker:
+        tracker.log_params(cfg)
+        result = fit(vae_loop, cfg, ds, tracker)
+        state = _load_state(result)
+        vae = build_vae(cfg)
+        vae.load_state_dict(state["ema"])
+        out = save_vae(Path(cfg.run_dir) / "models" / cfg.name, vae)
+        tracker.log_artifact(out, "vae")
+        tracker.set_tags({"train/final_step": str(state["step"])})
+    return out
+
+
+@torch.no_grad()
+def measure_latent_scale(vae_path: str, data_root: str, game: str, length: int, stride: int,
+                         num_clips: int = 64) -> float:
+    """1 / std of the VAE's latent means over a sample of training clips (unit-variance latents
+    suit the rectified flow's N(0, I) noise)."""
+    vae = load_vae(vae_path)
+    ds = clip_dataset(data_root, game, "train", length, stride)
+    frames = torch.from_numpy(np.asarray(ds.limit(num_clips).take_batch(num_clips)["frames"]))
+    mean, _ = vae.encode(pixels_to_model(frames))
+    std = float(mean.float().std())
+    if not np.isfinite(std) or std <= 0:
+        raise ValueError(f"latent std over {len(frames)} clips is {std}: is the VAE at {vae_path} trained?")
+    return 1.0 / std
+
+
+def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path:
+    """Train the DiT on the frozen VAE; returns the exported world-model directory."""
+    cfg = _absolute(cfg)
+    if not cfg.vae_path:
+        raise ValueError("TrainDiTConfig.vae_path is empty: train the VAE first (train_vae_main)")
+    _ensure_ray()
+    if cfg.latent_scale <= 0:
+        scale = measure_latent_scale(cfg.vae_path, cfg.data_root, cfg.game, cfg.clip_length, cfg.clip_stride)
+        cfg = dataclasses.replace(cfg, latent_scale=scale)
+    ds = clip_dataset(cfg.data_root, cfg.game, "train", cfg.clip_length, cfg.clip_stride)
+    with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "dit"}) as tracker:
+        tracker.log_params(cfg)
+        result = fit(dit_loop, cfg, ds, tracker)
+        state = _load_state(result)
+        vae = load_vae(cfg.vae_path)
+        dit = build_dit(cfg, vae.cfg.latent_channels)
+        dit.load_state_dict(state["ema"])
+        meta = world_model_meta(dit, latent_scale=cfg.latent_scale, n_cond=cfg.n_cond, horizon=cfg.horizon,
+                                action_mode=cfg.action_mode, sample_steps=cfg.sample_steps,
+                                extra={"game": cfg.game, "train_config": dataclasses.asdict(cfg)})
+        out = save_world_model(Path(cfg.run_dir) / "models" / cfg.name, vae, dit, meta)
+        tracker.log_artifact(out, "world_model")
+        tracker.set_tags({"train/final_step": str(state["step"])})
+    return out
+
+
+# -- command line ----------------------------------------------------------------------------------
+def parse_config(cls: type, argv: list[str] | None = None):
+    """A config dataclass from `--field value` flags (tuples as comma lists, bools as true/false)."""
+    parser = argparse.ArgumentParser(description=cls.__doc__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) is tuple:
+            elem = typing.get_args(kind)[0]
+            conv = lambda s, elem=elem: tuple(elem(v) for v in s.split(",") if v)  # noqa: E731
+        elif kind is bool:
+            conv = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
+        else:
+            conv = kind
+        parser.add_argument(f"--{f.name}", type=conv, default=f.default)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("vae", "dit"):
+        raise SystemExit("usage: python pipeline/train.py {vae|dit} [--field value ...]")
+    if argv[0] == "vae":
+        return train_vae_main(parse_config(TrainVAEConfig, argv[1:]))
+    return train_dit_main(parse_config(TrainDiTConfig, argv[1:]))
+
+
+if __name__ == "__main__":
+    print(main())
