@@ -1,0 +1,230 @@
+"""Stage 1: play Atari with a PPO agent (or at random) and record the raw games as Parquet.
+
+    python pipeline/collect.py --data-root /abs/data --run-id r0 --games Breakout Pong \
+        --steps-per-game 1000000 --num-env-runners 8
+
+Per game: train PPO (RLlib new API stack) or load `--checkpoint`, then record with the
+algorithm's env runners and write through Ray Data to
+
+    <data_root>/episodes/game=<Game>/run=<run_id>/*.parquet     (zstd, schema: workers/schema.py)
+    <data_root>/runs/<run_id>.json                              (manifest: counts, policy, versions)
+    <data_root>/checkpoints/<run_id>/<Game>/                    (trained RLlib checkpoint)
+
+Writes go to <data_root>/.staging first and each game's run directory is swapped in by rename, so
+a reader never sees half a run and re-running a run id replaces its data instead of adding to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from workers import schema as S  # noqa: E402
+from workers.atari import DEFAULT_GAMES, EnvSettings, game_name, resolve_env_id  # noqa: E402
+from workers.rollout import (AgentConfig, build_recorder_algo, record_on_runner,  # noqa: E402
+                             runner_stats, train_ppo)
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """One collection run."""
+
+    data_root: str = "data"
+    """dataset root (absolute under `ray job submit`: its working dir is a temporary copy)"""
+    run_id: str = "run0"
+    """name of this run; re-running the same id replaces its data"""
+    games: tuple[str, ...] = DEFAULT_GAMES
+    """ALE v5 games ('Pong' or 'ALE/Pong-v5'); unknown names fail before anything starts"""
+    policy: str = "ppo"
+    """'ppo' (train, or load `checkpoint`) or 'random' (uniform actions; tests, baselines)"""
+    checkpoint: str | None = None
+    """existing RLlib checkpoint to record with instead of training; '{game}' is substituted"""
+    steps_per_game: int = 1_000_000
+    """recorded env steps (rows) per game"""
+    steps_per_round: int = 2000
+    """steps each env runner samples between writes (bounds memory, sets file size)"""
+    num_env_runners: int = 2
+    cpus_per_env_runner: float = 1.0
+    explore: bool = True
+    """sample actions from the policy (True) or take its mode"""
+    test_fraction: float = 0.1
+    """share of episodes in the test split (hash of the episode id)"""
+    seed: int = 0
+    frameskip: int = 4
+    repeat_action_probability: float = 0.0
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+    def __post_init__(self):
+        if self.policy not in ("ppo", "random"):
+            raise ValueError(f"policy must be 'ppo' or 'random', got {self.policy!r}")
+        if self.num_env_runners < 1:
+            raise ValueError(f"num_env_runners must be >= 1, got {self.num_env_runners}")
+        if not 0.0 <= self.test_fraction <= 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1], got {self.test_fraction}")
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None, out_dir: str) -> None:
+    """Record `steps_per_game` rows of one game into `out_dir` (Parquet files)."""
+    import ray
+
+    # Env runners hold their CPUs for their whole life; Ray Data's write tasks need one free CPU
+    # or they wait forever (seen on 2-core machines), so the runners share what is left.
+    total = ray.cluster_resources().get("CPU", 1.0)
+    cpus = min(cfg.cpus_per_env_runner, max(total - 1.0, 0.25 * total) / cfg.num_env_runners)
+    if cpus < cfg.cpus_per_env_runner:
+        print(f"[collect] {cfg.num_env_runners} env runners x {cfg.cpus_per_env_runner} CPU leave "
+              f"none of {total:g} CPUs for writing: using {cpus:.2f} CPU each", flush=True)
+    settings = EnvSettings(frameskip=cfg.frameskip,
+                           repeat_action_probability=cfg.repeat_action_probability)
+    algo = build_recorder_algo(env_id, cfg.agent, settings, num_env_runners=cfg.num_env_runners,
+                               cpus_per_env_runner=cpus, run_id=cfg.run_id,
+                               seed=cfg.seed, test_fraction=cfg.test_fraction,
+                               checkpoint=checkpoint)
+    group = algo.env_runner_group
+    game = game_name(env_id)
+    t0, steps, episodes, returns = time.time(), 0, 0, []
+    try:
+        final = False
+        while not final:
+            remaining = cfg.steps_per_game - steps
+            per_runner = min(cfg.steps_per_round, -(-remaining // cfg.num_env_runners))
+            final = remaining <= per_runner * cfg.num_env_runners
+            fn = functools.partial(record_on_runner, num_timesteps=per_runner, explore=cfg.explore,
+                                   random_actions=cfg.policy == "random", final=final)
+            refs = group.foreach_env_runner(fn, local_env_runner=False, return_obj_refs=True)
+            ray.data.from_arrow_refs(refs).write_parquet(
+                out_dir, compression=S.COMPRESSION, compression_level=S.COMPRESSION_LEVEL)
+            stats = group.foreach_env_runner(runner_stats, local_env_runner=False)
+            steps = sum(s["steps"] for s in stats)
+            new = [x for s in stats for x in s["returns"]]
+            episodes += len(new)
+            returns += new
+            recent = returns[-20:]
+            mean = sum(recent) / len(recent) if recent else float("nan")
+            print(f"[collect {game}] steps={steps}/{cfg.steps_per_game} "
+                  f"steps/s={steps / (time.time() - t0):.0f} episodes={episodes} "
+                  f"return_mean(last {len(recent)})={mean:.1f}", flush=True)
+    finally:
+        algo.stop()
+
+
+def _summarise(run_dir: str) -> dict:
+    """Counts of a written run directory, read from the scalar columns only."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(run_dir) for f in fs
+                   if f.endswith(".parquet"))
+    # File by file: the `game` column is in the files and in the hive path, and the two disagree
+    # on type when a dataset reader merges them.
+    t = pa.concat_tables([pq.ParquetFile(f).read(columns=[S.EPISODE_ID, S.SPLIT, S.TERMINATED])
+                          for f in files])
+    eids, splits = t[S.EPISODE_ID].to_numpy(), t[S.SPLIT].to_numpy()
+    per_split = {s: len(set(eids[splits == s])) for s in S.SPLITS}
+    nbytes = sum(os.path.getsize(f) for f in files)
+    return dict(rows=t.num_rows, episodes=len(set(eids)), episodes_per_split=per_split,
+                games_over=int(t[S.TERMINATED].to_numpy().sum()), files=len(files),
+                bytes=nbytes, bytes_per_frame=nbytes / max(t.num_rows, 1))
+
+
+def _versions() -> dict:
+    import ale_py
+    import gymnasium
+    import pyarrow
+    import ray
+    import torch
+
+    return dict(python=platform.python_version(), ray=ray.__version__, ale_py=ale_py.__version__,
+                gymnasium=gymnasium.__version__, pyarrow=pyarrow.__version__,
+                torch=torch.__version__)
+
+
+def main(cfg: CollectConfig) -> dict:
+    """Run the collection; returns the manifest (also written to <data_root>/runs/<run_id>.json)."""
+    import ray
+
+    env_ids = [resolve_env_id(g) for g in cfg.games]  # fail before any cluster starts
+    root = os.path.abspath(cfg.data_root)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    staging = os.path.join(root, ".staging", f"{cfg.run_id}-{uuid.uuid4().hex[:8]}")
+    manifest = dict(run_id=cfg.run_id, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    config=asdict(cfg), versions=_versions(), schema=list(S.COLUMNS),
+                    compression=f"{S.COMPRESSION}:{S.COMPRESSION_LEVEL}", games={})
+    try:
+        for env_id in env_ids:
+            game = game_name(env_id)
+            checkpoint = None
+            if cfg.policy == "ppo":
+                if cfg.checkpoint is not None:
+                    checkpoint = os.path.abspath(cfg.checkpoint.format(game=game))
+                    if not os.path.isdir(checkpoint):
+                        raise FileNotFoundError(f"checkpoint for {game} not found: {checkpoint}")
+                else:
+                    checkpoint = train_ppo(
+                        env_id, cfg.agent, os.path.join(root, "checkpoints", cfg.run_id, game),
+                        num_env_runners=cfg.num_env_runners,
+                        cpus_per_env_runner=cfg.cpus_per_env_runner)
+            out_dir = os.path.join(staging, f"game={game}", f"run={cfg.run_id}")
+            _record_game(cfg, env_id, checkpoint, out_dir)
+            manifest["games"][game] = dict(env_id=env_id, policy=cfg.policy,
+                                           checkpoint=checkpoint, **_summarise(out_dir))
+        # Swap every game's run directory in by rename (atomic per game on one filesystem).
+        for game in manifest["games"]:
+            final = os.path.join(root, "episodes", f"game={game}", f"run={cfg.run_id}")
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            trash = f"{staging}-old-{game}"
+            if os.path.exists(final):
+                os.rename(final, trash)
+            os.rename(os.path.join(staging, f"game={game}", f"run={cfg.run_id}"), final)
+            shutil.rmtree(trash, ignore_errors=True)
+        _write_json_atomic(os.path.join(root, "runs", f"{cfg.run_id}.json"), manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for game, m in manifest["games"].items():
+        print(f"[collect {game}] wrote {m['rows']} rows, {m['episodes']} episodes "
+              f"({m['episodes_per_split']}), {m['bytes_per_frame']:.0f} B/frame", flush=True)
+    return manifest
+
+
+def _parse(argv=None) -> CollectConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    agent_names = {f.name for f in fields(AgentConfig)}
+    for f in list(fields(CollectConfig)) + list(fields(AgentConfig)):
+        if f.name == "agent":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(AgentConfig() if f.name in agent_names else CollectConfig(), f.name)
+        if f.name == "games":
+            p.add_argument(flag, nargs="+", default=list(default))
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            typ = str if default is None else type(default)
+            p.add_argument(flag, type=typ, default=default)
+    a = vars(p.parse_args(argv))
+    agent = AgentConfig(**{k: a.pop(k) for k in list(a) if k in agent_names})
+    a["games"] = tuple(a["games"])
+    return CollectConfig(**a, agent=agent)
+
+
+if __name__ == "__main__":
+    main(_parse())
