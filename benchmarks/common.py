@@ -1,0 +1,220 @@
+"""What the benchmark scripts share: device naming, timing, GPU-busy sampling, profiling, tables, CLI.
+
+Timing rule: a measured region ends with `sync(device)` (torch.cuda.synchronize on GPU), because
+CUDA kernels run asynchronously and a host clock read without it times the launch, not the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import platform
+import shutil
+import subprocess
+import threading
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+PEAK_BF16_H100 = 989e12
+"""Dense bf16 tensor-core peak of an H100 SXM in FLOP/s (NVIDIA datasheet; 2x with sparsity)."""
+
+
+# -- device ----------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    """"auto" -> cuda when present, else cpu; anything else is taken as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """GPU model, or the CPU model from /proc/cpuinfo (with the core count torch uses)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_up(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Untimed calls before measuring (they absorb torch.compile's compilation, cuDNN autotuning
+    and allocator growth); returns their total seconds."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, iters: int) -> dict[str, float]:
+    """Seconds per call of fn, warm: `mean_s` (wall time of `iters` back-to-back calls / iters, the
+    throughput figure) and `min_s` (fastest single synchronised call, a latency floor)."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    fastest = math.inf
+    t_start = time.perf_counter()
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        fastest = min(fastest, time.perf_counter() - t)
+    total = time.perf_counter() - t_start
+    return {"mean_s": total / iters, "min_s": fastest}
+
+
+# -- GPU busy fraction -----------------------------------------------------------------------------
+def _nvidia_smi_util(index: int) -> float | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(index)],
+                         capture_output=True, text=True, timeout=5)
+    try:
+        return float(out.stdout.strip().splitlines()[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def gpu_utilization(device: torch.device) -> float | None:
+    """NVML's "GPU utilisation" in percent: the share of the last sample period (1/6 s to 1 s) in
+    which any kernel ran. torch.cuda.utilization needs pynvml; nvidia-smi reads the same counter."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return float(torch.cuda.utilization(index))
+    except Exception:  # pynvml missing or NVML unusable: the driver's command-line tool instead
+        return _nvidia_smi_util(index)
+
+
+class GpuBusySampler:
+    """Polls gpu_utilization in a background thread while a `with` block runs; `.mean` is the
+    average percent (None on CPU or when no counter is readable)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.2):
+        self.device, self.interval_s = device, interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            u = gpu_utilization(self.device)
+            if u is None:
+                return
+            self.samples.append(u)
+
+    def __enter__(self) -> "GpuBusySampler":
+        if self.device.type == "cuda":
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+# -- profiling -------------------------------------------------------------------------------------
+def profile_table(fn: Callable[[], Any], device: torch.device, *, calls: int = 2, row_limit: int = 15) -> str:
+    """torch.profiler over `calls` calls of fn (run it warm): the top ops by CUDA time on GPU, by
+    CPU time on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+
+
+# -- output ----------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        if a >= 0.01:
+            return f"{v:.3f}"
+        return f"{v:.2e}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Rows as a Markdown table over `columns` (missing or None cells print "n/a")."""
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """`.csv` -> one line per row (union of keys); anything else -> JSON {"meta": ..., "rows": ...}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text(json.dumps({"meta": meta or {}, "rows": rows}, indent=1, default=str))
+    return path
+
+
+# -- command line ----------------------------------------------------------------------------------
+def parse_config(cls: type, argv: list[str] | None = None, description: str | None = None):
+    """A frozen dataclass from the command line: one `--flag-name` per field, the field's type and
+    default; bools take --x/--no-x, tuples take one or more values."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, typ = f"--{f.name.replace('_', '-')}", hints[f.name]
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif typing.get_origin(typ) is tuple:
+            parser.add_argument(flag, type=typing.get_args(typ)[0], nargs="+", default=list(f.default))
+        else:
+            parser.add_argument(flag, type=typ, default=f.default)
+    values = vars(parser.parse_args(argv))
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
