@@ -1,0 +1,210 @@
+"""Clip windows over the episode dataset (Ray Data), and the split of a window into a sample.
+
+A window is L consecutive steps of one episode: windows start at steps 0, s, 2s, ... while the
+whole window fits, so an episode shorter than L gives none and the tail after the last start
+that fits is not covered. No window crosses an episode boundary: windows are cut per episode
+after grouping by `episode_id`, with numpy fancy indexing over the whole episode.
+
+The last frame of an episode carries `action == -1` (no action follows it; workers/schema.py).
+`split_sample` never reads the action of a window's last frame, so with L = n+T the sentinel
+never reaches a model; with longer windows (VAE training) actions are not used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workers import schema as S
+from workers.atari import num_actions
+
+ACTION_MODES = ("future", "past_future")
+_WINDOW_BYTES = 64 << 20  # output batch size bound: windows repeat frames L/stride times
+_READ_COLUMNS = [S.EPISODE_ID, S.STEP, S.FRAME, S.ACTION, S.ENV_ID, S.ENV_CONFIG, S.SPLIT]
+
+
+def parquet_files(path: str) -> list[str]:
+    """Every Parquet file under a dataset root (or its `episodes/` folder), sorted."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no episode dataset at {path}")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                   if f.endswith(".parquet") and "/.staging" not in d)
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {path}")
+    return files
+
+
+def read_episodes(path: str, columns: list[str] | None = None):
+    """The episode dataset as a Ray Dataset (file columns only; the hive path is ignored because
+    `game` is stored in the files and partition inference would clash with it)."""
+    import ray
+
+    return ray.data.read_parquet(parquet_files(path), columns=columns, partitioning=None)
+
+
+def _check_actions(actions: np.ndarray, env_id: str, env_config: str, where: str) -> None:
+    n = num_actions(env_id, env_config)
+    bad = (actions < S.NO_ACTION) | (actions >= n)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise S.DatasetError(f"{where}: action {int(actions[i])} at row {i} is outside {env_id}'s "
+                             f"action space [0, {n}) (or -1 on an episode's last row)")
+
+
+def _windows_of_episode(batch: dict, length: int, stride: int) -> Iterator[dict]:
+    """map_groups UDF: one episode's rows (numpy batch) -> batches of windows."""
+    eid = str(batch[S.EPISODE_ID][0])
+    order = np.argsort(batch[S.STEP], kind="stable")
+    steps = batch[S.STEP][order]
+    if (np.diff(steps) != 1).any() or steps[0] != 0:
+        i = int(np.flatnonzero(np.diff(steps) != 1)[0]) if (np.diff(steps) != 1).any() else 0
+        raise S.DatasetError(f"episode {eid}: steps are not contiguous from 0 (around step "
+                             f"{int(steps[i])}); duplicated or missing rows")
+    frames = batch[S.FRAME]
+    if frames.shape[1:] != S.FRAME_SHAPE or frames.dtype != np.uint8:
+        raise S.DatasetError(f"episode {eid}: column {S.FRAME!r} has {frames.dtype} frames of "
+                             f"shape {frames.shape[1:]}, expected uint8 {S.FRAME_SHAPE}")
+    actions = batch[S.ACTION][order].astype(np.int64)
+    _check_actions(actions, str(batch[S.ENV_ID][0]), str(batch[S.ENV_CONFIG][0]), f"episode {eid}")
+    starts = np.arange(0, len(steps) - length + 1, stride)  # (W,)
+    per = max(1, _WINDOW_BYTES // (length * frames[0].nbytes))
+    for c in range(0, len(starts), per):
+        idx = starts[c:c + per, None] + np.arange(length)  # (W, L) row indices
+        yield {"frames": frames[order[idx]],  # (W, L, 210, 160, 3)
+               "actions": actions[idx],  # (W, L)
+               "episode_id": np.full(len(idx), eid, dtype=object),
+               "start_step": steps[idx[:, 0]].astype(np.int64)}
+
+
+def window_dataset(ds_or_path, length: int = 32, stride: int = 4, split: str | None = None,
+                   num_partitions: int | None = None):
+    """Sliding windows within episodes as a Ray Dataset with rows `frames` uint8 (L,210,160,3),
+    `actions` int64 (L,), `episode_id`, `start_step`. `split` keeps only "train" or "test". `num_partitions` sets the
+    shuffle that gathers episodes (default: one per input file, at most 200)."""
+    if length < 1 or stride < 1:
+        raise ValueError(f"window length and stride must be >= 1, got {length}, {stride}")
+    if split is not None and split not in S.SPLITS:
+        raise ValueError(f"split must be one of {S.SPLITS} or None, got {split!r}")
+    if isinstance(ds_or_path, (str, os.PathLike)):
+        num_partitions = num_partitions or min(200, len(parquet_files(str(ds_or_path))))
+        ds = read_episodes(str(ds_or_path))
+    else:
+        ds = ds_or_path
+    names = set(ds.schema().names)
+    missing = [c for c in _READ_COLUMNS if c not in names]
+    if missing:
+        raise S.DatasetError(f"episode dataset lacks column(s) {missing}; has {sorted(names)}")
+    ds = ds.select_columns(_READ_COLUMNS)
+    if split is not None:
+        ds = ds.filter(expr=f"{S.SPLIT} == '{split}'")
+    return ds.groupby(S.EPISODE_ID, num_partitions=num_partitions).map_groups(
+        _windows_of_episode, fn_kwargs=dict(length=length, stride=stride), batch_format="numpy")
+
+
+def split_sample(frames, actions, n_cond: int, horizon: int, action_mode: str = "future"):
+    """Split windows (B, L, ...) into (cond (B,n,...), future (B,T,...), actions).
+
+    "future": a_t..a_{t+T-1} = actions[:, n-1:n+T-1] (T tokens); "past_future":
+    a_{t-n+1}..a_{t+T-1} = actions[:, 0:n+T-1] (n+T-1 tokens). Works on numpy arrays and torch
+    tensors alike (slicing only)."""
+    if action_mode not in ACTION_MODES:
+        raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
+    L = frames.shape[1]
+    if n_cond < 1 or horizon < 1 or n_cond + horizon > L:
+        raise ValueError(f"n_cond={n_cond} + horizon={horizon} must be >= 2 and fit in the "
+                         f"window length L={L}")
+    if actions.shape[:2] != frames.shape[:2]:
+        raise ValueError(f"actions {tuple(actions.shape)} do not match frames "
+                         f"{tuple(frames.shape)} on (B, L)")
+    cond = frames[:, :n_cond]  # (B, n, H, W, 3)
+    future = frames[:, n_cond:n_cond + horizon]  # (B, T, H, W, 3)
+    lo = n_cond - 1 if action_mode == "future" else 0
+    return cond, future, actions[:, lo:n_cond + horizon - 1]  # (B, A)
+
+
+def read_windows_numpy(path: str, length: int, stride: int, split: str | None = None,
+                       max_windows: int | None = None) -> dict[str, np.ndarray]:
+    """All windows of a (small, held-out) split as numpy arrays, sorted by (episode, start)."""
+    ds = window_dataset(path, length, stride, split)
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    if not parts:
+        return {"frames": np.zeros((0, length, *S.FRAME_SHAPE), np.uint8),
+                "actions": np.zeros((0, length), np.int64),
+                "episode_id": np.zeros((0,), object), "start_step": np.zeros((0,), np.int64)}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.lexsort((out["start_step"], out["episode_id"].astype(str)))
+    out = {k: v[order][:max_windows] for k, v in out.items()}
+    return out
+
+
+def validate_dataset(path: str, *, read_frames: bool = True) -> dict:
+    """Check every file of an episode dataset; raise DatasetError naming the culprit.
+
+    Checks: the file opens and decodes (row group / rows named otherwise), columns and types,
+    frame shape, action range per env id, the -1 sentinel only on episode ends, unique episode
+    ids with steps contiguous from 0. Returns counts."""
+    files = parquet_files(path)
+    scal = [c for c in S.COLUMNS if c != S.FRAME]
+    parts, rows = [], 0
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+        except Exception as e:  # noqa: BLE001 - any reader failure means this file is corrupt
+            raise S.DatasetError(f"{f}: not a readable Parquet file ({e})") from e
+        S.check_columns(schema, f)
+        start = 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            where = f"{f} (row group {g}, rows {start}-{start + n - 1})"
+            try:
+                t = pf.read_row_group(g, columns=S.COLUMNS if read_frames else scal)
+            except Exception as e:  # noqa: BLE001
+                raise S.DatasetError(f"{where}: corrupt data ({e})") from e
+            if read_frames:
+                S.frames_from_arrow(t[S.FRAME], where)
+            t = t.select(scal).append_column("_file", pa.array([f] * n))
+            t = t.append_column("_row", pa.array(np.arange(start, start + n)))
+            parts.append(t)
+            start += n
+        rows += start
+    t = pa.concat_tables(parts)
+    eid, step = t[S.EPISODE_ID].to_numpy(zero_copy_only=False), t[S.STEP].to_numpy()
+    act, fil, row = t[S.ACTION].to_numpy(), t["_file"].to_numpy(zero_copy_only=False), t["_row"].to_numpy()
+    for (env_id, env_cfg), idx in _groups(t[S.ENV_ID].to_numpy(zero_copy_only=False),
+                                          t[S.ENV_CONFIG].to_numpy(zero_copy_only=False)):
+        n = num_actions(env_id, env_cfg)
+        bad = idx[(act[idx] < S.NO_ACTION) | (act[idx] >= n)]
+        if len(bad):
+            i = bad[0]
+            raise S.DatasetError(f"{fil[i]} row {row[i]}: action {act[i]} outside {env_id}'s "
+                                 f"action space [0, {n})")
+    order = np.lexsort((step, eid))
+    e, s, a = eid[order], step[order], act[order]
+    first = np.r_[True, e[1:] != e[:-1]]
+    last = np.r_[e[1:] != e[:-1], True]
+    expected = np.arange(len(e)) - np.maximum.accumulate(np.where(first, np.arange(len(e)), 0))
+    if (s != expected).any():
+        i = order[np.flatnonzero(s != expected)[0]]
+        raise S.DatasetError(f"{fil[i]} row {row[i]}: episode {eid[i]} step {step[i]} breaks the "
+                             f"0-based contiguous step sequence (duplicated or missing rows)")
+    bad = np.flatnonzero((a == S.NO_ACTION) != last)
+    if len(bad):
+        i = order[bad[0]]
+        raise S.DatasetError(f"{fil[i]} row {row[i]}: episode {eid[i]} has action {act[i]} at step "
+                             f"{step[i]}; -1 must mark exactly the episode's last row")
+    return dict(files=len(files), rows=rows, episodes=int(first.sum()))
+
+
+def _groups(*cols: np.ndarray):
+    """(key tuple, row indices) for each distinct combination of a few low-cardinality columns."""
+    combo = np.char.add(np.char.add(cols[0].astype(str), "\x1f"), cols[1].astype(str))
+    uniq, inv = np.unique(combo, return_inverse=True)
+    for j, u in enumerate(uniq):
+        yield tuple(u.split("\x1f")), np.flatnonzero(inv == j)
