@@ -1,0 +1,139 @@
+"""Ray Train loops on a real local Ray cluster (2 CPUs), CPU DDP over gloo, tiny presets.
+
+The mechanics (DDP loss going down, crash survival, interruption and resume, the non-finite guard)
+run `pipeline.train.fit` on a Ray Dataset of windows of real Breakout frames; the drivers
+(`train_vae_main`, `train_dit_main`) run end to end on the tiny collected dataset of conftest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import Tracker, local_tracking_uri
+from pipeline.train import fit
+from workers.train_common import NonFiniteLossError, metrics_path, read_metrics
+from workers.train_vae import TrainVAEConfig
+from workers.train_vae import train_loop_per_worker as vae_loop
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ale_windows(num: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of real Breakout play (random actions)."""
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    env = gym.make("ALE/Breakout-v5", repeat_action_probability=0.0)
+    obs, _ = env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    frames, actions = [], []
+    while len(frames) < num * length:
+        a = int(rng.integers(4))
+        frames.append(obs)
+        actions.append(a)
+        obs, _, term, trunc, _ = env.step(a)
+        if term or trunc:
+            obs, _ = env.reset()
+    env.close()
+    return (np.stack(frames).reshape(num, length, 210, 160, 3),
+            np.asarray(actions, dtype=np.int64).reshape(num, length))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    # Workers import the project from the repository root, as `ray job submit --working-dir .` does.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def windows_ds(cluster):
+    frames, actions = _ale_windows(num=16, length=4)
+    return ray.data.from_items([{"frames": f, "actions": a} for f, a in zip(frames, actions)])
+
+
+def _cfg(tmp: Path, **kw) -> TrainVAEConfig:
+    base = dict(run_dir=str(tmp), name="vae", steps=8, batch_size=2, clip_length=4, lr=2e-3,
+                warmup_steps=1, log_every=1, checkpoint_every=2, num_workers=2, cpus_per_worker=0.5,
+                max_failures=0, vae_preset="tiny")
+    return TrainVAEConfig(**{**base, **kw})
+
+
+def _fit(cfg, ds):
+    with Tracker(cfg.run_dir, cfg.name) as tracker:
+        return fit(vae_loop, cfg, ds, tracker), tracker.run_id
+
+
+def _starts(cfg) -> list[int]:
+    return [r["step"] for r in read_metrics(metrics_path(cfg.run_dir, cfg.name)) if r.get("event") == "start"]
+
+
+def test_ddp_loss_goes_down_and_crashed_worker_is_restarted(tmp_path, windows_ds):
+    cfg = _cfg(tmp_path, steps=14, fail_at_step=7, max_failures=1)
+    result, run_id = _fit(cfg, windows_ds)
+    rows = [r for r in read_metrics(metrics_path(tmp_path, "vae")) if "event" not in r]
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    losses = np.array([r["train/loss"] for r in rows])
+    assert losses[-3:].mean() < 0.7 * losses[:3].mean(), losses
+    # The crash happened (marker) and the worker group restarted from a checkpoint: the latest one
+    # the controller had registered when the worker died (6, or 4 if the step-6 report was still
+    # in flight), not from scratch.
+    assert (tmp_path / "vae.crashed").read_text() == "7"
+    starts = _starts(cfg)
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] in (4, 6), starts
+    events = [json.loads(x) for x in metrics_path(tmp_path, "vae").read_text().splitlines()]
+    assert [e["world_size"] for e in events if e.get("event") == "start"] == [2, 2]
+    state = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)
+    assert state["step"] == 14 and set(state) >= {"model", "ema", "optimizer", "scheduler"}
+    assert json.loads((Path(result.checkpoint.path) / "config.json").read_text())["steps"] == 14
+    # Metrics reached MLflow from the driver, once per step.
+    hist = MlflowClient(local_tracking_uri(tmp_path)).get_metric_history(run_id, "train/loss")
+    assert sorted({m.step for m in hist}) == list(range(1, 15))
+
+
+def test_interrupted_run_resumes_its_step_count(tmp_path, windows_ds):
+    cfg = _cfg(tmp_path, steps=6, fail_at_step=4, max_failures=0, num_workers=1, cpus_per_worker=1.0)
+    with pytest.raises(Exception):  # no retries allowed: the crash ends the first attempt
+        _fit(cfg, windows_ds)
+    assert _starts(cfg) == [0]
+    result, run_id = _fit(cfg, windows_ds)  # same name: resumes from the last checkpoint
+    starts = _starts(cfg)
+    assert len(starts) == 2 and starts[1] in (2, 4), starts  # 4 unless its report was in flight
+    steps = [r["step"] for r in read_metrics(metrics_path(tmp_path, "vae")) if "event" not in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)["step"] == 6
+    runs = MlflowClient(local_tracking_uri(tmp_path)).search_runs(
+        [MlflowClient(local_tracking_uri(tmp_path)).get_experiment_by_name("atari-world-model").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, windows_ds):
+    cfg = _cfg(tmp_path, steps=8, nan_at_step=3, num_workers=1, cpus_per_worker=1.0)
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*Last good checkpoint: /") as err:
+        _fit(cfg, windows_ds)
+    ckpt = str(err.value).split("Last good checkpoint: ")[1]
+    assert torch.load(Path(ckpt) / "state.pt", weights_only=False)["step"] == 2
+    steps = [r["step"] for r in read_metrics(metrics_path(tmp_path, "vae")) if "event" not in r]
+    assert steps == [1, 2, 3]  # steps 0..2 ran; the NaN step updated nothing
+    for name in ("fail_at_step", "nan_at_step"):
+        assert name in TrainVAEConfig.__dataclass_fields__
+
+
+def test_unknown_setting_is_an_error():
+    from workers.train_common import config_from_dict
+
+    with pytest.raises(TypeError, match="unknown TrainVAEConfig settings \\['stepz'\\]"):
+        config_from_dict(TrainVAEConfig, {"stepz": 3})
+    assert config_from_dict(TrainVAEConfig, {"betas": [0.8, 0.9]}).betas == (0.8, 0.9)
