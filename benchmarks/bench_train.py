@@ -42,7 +42,8 @@ from models.vae import VAE_models, VideoVAE
 from workers.train_common import (
     EMA, JsonlLog, autocast, infinite_batches, make_optimizer, make_scheduler, optimizer_step, pixels_to_model,
 )
-from workers.train_dit import TrainDiTConfig, build_dit, slice_actions
+from workers.clips import split_sample
+from workers.train_dit import TrainDiTConfig, build_dit
 from workers.world_model import load_vae
 
 MODES = ("synthetic", "pipeline")
@@ -225,13 +226,18 @@ def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str,
 
 
 # -- pipeline mode ---------------------------------------------------------------------------------
-def window_dataset_from_parquet(cfg: BenchTrainConfig):
-    """Training windows of n_cond + horizon frames, as the DiT job reads them."""
-    from workers.clips import read_episodes, window_dataset
+def episodes_path(data_root: str, game: str) -> str:
+    """The dataset root, or one game's partition folder of it."""
+    return os.path.join(data_root, "episodes", f"game={game}") if game else data_root
 
-    episodes = read_episodes(cfg.data_root, games=[cfg.game] if cfg.game else None, split="train")
-    return window_dataset(episodes, length=cfg.n_cond + cfg.horizon, stride=cfg.clip_stride).select_columns(
-        ["frames", "actions"])
+
+def window_dataset_from_parquet(cfg: BenchTrainConfig):
+    """Training windows of n_cond + horizon frames from the train split, as the DiT job reads them."""
+    from workers.clips import window_dataset
+
+    ds = window_dataset(episodes_path(cfg.data_root, cfg.game), length=cfg.n_cond + cfg.horizon,
+                        stride=cfg.clip_stride, split="train")
+    return ds.select_columns(["frames", "actions"])
 
 
 class FedStep:
@@ -254,8 +260,10 @@ class FedStep:
         frames = batch["frames"].to(device, non_blocking=True)  # (B, L, H, W, 3) uint8
         if frames.shape[1] != self.L:
             raise ValueError(f"windows have {frames.shape[1]} frames, expected n_cond+horizon={self.L}")
-        actions = slice_actions(batch["actions"].to(device).long(), self.step.tcfg)  # (B, A)
-        with torch.no_grad(), autocast(device, self.step.tcfg.bf16):
+        tcfg = self.step.tcfg
+        _, _, actions = split_sample(frames, batch["actions"].to(device).long(), tcfg.n_cond, tcfg.horizon,
+                                     tcfg.action_mode)  # (B, A)
+        with torch.no_grad(), autocast(device, tcfg.bf16):
             mean, _ = self.vae.encode(pixels_to_model(frames))  # (B, T', C, h, w)
         x0 = mean.float() * self.latent_scale
         lat_mask = self.vae.latent_frame_mask(self.frame_mask.expand(frames.shape[0], self.L))  # (B, T')
@@ -266,7 +274,16 @@ def run_pipeline(cfg: BenchTrainConfig, device: torch.device, dataset=None) -> l
     """dataset: a Ray Dataset with columns frames uint8 (L, H, W, 3) and actions (L,); default: the
     Parquet episodes under cfg.data_root through workers.clips."""
     if dataset is None:
-        dataset = window_dataset_from_parquet(cfg)
+        import ray
+
+        started = not ray.is_initialized()
+        if started:
+            ray.init()  # a local cluster, or the one RAY_ADDRESS names
+        try:
+            return run_pipeline(cfg, device, window_dataset_from_parquet(cfg))
+        finally:
+            if started:
+                ray.shutdown()
     if cfg.vae_path:
         vae = load_vae(cfg.vae_path, device)
     else:

@@ -1,0 +1,180 @@
+"""Smoke tests of the benchmark scripts: each `main(cfg)` with the tiniest settings on CPU prints a
+Markdown table with its columns and returns rows of finite, positive measurements.
+
+Windows are real Breakout frames (crops, to keep CPU time down); the pipeline mode of
+bench_train feeds them through a real local Ray Data pipeline (`iter_torch_batches`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.bench_generate import BenchGenerateConfig
+from benchmarks.bench_generate import main as generate_main
+from benchmarks.bench_multistep import BenchMultistepConfig, verdict
+from benchmarks.bench_multistep import main as multistep_main
+from benchmarks.bench_train import BenchTrainConfig, step_flops
+from benchmarks.bench_train import main as train_main
+from benchmarks.common import markdown_table, parse_config
+from models.lpips import weights_path
+from models.stdit import STDiT_models
+from models.vae import VAE_models
+from workers.world_model import save_world_model, world_model_meta
+
+CROP = (slice(96, 144), slice(48, 112))  # 48x64 of Breakout's paddle/ball area
+
+
+def _ale_windows(num: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of real Breakout play (random actions), cropped to 48x64."""
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    env = gym.make("ALE/Breakout-v5", repeat_action_probability=0.0)
+    obs, _ = env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    frames, actions = [], []
+    while len(frames) < num * length:
+        a = int(rng.integers(4))
+        frames.append(obs[CROP])
+        actions.append(a)
+        obs, _, term, trunc, _ = env.step(a)
+        if term or trunc:
+            obs, _ = env.reset()
+    env.close()
+    f = np.stack(frames)
+    return f.reshape(num, length, *f.shape[1:]), np.asarray(actions, dtype=np.int64).reshape(num, length)
+
+
+def _positive(rows, keys):
+    for r in rows:
+        for k in keys:
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r)
+
+
+def _table_header(out: str, columns) -> None:
+    assert "| " + " | ".join(columns) + " |" in out, out
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def test_parse_config_types_and_tuples():
+    cfg = parse_config(BenchTrainConfig, ["--presets", "tiny", "S", "--batch-sizes", "2", "4", "--no-bf16",
+                                          "--peak-flops", "1e12"])
+    assert cfg.presets == ("tiny", "S") and cfg.batch_sizes == (2, 4) and cfg.bf16 is False
+    assert cfg.peak_flops == 1e12 and cfg.compile == ("eager", "compile")
+    with pytest.raises(ValueError, match="presets"):
+        BenchTrainConfig(presets=("nope",))
+
+
+def test_markdown_table_formats_missing_as_na():
+    out = markdown_table([{"a": 1.23456, "b": None}, {"a": 12345.6}], ["a", "b"])
+    assert out.splitlines() == ["| a | b |", "| --- | --- |", "| 1.235 | n/a |", "| 12,346 | n/a |"]
+
+
+def test_step_flops_scale_with_batch():
+    cfg = BenchTrainConfig(presets=("tiny",))
+    tcfg = cfg.train_config("tiny", 1, False)
+    one, two = step_flops(tcfg, (1, 8, 4, 12, 10), 4), step_flops(tcfg, (2, 8, 4, 12, 10), 4)
+    assert one > 0 and two == pytest.approx(2 * one, rel=0.02)
+
+
+# -- bench_train ---------------------------------------------------------------------------------------
+def test_train_synthetic(capsys, tmp_path):
+    out = tmp_path / "train.csv"
+    rows = train_main(BenchTrainConfig(presets=("tiny",), batch_sizes=(2,), compile=("eager",), height=32, width=32,
+                                       warmup=1, steps=2, device="cpu", out=str(out)))
+    printed = capsys.readouterr().out
+    assert "device: " in printed
+    _table_header(printed, ["preset", "params_M", "compile", "batch", "latents", "step_ms", "samples_per_s"])
+    assert len(rows) == 1 and rows[0]["latents"] == "8x4x8x8"  # 4+4 frames, 32x32 / 4
+    _positive(rows, ["params_M", "step_ms", "samples_per_s", "gflops_per_step", "achieved_tflops"])
+    assert rows[0]["mfu_pct"] is None and rows[0]["gpu_busy_pct"] is None  # no peak/counter on CPU
+    assert rows[0]["samples_per_s"] == pytest.approx(2 / (rows[0]["step_ms"] / 1e3))
+    with open(out) as fh:
+        assert next(csv.DictReader(fh))["preset"] == "tiny"
+
+
+@pytest.fixture(scope="module")
+def ray_windows():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    frames, actions = _ale_windows(num=12, length=5)
+    yield ray.data.from_items([{"frames": f, "actions": a} for f, a in zip(frames, actions)])
+    if started:
+        ray.shutdown()
+
+
+def test_train_pipeline_fed_by_ray_data(ray_windows, capsys):
+    cfg = BenchTrainConfig(mode="pipeline", data_root="unused: dataset given", presets=("tiny",), batch_sizes=(2,),
+                           compile=("eager",), n_cond=4, horizon=1, vae_preset="tiny", warmup=1, steps=2,
+                           device="cpu")
+    rows = train_main(cfg, dataset=ray_windows)
+    printed = capsys.readouterr().out
+    _table_header(printed, ["preset", "compile", "batch", "window", "fed_samples_per_s", "resident_samples_per_s",
+                            "input_efficiency_pct", "data_wait_pct"])
+    _positive(rows, ["fed_samples_per_s", "resident_samples_per_s", "input_efficiency_pct"])
+    assert rows[0]["window"] == "(5, 48, 64, 3)"
+    assert 0 <= rows[0]["data_wait_pct"] <= 100 and isinstance(rows[0]["input_bound"], bool)
+
+
+# -- bench_generate ------------------------------------------------------------------------------------
+def test_generate_random_model(capsys, tmp_path):
+    rows = generate_main(BenchGenerateConfig(dit_preset="tiny", vae_preset="tiny", batch_sizes=(1, 2),
+                                             sample_steps=(1,), height=32, width=32, warmup=1, iters=1,
+                                             device="cpu", out=str(tmp_path / "gen.json")))
+    printed = capsys.readouterr().out
+    _table_header(printed, ["compile", "sample_steps", "batch", "frames_per_call", "ms_per_call", "min_ms_per_call",
+                            "frames_per_s"])
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["frames_per_call"] == 4 for r in rows)
+    _positive(rows, ["ms_per_call", "min_ms_per_call", "frames_per_s"])
+    for r in rows:
+        assert r["frames_per_s"] == pytest.approx(r["batch"] * 4 / (r["ms_per_call"] / 1e3))
+    assert (tmp_path / "gen.json").read_text().count('"frames_per_s"') == 2
+
+
+# -- bench_multistep ------------------------------------------------------------------------------------
+def _save_model(path, horizon: int) -> str:
+    torch.manual_seed(horizon)
+    vae, dit = VAE_models["tiny"](), STDiT_models["tiny"]()
+    meta = world_model_meta(dit, latent_scale=1.0, n_cond=4, horizon=horizon, action_mode="future", sample_steps=1)
+    return str(save_world_model(path, vae, dit, meta))
+
+
+def test_multistep_two_saved_models(tmp_path, capsys):
+    if not weights_path().is_file():
+        pytest.fail(f"LPIPS weights missing at {weights_path()}: run `python scripts/setup_lpips.py`")
+    multi, single = _save_model(tmp_path / "t4", 4), _save_model(tmp_path / "t1", 1)
+    frames, actions = _ale_windows(num=2, length=4 + 8)
+    out = tmp_path / "multistep.csv"
+    rows = multistep_main(BenchMultistepConfig(multi_frame=multi, single_step=single, horizons=(4, 8),
+                                               batch_size=2, timing_iters=1, device="cpu", out=str(out)),
+                          windows=(frames, actions))
+    printed = capsys.readouterr().out
+    _table_header(printed, ["method", "horizon", "chunks", "sample_steps", "frames_per_s", "gpu_busy_pct",
+                            "mse", "mse_std", "psnr", "psnr_std", "lpips", "lpips_std", "num_windows"])
+    methods = [(r["method"], r["horizon"]) for r in rows]
+    assert methods == [("multi-frame T=4", 4), ("multi-frame T=4", 8), ("single-step T=1", 4),
+                       ("single-step T=1", 8), ("copy-last", 4), ("copy-last", 8)]
+    assert [r.get("chunks") for r in rows[:4]] == [1, 2, 4, 8]
+    _positive(rows[:4], ["frames_per_s", "mse", "psnr", "lpips"])
+    _positive(rows[4:], ["psnr"])
+    assert all(r["num_windows"] == 2 for r in rows)
+    assert "the 3x target" in printed and "horizon 8:" in printed
+    with open(out) as fh:
+        assert len(list(csv.DictReader(fh))) == 6
+
+
+def test_verdict_reads_speed_and_every_metric():
+    rows = [{"method": "m", "horizon": 4, "frames_per_s": 30.0, "mse": 10.0, "psnr": 30.0},
+            {"method": "s", "horizon": 4, "frames_per_s": 10.0, "mse": 11.0, "psnr": 31.0}]
+    (line,) = verdict(rows, "m", "s", ["mse", "psnr"])
+    assert "3.00x" in line and "meets" in line and "worse on psnr" in line
