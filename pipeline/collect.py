@@ -84,8 +84,9 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None, out_dir: str) -> None:
-    """Record `steps_per_game` rows of one game into `out_dir` (Parquet files)."""
+def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None, out_dir: str) -> float:
+    """Record `steps_per_game` rows of one game into `out_dir` (Parquet files); returns the
+    seconds spent sampling, compressing and writing (runner start-up excluded)."""
     import ray
 
     # Env runners hold their CPUs for their whole life; Ray Data's write tasks need one free CPU
@@ -125,6 +126,7 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None, out_di
             print(f"[collect {game}] steps={steps}/{cfg.steps_per_game} "
                   f"steps/s={steps / (time.time() - t0):.0f} episodes={episodes} "
                   f"return_mean(last {len(recent)})={mean:.1f}", flush=True)
+        return time.time() - t0
     finally:
         algo.stop()
 
@@ -184,9 +186,11 @@ def main(cfg: CollectConfig) -> dict:
                         num_env_runners=cfg.num_env_runners,
                         cpus_per_env_runner=cfg.cpus_per_env_runner)
             out_dir = os.path.join(staging, f"game={game}", f"run={cfg.run_id}")
-            _record_game(cfg, env_id, checkpoint, out_dir)
-            manifest["games"][game] = dict(env_id=env_id, policy=cfg.policy,
-                                           checkpoint=checkpoint, **_summarise(out_dir))
+            seconds = _record_game(cfg, env_id, checkpoint, out_dir)
+            summary = _summarise(out_dir)
+            manifest["games"][game] = dict(env_id=env_id, policy=cfg.policy, checkpoint=checkpoint,
+                                           record_seconds=seconds,
+                                           steps_per_s=summary["rows"] / seconds, **summary)
         # Swap every game's run directory in by rename (atomic per game on one filesystem).
         for game in manifest["games"]:
             final = os.path.join(root, "episodes", f"game={game}", f"run={cfg.run_id}")

@@ -8,6 +8,7 @@ object store (it outlives the runner) and Ray Data writes it without it passing 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -100,7 +101,8 @@ def build_recorder_algo(env_id: str, agent: AgentConfig, settings: EnvSettings, 
     if checkpoint is not None:
         # Only the module: optimizer and metrics of the training run are irrelevant here. The
         # component path contains "learner_group", so RLlib syncs the weights to the env runners.
-        algo.restore_from_path(checkpoint, component="learner_group/learner/rl_module")
+        component = "learner_group/learner/rl_module"
+        algo.restore_from_path(os.path.join(checkpoint, component), component=component)
     return algo
 
 

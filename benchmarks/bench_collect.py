@@ -1,0 +1,122 @@
+"""Collection throughput and storage: recorded env steps/s vs raw ALE, bytes per frame.
+
+    python benchmarks/bench_collect.py --steps 2000 --num-env-runners 2 --games Pong Breakout
+
+Recorded = RLlib env runners stepping the full agent wrapper stack, PPO module inference (a
+checkpoint trained for one tiny iteration: inference costs the same as a trained one's),
+raw-frame recording, zstd Parquet through Ray Data, atomic swap. Raw = the bare ALE v5 env with
+random actions in the same number of processes. Then the frames of the recorded files are
+re-encoded with other codecs to show what the choice of zstd buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from workers import schema as S  # noqa: E402
+from workers.atari import EnvSettings, make_raw_env, resolve_env_id  # noqa: E402
+
+
+def _raw_worker(args) -> int:
+    env_id, steps, seed = args
+    env = make_raw_env(env_id, EnvSettings())
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    n = env.action_space.n
+    for a in rng.integers(0, n, steps):
+        _, _, term, trunc, _ = env.step(int(a))
+        if term or trunc:
+            env.reset()
+    return steps
+
+
+def raw_steps_per_s(env_id: str, steps: int, procs: int) -> float:
+    with mp.get_context("spawn").Pool(procs) as pool:
+        pool.map(_raw_worker, [(env_id, 10, i) for i in range(procs)])  # warm start-up
+        t0 = time.time()
+        done = sum(pool.map(_raw_worker, [(env_id, steps // procs, i) for i in range(procs)]))
+        return done / (time.time() - t0)
+
+
+def codec_bytes_per_frame(files: list[str]) -> dict[str, float]:
+    """Frames of `files` re-encoded: Parquet with several codecs, and PNG per frame."""
+    import cv2
+
+    t = pa.concat_tables([pq.ParquetFile(f).read(columns=[S.FRAME]) for f in files])
+    n = t.num_rows
+    out = {}
+    for name, kw in (("snappy", dict(compression="snappy")),
+                     ("zstd-1", dict(compression="zstd", compression_level=1)),
+                     ("zstd-3", dict(compression="zstd", compression_level=3)),
+                     ("zstd-9", dict(compression="zstd", compression_level=9))):
+        buf = io.BytesIO()
+        pq.write_table(t, buf, **kw)
+        out[name] = buf.tell() / n
+    frames = S.frames_from_arrow(t[S.FRAME])
+    out["png"] = sum(len(cv2.imencode(".png", f)[1]) for f in frames[:: max(1, n // 200)]) / len(
+        frames[:: max(1, n // 200)])
+    return out
+
+
+def main(args) -> None:
+    import ray
+
+    from pipeline.collect import CollectConfig
+    from pipeline.collect import main as collect
+    from workers.rollout import AgentConfig, train_ppo
+
+    env_ids = [resolve_env_id(g) for g in args.games]
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    agent = AgentConfig(dim=84, train_steps=128, train_batch_size=128, minibatch_size=64,
+                        num_epochs=1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for env_id in env_ids:
+            game = env_id.removeprefix("ALE/").removesuffix("-v5")
+            train_ppo(env_id, agent, os.path.join(tmp, "ckpt", game), num_env_runners=1,
+                      cpus_per_env_runner=0.5, log=lambda *_: None)
+        m = collect(CollectConfig(data_root=os.path.join(tmp, "data"), run_id="bench",
+                                  games=tuple(args.games), policy="ppo",
+                                  checkpoint=os.path.join(tmp, "ckpt", "{game}"),
+                                  steps_per_game=args.steps, steps_per_round=args.steps_per_round,
+                                  num_env_runners=args.num_env_runners, agent=agent))
+        ray.shutdown()
+        for env_id in env_ids:
+            game = env_id.removeprefix("ALE/").removesuffix("-v5")
+            g = m["games"][game]
+            raw = raw_steps_per_s(env_id, args.steps, args.num_env_runners)
+            files = [os.path.join(d, f) for d, _, fs in
+                     os.walk(os.path.join(tmp, "data", "episodes", f"game={game}")) for f in fs]
+            rows.append((game, g["steps_per_s"], raw, g["bytes_per_frame"],
+                         codec_bytes_per_frame(files)))
+    print(f"\n{args.num_env_runners} processes, {args.steps} recorded steps per game, "
+          f"{os.cpu_count()} CPU cores")
+    print("| game | recorded steps/s | raw ALE steps/s | recorded/raw | stored B/frame "
+          "| snappy | zstd-1 | zstd-3 | zstd-9 | PNG |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for game, rec, raw, bpf, c in rows:
+        print(f"| {game} | {rec:.0f} | {raw:.0f} | {rec / raw:.0%} | {bpf:.0f} | {c['snappy']:.0f} "
+              f"| {c['zstd-1']:.0f} | {c['zstd-3']:.0f} | {c['zstd-9']:.0f} | {c['png']:.0f} |")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--games", nargs="+", default=["Pong", "Breakout"])
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps-per-round", type=int, default=1000)
+    p.add_argument("--num-env-runners", type=int, default=2)
+    p.add_argument("--num-cpus", type=int, default=None)
+    main(p.parse_args())

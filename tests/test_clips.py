@@ -1,0 +1,98 @@
+"""Clip windows over real Parquet through Ray Data: boundaries, edge cases, sample splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from workers import schema as S
+from workers.atari import EnvSettings
+from workers.clips import parquet_files, read_windows_numpy, split_sample, window_dataset
+
+
+def _write_episodes(path, lengths: dict[str, int], split="train"):
+    """Real dataset files whose frames carry their step number in every pixel."""
+    rows = []
+    for eid, n in lengths.items():
+        steps = np.arange(n)
+        frames = np.broadcast_to((steps % 256).astype(np.uint8)[:, None, None, None],
+                                 (n, *S.FRAME_SHAPE))
+        acts = (steps % 3).astype(np.int32)
+        acts[-1] = S.NO_ACTION
+        rows.append(pa.table({
+            S.GAME: ["Pong"] * n, S.EPISODE_ID: [eid] * n, S.STEP: steps.astype(np.int32),
+            S.FRAME: S.frames_to_arrow(frames), S.ACTION: acts,
+            S.REWARD: np.zeros(n, np.float32), S.TERMINATED: steps == n - 1,
+            S.TRUNCATED: np.zeros(n, bool), S.LIVES: np.zeros(n, np.int32),
+            S.ENV_ID: ["ALE/Pong-v5"] * n, S.ENV_CONFIG: [EnvSettings().to_json()] * n,
+            S.RESET_SEED: np.zeros(n, np.int64), S.SPLIT: [split] * n}))
+    t = pa.concat_tables(rows)
+    path.mkdir(parents=True, exist_ok=True)
+    # two files that cut episode "b" in the middle: windows must still be whole episodes
+    pq.write_table(t.slice(0, t.num_rows // 2), path / "part-0.parquet")
+    pq.write_table(t.slice(t.num_rows // 2), path / "part-1.parquet")
+
+
+def test_window_edges(ray_local, tmp_path):
+    _write_episodes(tmp_path / "episodes" / "game=Pong", {"short": 5, "exact": 8, "b": 21})
+    w = read_windows_numpy(str(tmp_path), length=8, stride=4)
+    got = list(zip(w["episode_id"], w["start_step"]))
+    # "short" (5 < 8) gives none, "exact" one, "b" starts 0,4,8,12 (13..20 fit no further start)
+    assert got == [("b", 0), ("b", 4), ("b", 8), ("b", 12), ("exact", 0)]
+    assert w["frames"].shape == (5, 8, 210, 160, 3) and w["frames"].dtype == np.uint8
+    assert w["actions"].dtype == np.int64 and w["actions"].shape == (5, 8)
+    # each window holds its own episode's steps in order: pixel value == step
+    expect = w["start_step"][:, None] + np.arange(8)
+    assert np.array_equal(w["frames"][:, :, 0, 0, 0], expect)
+    assert np.array_equal(w["frames"].max(axis=(2, 3, 4)), w["frames"].min(axis=(2, 3, 4)))
+    assert w["actions"][-1, -1] == S.NO_ACTION  # "exact"'s window ends on the final frame
+    assert len(read_windows_numpy(str(tmp_path), 8, 4, split="test")["start_step"]) == 0
+
+
+def test_split_sample_modes_and_errors():
+    B, L, n, T = 2, 8, 4, 2
+    frames = np.arange(B * L).reshape(B, L, 1, 1, 1).repeat(3, -1).astype(np.uint8)
+    actions = np.arange(B * L).reshape(B, L).astype(np.int64)
+    cond, fut, a = split_sample(frames, actions, n, T, "future")
+    assert cond.shape == (B, n, 1, 1, 3) and fut.shape == (B, T, 1, 1, 3)
+    assert np.array_equal(fut[:, 0, 0, 0, 0], frames[:, n, 0, 0, 0])
+    assert np.array_equal(a, actions[:, n - 1:n + T - 1])  # a_t .. a_{t+T-1}
+    _, _, a2 = split_sample(frames, actions, n, T, "past_future")
+    assert a2.shape == (B, n + T - 1) and np.array_equal(a2[:, -T:], a)
+    with pytest.raises(ValueError, match="horizon=5 .* L=8"):
+        split_sample(frames, actions, 4, 5)
+    with pytest.raises(ValueError, match="action_mode"):
+        split_sample(frames, actions, 4, 2, "both")
+
+
+def test_windows_on_recorded_games_torch(tiny_dataset):
+    import torch
+
+    ds = window_dataset(tiny_dataset.root, length=6, stride=3, split="train")
+    batch = next(ds.iter_torch_batches(batch_size=4))
+    assert batch["frames"].dtype == torch.uint8 and batch["frames"].shape == (4, 6, 210, 160, 3)
+    assert batch["actions"].dtype == torch.int64
+    cond, fut, a = split_sample(batch["frames"], batch["actions"], 4, 2, "future")
+    assert cond.shape == (4, 4, 210, 160, 3) and fut.shape == (4, 2, 210, 160, 3)
+    assert a.shape == (4, 2) and (a >= 0).all()  # the -1 of a last frame is never read
+    # a window equals the stored rows of its episode
+    eid, s0 = batch["episode_id"][0], int(batch["start_step"][0])
+    t = pa.concat_tables([pq.ParquetFile(f).read() for f in parquet_files(tiny_dataset.root)])
+    ep = t.filter(pa.compute.equal(t[S.EPISODE_ID], eid))
+    ep = ep.take(pa.compute.sort_indices(ep, [(S.STEP, "ascending")]))
+    assert ep[S.SPLIT][0].as_py() == "train"
+    assert np.array_equal(S.frames_from_arrow(ep[S.FRAME])[s0:s0 + 6], batch["frames"][0].numpy())
+
+
+def test_bad_frames_and_lengths_are_named(ray_local, tmp_path):
+    _write_episodes(tmp_path / "episodes" / "game=Pong", {"e": 10})
+    f = parquet_files(str(tmp_path))[0]
+    t = pq.read_table(f, partitioning=None)
+    small = S.frames_to_arrow(np.zeros((t.num_rows, 84, 84, 3), np.uint8))
+    pq.write_table(t.set_column(t.schema.get_field_index(S.FRAME), S.FRAME, small), f)
+    with pytest.raises(Exception, match=r"frame.*\(84, 84, 3\)|84, 84, 3"):
+        read_windows_numpy(str(tmp_path), 4, 2)
+    with pytest.raises(S.DatasetError, match="lacks column"):
+        window_dataset(ray_local.data.from_items([{"episode_id": "x"}]), 4, 2)

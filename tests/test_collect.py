@@ -1,0 +1,147 @@
+"""Collection on real ALE games, a real local Ray cluster and real Parquet (tiny budgets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from workers import schema as S
+from workers.atari import resolve_env_id
+from workers.clips import parquet_files, validate_dataset
+
+
+def _scalars(root: str) -> pa.Table:
+    cols = [c for c in S.COLUMNS if c != S.FRAME]
+    return pa.concat_tables([pq.ParquetFile(f).read(columns=cols) for f in parquet_files(root)])
+
+
+def test_unknown_game_fails_listing_valid_ones():
+    from pipeline.collect import CollectConfig, main
+
+    with pytest.raises(ValueError, match="Breakout.*Pong|Pong.*Breakout"):
+        resolve_env_id("Pongg")
+    with pytest.raises(ValueError, match="unknown Atari game 'NoSuchGame'"):
+        main(CollectConfig(games=("Pong", "NoSuchGame")))
+    assert resolve_env_id("DemonAttack") == "ALE/DemonAttack-v5"
+
+
+def test_dataset_schema_shapes_ranges(tiny_dataset):
+    root = tiny_dataset.root
+    assert sorted(os.listdir(os.path.join(root, "episodes"))) == ["game=Breakout", "game=Pong"]
+    info = validate_dataset(root)
+    t = _scalars(root)
+    assert info["rows"] == t.num_rows
+    for game, env_id, n_act in (("Pong", "ALE/Pong-v5", 6), ("Breakout", "ALE/Breakout-v5", 4)):
+        g = t.filter(pa.compute.equal(t[S.GAME], game))
+        assert g.num_rows >= 300  # the budget, plus the closing frame of each env's game
+        assert set(g[S.ENV_ID].to_pylist()) == {env_id}
+        cfg = json.loads(g[S.ENV_CONFIG][0].as_py())
+        assert cfg["repeat_action_probability"] == 0.0 and cfg["frameskip"] == 4
+        a = g[S.ACTION].to_numpy()
+        assert a.min() >= -1 and a.max() < n_act and (a >= 0).sum() > 0.9 * len(a)
+        assert tiny_dataset.manifest["games"][game]["rows"] == g.num_rows
+    eids = t[S.EPISODE_ID].to_numpy(zero_copy_only=False)
+    steps, games = t[S.STEP].to_numpy(), t[S.GAME].to_numpy(zero_copy_only=False)
+    for e in np.unique(eids):
+        m = eids == e
+        assert len(set(games[m])) == 1  # an id never spans two games
+        assert np.array_equal(np.sort(steps[m]), np.arange(m.sum()))  # contiguous, unique
+    # two env runners x (a game or more each) x two games; both splits present across episodes
+    assert len(np.unique(eids)) >= 4
+    split_per_ep = {e: s for e, s in zip(eids, t[S.SPLIT].to_numpy(zero_copy_only=False))}
+    assert all(S.split_of(e, 0.5) == s for e, s in split_per_ep.items())
+    # the frame column decodes to raw screens
+    f = pq.ParquetFile(parquet_files(root)[0]).read(columns=[S.FRAME])
+    frames = S.frames_from_arrow(f[S.FRAME])
+    assert frames.shape[1:] == (210, 160, 3) and frames.dtype == np.uint8 and frames.std() > 0
+    m = tiny_dataset.manifest
+    assert m["versions"]["ray"] == "2.60.0" and m["compression"].startswith("zstd")
+
+
+def test_replay_reproduces_frames_bit_for_bit(tiny_dataset):
+    import ale_py  # noqa: F401 - registers ALE ids
+
+    t = pa.concat_tables([pq.ParquetFile(f).read() for f in parquet_files(tiny_dataset.root)])
+    eids = t[S.EPISODE_ID].to_numpy(zero_copy_only=False)
+    for game in ("Breakout", "Pong"):
+        in_game = t[S.GAME].to_numpy(zero_copy_only=False) == game
+        ids, counts = np.unique(eids[in_game], return_counts=True)
+        eid = ids[np.argmax(counts)]  # the longest: it went through FIRE/no-op/life-loss steps
+        ep = t.filter(pa.compute.equal(t[S.EPISODE_ID], eid))
+        ep = ep.take(pa.compute.sort_indices(ep, [(S.STEP, "ascending")]))
+        frames = S.frames_from_arrow(ep[S.FRAME])
+        actions = ep[S.ACTION].to_numpy()
+        assert actions[-1] == S.NO_ACTION and (actions[:-1] >= 0).all()
+        env = gym.make(ep[S.ENV_ID][0].as_py(), obs_type="rgb",
+                       **json.loads(ep[S.ENV_CONFIG][0].as_py()))
+        obs, _ = env.reset(seed=int(ep[S.RESET_SEED][0].as_py()))
+        replay = [obs]
+        for a in actions[:-1]:
+            obs, *_ = env.step(int(a))
+            replay.append(obs)
+        env.close()
+        assert np.array_equal(np.stack(replay), frames), f"{game} episode {eid} diverged"
+        lives = ep[S.LIVES].to_numpy()
+        assert (np.diff(lives) <= 0).all()
+
+
+def test_ppo_trains_and_records_from_checkpoint(ray_local, tmp_path):
+    from pipeline.collect import CollectConfig, main
+    from workers.rollout import AgentConfig, train_ppo
+
+    agent = AgentConfig(dim=64, train_steps=128, train_batch_size=128, minibatch_size=64,
+                        num_epochs=1)
+    ckpt = train_ppo("ALE/Pong-v5", agent, str(tmp_path / "ckpt" / "Pong"), num_env_runners=1,
+                     cpus_per_env_runner=0.5)
+    assert os.path.isdir(os.path.join(ckpt, "learner_group"))
+    m = main(CollectConfig(data_root=str(tmp_path / "data"), run_id="ppo", games=("Pong",),
+                           policy="ppo", checkpoint=str(tmp_path / "ckpt" / "{game}"),
+                           steps_per_game=60, num_env_runners=1, agent=agent))
+    assert m["games"]["Pong"]["checkpoint"] == ckpt
+    assert validate_dataset(str(tmp_path / "data"))["rows"] == m["games"]["Pong"]["rows"] >= 60
+
+
+def test_rerun_replaces_and_corruption_is_named(tiny_dataset, tmp_path):
+    from pipeline.collect import CollectConfig, main
+
+    root = str(tmp_path / "data")
+    shutil.copytree(tiny_dataset.root, root)  # run "tiny" already there; rerun it with Pong only
+    before = _scalars(root)
+    cfg = CollectConfig(data_root=root, run_id="tiny", games=("Pong",), policy="random",
+                        steps_per_game=80, num_env_runners=1, seed=2)
+    m = main(cfg)
+    after = _scalars(root)
+    pong = lambda tb: tb.filter(pa.compute.equal(tb[S.GAME], "Pong"))  # noqa: E731
+    assert pong(after).num_rows == m["games"]["Pong"]["rows"] < pong(before).num_rows
+    assert after.num_rows - pong(after).num_rows == before.num_rows - pong(before).num_rows
+    assert not os.listdir(os.path.join(root, ".staging"))
+    validate_dataset(root)
+
+    # a damaged file: its name in the error
+    victim = sorted(parquet_files(os.path.join(root, "episodes", "game=Pong")))[0]
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 3: len(data) // 3 + 2048] = os.urandom(2048)
+    open(victim, "wb").write(bytes(data))
+    with pytest.raises(S.DatasetError, match=os.path.basename(victim)):
+        validate_dataset(root)
+    os.remove(victim)
+
+    # a missing column and an action outside the action space, each named
+    f = parquet_files(root)[0]
+    t = pq.read_table(f, partitioning=None)
+    pq.write_table(t.drop_columns([S.ACTION]), f)
+    with pytest.raises(S.DatasetError, match="missing column.*'action'"):
+        validate_dataset(root)
+    acts = t[S.ACTION].to_numpy().copy()
+    acts[3] = 17
+    pq.write_table(t.set_column(t.schema.get_field_index(S.ACTION), S.ACTION,
+                                pa.array(acts, pa.int32())), f)
+    with pytest.raises(S.DatasetError, match=r"row 3: action 17 outside"):
+        validate_dataset(root)
