@@ -1,0 +1,245 @@
+"""The whole job: collect -> VAE -> DiT -> evaluate -> sweep, on whatever Ray cluster is found.
+
+    ray job submit --working-dir . -- python pipeline/run_all.py --preset smoke --out /abs/runs/smoke
+    python pipeline/run_all.py --preset smoke                  # starts a local Ray cluster
+
+`ray.init()` joins the cluster that `ray job submit` (or RAY_ADDRESS) points at, or starts a local
+one. A preset picks the scale: `smoke` (minutes on 2 CPU cores; what CI runs), `gpu` (one GPU box,
+about 25 minutes end to end), `paper` (1M steps per game, the large model; a GPU cluster).
+
+Every stage writes `<out>/stages/<stage>.json` when it completes (its outputs and the settings it
+ran with); a rerun reuses completed stages unless `--force` names them (or `all`). A failing stage
+stops the job with a message naming it, and the stages before it stay reusable.
+`--out` must be absolute under `ray job submit`, whose working directory is a temporary copy; the
+default is `<cwd>/runs/<preset>` resolved before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline import collect, evaluate, sweep  # noqa: E402
+from pipeline.train import train_dit_main, train_vae_main  # noqa: E402
+from workers.rollout import AgentConfig  # noqa: E402
+from workers.train_common import config_from_dict  # noqa: E402
+from workers.train_dit import TrainDiTConfig  # noqa: E402
+from workers.train_vae import TrainVAEConfig  # noqa: E402
+
+STAGES = ("collect", "vae", "dit", "evaluate", "sweep")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The scale of a job: per-stage settings (field names of each stage's config)."""
+
+    games: tuple[str, ...]
+    """Games collected and modelled; the DiT trains on the first, evaluation scores all."""
+    collect: dict[str, Any]
+    """CollectConfig fields (plus `agent`: AgentConfig fields)."""
+    vae: dict[str, Any]
+    """TrainVAEConfig fields."""
+    dit: dict[str, Any]
+    """TrainDiTConfig fields."""
+    evaluate: dict[str, Any]
+    """EvalConfig fields."""
+    sweeps: tuple[tuple[str, dict[str, Any]], ...] = ()
+    """(space, SweepConfig fields) per sweep; SweepConfig.dit defaults to this preset's `dit`."""
+
+
+def smoke() -> Preset:
+    """Minutes on 2 CPU cores: a one-iteration PPO agent, a few hundred steps, tiny models."""
+    cpu = {"num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": False}
+    dit = {**cpu, "dit_preset": "tiny", "steps": 30, "batch_size": 4, "warmup_steps": 5,
+           "checkpoint_every": 15, "log_every": 5, "horizon": 4, "sample_steps": 4}
+    return Preset(
+        games=("Breakout", "Pong"),
+        collect={"policy": "ppo", "steps_per_game": 600, "steps_per_round": 300, "num_env_runners": 2,
+                 "cpus_per_env_runner": 0.5, "test_fraction": 0.3,
+                 "agent": {"train_steps": 256, "train_batch_size": 256, "minibatch_size": 64, "num_epochs": 1}},
+        vae={**cpu, "vae_preset": "tiny", "steps": 30, "batch_size": 2, "clip_length": 8, "warmup_steps": 5,
+             "checkpoint_every": 15, "log_every": 5},
+        dit=dit,
+        evaluate={"horizons": (1, 2, 4), "max_windows": 8, "stride": 8, "batch_size": 4, "num_cpus": 0.5,
+                  "figure_windows": 1},
+        sweeps=(("table3", {"seeds": (0,), "overrides": json.dumps({"horizon": [1, 2], "game": "Breakout"}),
+                            "dit": json.dumps({**dit, "steps": 12, "checkpoint_every": 12}),
+                            "eval_max_windows": 4, "eval_lpips": False}),),
+    )
+
+
+def gpu() -> Preset:
+    """One GPU box (16 cores, one H100): a briefly trained agent, ~25 minutes end to end."""
+    gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
+    return Preset(
+        games=("Breakout",),
+        collect={"policy": "ppo", "steps_per_game": 60_000, "steps_per_round": 2000, "num_env_runners": 12,
+                 "cpus_per_env_runner": 1.0, "test_fraction": 0.1,
+                 "agent": {"train_steps": 200_000, "train_batch_size": 4000, "minibatch_size": 256, "num_epochs": 2}},
+        vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "steps": 3000, "batch_size": 16, "clip_length": 4,
+             "lr": 4e-4, "warmup_steps": 200, "checkpoint_every": 1000, "log_every": 50, "compile": False},
+        dit={**gpu1, "dit_preset": "S", "steps": 6000, "batch_size": 64, "horizon": 4, "sample_steps": 8,
+             "lr": 3e-4, "warmup_steps": 300, "checkpoint_every": 2000, "log_every": 50, "compile": False},
+        evaluate={"horizons": (1, 2, 4, 8, 16), "max_windows": 256, "stride": 8, "batch_size": 32,
+                  "num_cpus": 4, "use_gpu": True, "figure_windows": 2},
+    )
+
+
+def paper() -> Preset:
+    """The paper's scale: 1M recorded steps per game, a large ST-DiT; a GPU cluster."""
+    gpus = {"num_workers": 8, "cpus_per_worker": 8, "use_gpu": True, "bf16": True}
+    return Preset(
+        games=("Breakout", "Pong", "DemonAttack"),
+        collect={"policy": "ppo", "steps_per_game": 1_000_000, "num_env_runners": 32, "cpus_per_env_runner": 1.0,
+                 "agent": {"train_steps": 10_000_000}},
+        vae={**gpus, "vae_preset": "base", "latent_channels": 8, "steps": 100_000, "batch_size": 8,
+             "clip_length": 16},
+        dit={**gpus, "dit_preset": "B", "steps": 200_000, "batch_size": 32, "horizon": 4, "sample_steps": 16},
+        evaluate={"horizons": (1, 2, 4, 8, 16), "max_windows": 2048, "use_gpu": True, "num_cpus": 4},
+        sweeps=tuple((space, {"seeds": (0, 1, 2), "use_gpu": True}) for space in ("table2", "table3", "table4")),
+    )
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"smoke": smoke, "gpu": gpu, "paper": paper}
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+
+
+def _marker(out: Path, stage: str) -> Path:
+    return out / "stages" / f"{stage}.json"
+
+
+def _run_stage(out: Path, stage: str, force: set[str], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Runs `fn` unless the stage completed before (and is not forced); records its outputs."""
+    marker = _marker(out, stage)
+    if marker.exists() and stage not in force:
+        done = json.loads(marker.read_text())
+        print(f"[run_all] {stage}: reusing the completed stage ({marker})", flush=True)
+        return done
+    print(f"[run_all] {stage}: starting", flush=True)
+    t0 = time.time()
+    try:
+        result = fn()
+    except BaseException as exc:  # noqa: BLE001 - re-raised with the stage named
+        traceback.print_exc()
+        raise StageFailed(stage, exc) from exc
+    result = {**result, "wall_s": round(time.time() - t0, 1)}
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, marker)  # a stage counts as done only once its marker is whole
+    print(f"[run_all] {stage}: done in {result['wall_s']} s", flush=True)
+    return result
+
+
+def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), stages: tuple[str, ...] = STAGES,
+         tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
+    if preset_name not in PRESETS:
+        raise SystemExit(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
+    unknown = (set(force) - {"all"} | set(stages)) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
+    preset = PRESETS[preset_name]()
+    out_dir = Path(out or Path.cwd() / "runs" / preset_name).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    force_set = set(STAGES) if "all" in force else set(force)
+    data_root = str(out_dir / "data")
+    game = preset.games[0]
+    print(f"[run_all] preset={preset_name} out={out_dir}", flush=True)
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # the cluster of `ray job submit` / RAY_ADDRESS, else a local one
+    print(f"[run_all] Ray cluster resources: {ray.cluster_resources()}", flush=True)
+
+    def do_collect() -> dict[str, Any]:
+        c = dict(preset.collect)
+        agent = AgentConfig(**c.pop("agent", {}))
+        cfg = collect.CollectConfig(data_root=data_root, run_id=preset_name, games=preset.games, agent=agent, **c)
+        manifest = collect.main(cfg)
+        return {"data_root": data_root, "games": {g: {k: v for k, v in m.items() if k != "checkpoint"}
+                                                  for g, m in manifest["games"].items()}}
+
+    def do_vae() -> dict[str, Any]:
+        cfg = config_from_dict(TrainVAEConfig, {**preset.vae, "run_dir": str(out_dir), "data_root": data_root,
+                                                "game": "", "name": "vae"})
+        return {"vae_path": str(train_vae_main(cfg, tracking_uri=tracking_uri))}
+
+    results: dict[str, dict[str, Any]] = {}
+    plan: list[tuple[str, Callable[[], dict[str, Any]]]] = [("collect", do_collect), ("vae", do_vae)]
+
+    def do_dit() -> dict[str, Any]:
+        cfg = config_from_dict(TrainDiTConfig, {**preset.dit, "run_dir": str(out_dir), "data_root": data_root,
+                                                "game": game, "name": f"dit-{game}",
+                                                "vae_path": results["vae"]["vae_path"]})
+        return {"model_path": str(train_dit_main(cfg, tracking_uri=tracking_uri))}
+
+    def do_evaluate() -> dict[str, Any]:
+        cfg = config_from_dict(evaluate.EvalConfig, {**preset.evaluate, "run_dir": str(out_dir),
+                                                     "data_root": data_root, "games": (game,),
+                                                     "model_path": results["dit"]["model_path"],
+                                                     "name": f"eval-{game}"})
+        tables = evaluate.main(cfg, tracking_uri=tracking_uri)
+        df = tables["generation_length"]
+        print(df.to_string(index=False), flush=True)
+        return {"eval_dir": str(out_dir / "eval" / cfg.name), "table": df.to_dict(orient="records")}
+
+    def do_sweep() -> dict[str, Any]:
+        tables = {}
+        for space, fields in preset.sweeps:
+            fields = {"dit": json.dumps(preset.dit), **fields}
+            cfg = config_from_dict(sweep.SweepConfig, {**fields, "space": space, "run_dir": str(out_dir),
+                                                       "data_root": data_root,
+                                                       "vae_path": results["vae"]["vae_path"]})
+            table = sweep.main(cfg, tracking_uri=tracking_uri)
+            tables[space] = str(out_dir / "sweeps" / cfg.sweep_name / f"{space}.md")
+            print(f"[run_all] sweep {space}: {len(table)} rows", flush=True)
+        return {"tables": tables}
+
+    plan += [("dit", do_dit), ("evaluate", do_evaluate), ("sweep", do_sweep)]
+    for stage, fn in plan:
+        if stage not in stages:
+            marker = _marker(out_dir, stage)
+            if marker.exists():
+                results[stage] = json.loads(marker.read_text())
+            continue
+        results[stage] = _run_stage(out_dir, stage, force_set, fn)
+    print(f"[run_all] finished; outputs under {out_dir}; MLflow store: "
+          f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///' + str(out_dir / 'mlflow.db')}",
+          flush=True)
+    return results
+
+
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    p.add_argument("--out", default=None, help="absolute output directory (default <cwd>/runs/<preset>)")
+    p.add_argument("--force", nargs="*", default=[], help=f"stages to redo even if complete: {STAGES} or all")
+    p.add_argument("--stages", nargs="*", default=list(STAGES), help="stages to run (others are reused or skipped)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI, "
+                                                        "else a sqlite store in --out)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    a = _parse()
+    try:
+        main(a.preset, a.out, tuple(a.force), tuple(a.stages), a.tracking_uri)
+    except StageFailed as exc:
+        print(f"[run_all] ERROR: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
