@@ -9,7 +9,7 @@ import pytest
 
 from workers import schema as S
 from workers.atari import EnvSettings
-from workers.clips import parquet_files, read_windows_numpy, split_sample, window_dataset
+from workers.clips import TENSOR_COLUMNS, parquet_files, read_windows_numpy, split_sample, window_dataset
 
 
 def _write_episodes(path, lengths: dict[str, int], split="train"):
@@ -71,19 +71,20 @@ def test_windows_on_recorded_games_torch(tiny_dataset):
     import torch
 
     ds = window_dataset(tiny_dataset.root, length=6, stride=3, split="train")
-    batch = next(ds.iter_torch_batches(batch_size=4))
+    nb = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
+    batch = next(iter(ds.select_columns(list(TENSOR_COLUMNS)).iter_torch_batches(batch_size=4)))
     assert batch["frames"].dtype == torch.uint8 and batch["frames"].shape == (4, 6, 210, 160, 3)
     assert batch["actions"].dtype == torch.int64
     cond, fut, a = split_sample(batch["frames"], batch["actions"], 4, 2, "future")
     assert cond.shape == (4, 4, 210, 160, 3) and fut.shape == (4, 2, 210, 160, 3)
     assert a.shape == (4, 2) and (a >= 0).all()  # the -1 of a last frame is never read
     # a window equals the stored rows of its episode
-    eid, s0 = batch["episode_id"][0], int(batch["start_step"][0])
+    eid, s0 = nb["episode_id"][0], int(nb["start_step"][0])
     t = pa.concat_tables([pq.ParquetFile(f).read() for f in parquet_files(tiny_dataset.root)])
     ep = t.filter(pa.compute.equal(t[S.EPISODE_ID], eid))
     ep = ep.take(pa.compute.sort_indices(ep, [(S.STEP, "ascending")]))
     assert ep[S.SPLIT][0].as_py() == "train"
-    assert np.array_equal(S.frames_from_arrow(ep[S.FRAME])[s0:s0 + 6], batch["frames"][0].numpy())
+    assert np.array_equal(S.frames_from_arrow(ep[S.FRAME])[s0:s0 + 6], nb["frames"][0])
 
 
 def test_bad_frames_and_lengths_are_named(ray_local, tmp_path):

@@ -23,6 +23,9 @@ from workers import schema as S
 from workers.atari import num_actions
 
 ACTION_MODES = ("future", "past_future")
+# iter_torch_batches converts every column to a tensor and rejects strings: select these first,
+# `window_dataset(...).select_columns(list(TENSOR_COLUMNS)).iter_torch_batches(...)`.
+TENSOR_COLUMNS = ("frames", "actions", "start_step")
 _WINDOW_BYTES = 64 << 20  # output batch size bound: windows repeat frames L/stride times
 _READ_COLUMNS = [S.EPISODE_ID, S.STEP, S.FRAME, S.ACTION, S.ENV_ID, S.ENV_CONFIG, S.SPLIT]
 
@@ -67,9 +70,13 @@ def _windows_of_episode(batch: dict, length: int, stride: int) -> Iterator[dict]
         raise S.DatasetError(f"episode {eid}: steps are not contiguous from 0 (around step "
                              f"{int(steps[i])}); duplicated or missing rows")
     frames = batch[S.FRAME]
-    if frames.shape[1:] != S.FRAME_SHAPE or frames.dtype != np.uint8:
-        raise S.DatasetError(f"episode {eid}: column {S.FRAME!r} has {frames.dtype} frames of "
-                             f"shape {frames.shape[1:]}, expected uint8 {S.FRAME_SHAPE}")
+    if frames.dtype == object:  # ragged or foreign tensors arrive as an array of arrays
+        got, dtype = np.shape(frames[0]), np.asarray(frames[0]).dtype
+    else:
+        got, dtype = frames.shape[1:], frames.dtype
+    if got != S.FRAME_SHAPE or dtype != np.uint8:
+        raise S.DatasetError(f"episode {eid}: column {S.FRAME!r} has {dtype} frames of shape "
+                             f"{got}, expected uint8 {S.FRAME_SHAPE}")
     actions = batch[S.ACTION][order].astype(np.int64)
     _check_actions(actions, str(batch[S.ENV_ID][0]), str(batch[S.ENV_CONFIG][0]), f"episode {eid}")
     starts = np.arange(0, len(steps) - length + 1, stride)  # (W,)
@@ -102,7 +109,9 @@ def window_dataset(ds_or_path, length: int = 32, stride: int = 4, split: str | N
         raise S.DatasetError(f"episode dataset lacks column(s) {missing}; has {sorted(names)}")
     ds = ds.select_columns(_READ_COLUMNS)
     if split is not None:
-        ds = ds.filter(expr=f"{S.SPLIT} == '{split}'")
+        from ray.data.expressions import col
+
+        ds = ds.filter(expr=col(S.SPLIT) == split)
     return ds.groupby(S.EPISODE_ID, num_partitions=num_partitions).map_groups(
         _windows_of_episode, fn_kwargs=dict(length=length, stride=stride), batch_format="numpy")
 
