@@ -12,7 +12,7 @@ trained length are chained chunks. Outputs, under `<run_dir>/eval/<name>/` and i
   over windows (the layout of the paper's Table 2; Tables 3 and 4 are the same rows across runs
   that differ in action_mode / action_encoder, which are columns here);
 - `tables/per_frame.json`: the same per generated frame;
-- metrics `eval/<game>/<method>/<metric>@<h>`; figures: frame strips, action strips, GIFs, and
+- metrics `eval/<game>/<method>/<metric>_h<h>` (MLflow forbids '@' in names); figures: frame strips, action strips, GIFs, and
   each metric against horizon.
 """
 
@@ -84,7 +84,8 @@ def _flat(d: dict[str, Any], prefix: str) -> dict[str, float]:
 def score_game(cfg: EvalConfig, game: str, n_cond: int) -> tuple[dict[str, np.ndarray], Any]:
     """Per-window per-frame scores of one game, computed by a Ray Data actor."""
     H = max(cfg.horizons)
-    ds = clip_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride).limit(cfg.max_windows)
+    # Materialised once: scoring and the figures read the same windows.
+    ds = clip_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride).limit(cfg.max_windows).materialize()
     scored = ds.map_batches(
         ScoreWindows, batch_size=cfg.batch_size, concurrency=1, num_cpus=cfg.num_cpus,
         num_gpus=1 if cfg.use_gpu else 0,
@@ -94,8 +95,7 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int) -> tuple[dict[str, np.nd
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         raise ValueError(f"no test windows of {n_cond + H} frames for game {game!r} under {cfg.data_root}")
-    keys = [k for k in parts[0] if "/" in k]
-    return {k: np.concatenate([np.stack(p[k]) for p in parts]) for k in keys}, ds
+    return {k: np.concatenate([np.stack(p[k]) for p in parts]) for k in parts[0]}, ds
 
 
 def draw_figures(cfg: EvalConfig, world_model, ds, game: str, out_dir: Path, tracker: Tracker) -> None:
@@ -146,13 +146,14 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
         tracker.set_tags({"model_path": cfg.model_path})
         for game in games:
             scores, ds = score_game(cfg, game, world_model.n_cond)
+            np.savez_compressed(out_dir / f"{game}_scores.npz", **{k.replace("/", "__"): v for k, v in scores.items()})
+            scores = {k: v for k, v in scores.items() if "/" in k}  # drop the window ids
             for row in horizon_table(scores, tuple(sorted(cfg.horizons))):
                 lengths.append({"game": game, **row, **model_cols})
-                tracker.log_metrics({f"eval/{game}/{row['method']}/{m}@{row['generation_length']}": row[m]
+                tracker.log_metrics({f"eval/{game}/{row['method']}/{m}_h{row['generation_length']}": row[m]
                                      for m in METRICS if m in row}, step=0)
             for row in frame_table(scores):
                 per_frame.append({"game": game, **row})
-            np.savez_compressed(out_dir / f"{game}_scores.npz", **{k.replace("/", "__"): v for k, v in scores.items()})
             draw_figures(cfg, world_model, ds, game, out_dir, tracker)
         tables = {"generation_length": pd.DataFrame(lengths), "per_frame": pd.DataFrame(per_frame)}
         for name, df in tables.items():

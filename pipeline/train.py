@@ -48,11 +48,18 @@ from workers.world_model import load_vae, save_vae, save_world_model, world_mode
 
 # -- data ------------------------------------------------------------------------------------------
 def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int):
-    """Ray Dataset of windows (`frames` uint8 (L, 210, 160, 3), `actions` int64 (L,)) of one split."""
-    from workers.clips import read_episodes, window_dataset
+    """Ray Dataset of windows (`frames` uint8 (L, 210, 160, 3), `actions` int64 (L,)) of one split
+    of one game (every game when `game` is empty)."""
+    from workers.clips import parquet_files, read_episodes, window_dataset
+    from workers.schema import GAME
 
-    episodes = read_episodes(data_root, games=[game] if game else None, split=split)
-    return window_dataset(episodes, length=length, stride=stride).select_columns(["frames", "actions"])
+    episodes = read_episodes(data_root)
+    if game:
+        episodes = episodes.filter(expr=f"{GAME} == '{game}'")
+    # One shuffle partition per file, as window_dataset does for a path: Ray's default of 200
+    # partitions costs minutes of scheduling on a small machine.
+    partitions = max(1, min(200, len(parquet_files(data_root))))
+    return window_dataset(episodes, length=length, stride=stride, split=split, num_partitions=partitions)
 
 
 # -- running a TorchTrainer -------------------------------------------------------------------------
@@ -148,6 +155,7 @@ def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path
     _ensure_ray()
     build_vae(cfg)  # a bad preset fails here, before any worker starts
     ds = clip_dataset(cfg.data_root, cfg.game, "train", cfg.clip_length, cfg.clip_stride)
+    ds = ds.select_columns(["frames", "actions"])  # tensors only: iter_torch_batches rejects strings
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "vae"}) as tracker:
         tracker.log_params(cfg)
         result = fit(vae_loop, cfg, ds, tracker)
@@ -185,6 +193,7 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
         scale = measure_latent_scale(cfg.vae_path, cfg.data_root, cfg.game, cfg.clip_length, cfg.clip_stride)
         cfg = dataclasses.replace(cfg, latent_scale=scale)
     ds = clip_dataset(cfg.data_root, cfg.game, "train", cfg.clip_length, cfg.clip_stride)
+    ds = ds.select_columns(["frames", "actions"])
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "dit"}) as tracker:
         tracker.log_params(cfg)
         result = fit(dit_loop, cfg, ds, tracker)

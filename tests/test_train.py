@@ -22,8 +22,6 @@ from workers.train_common import NonFiniteLossError, metrics_path, read_metrics
 from workers.train_vae import TrainVAEConfig
 from workers.train_vae import train_loop_per_worker as vae_loop
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _ale_windows(num: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Windows of real Breakout play (random actions)."""
@@ -48,18 +46,7 @@ def _ale_windows(num: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    # Workers import the project from the repository root, as `ray job submit --working-dir .` does.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def windows_ds(cluster):
+def windows_ds(ray_local):
     frames, actions = _ale_windows(num=16, length=4)
     return ray.data.from_items([{"frames": f, "actions": a} for f, a in zip(frames, actions)])
 

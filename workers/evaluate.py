@@ -85,9 +85,10 @@ class ScoreWindows:
         actions = torch.from_numpy(np.stack(batch["actions"]).astype(np.int64))
         scores, _ = score_windows(self.world_model, frames, actions, self.horizon, self.lpips_model,
                                   self.generator)
-        for key in ("episode_id", "start_step"):
-            if key in batch:
-                scores[key] = np.asarray(batch[key])
+        if "episode_id" in batch:
+            scores["episode_id"] = np.asarray(batch["episode_id"]).astype(str)
+        if "start_step" in batch:
+            scores["start_step"] = np.asarray(batch["start_step"], dtype=np.int64)
         return scores
 
 

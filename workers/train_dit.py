@@ -18,6 +18,7 @@ import torch
 from models.action_encoder import action_positions
 from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.stdit import STDiT, STDiT_models
+from workers.clips import split_sample
 from workers.train_common import (
     EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_checkpoint_state,
     make_optimizer, make_scheduler, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
@@ -81,12 +82,6 @@ def build_dit(cfg: TrainDiTConfig, latent_channels: int) -> STDiT:
                                         action_encoder=cfg.action_encoder)
 
 
-def slice_actions(actions: torch.Tensor, cfg: TrainDiTConfig) -> torch.Tensor:
-    """Window actions (B, L) (the action taken at each frame) -> the model's tokens (B, A)."""
-    n, T = cfg.n_cond, cfg.horizon
-    return actions[:, n - 1: n + T - 1] if cfg.action_mode == "future" else actions[:, 0: n + T - 1]
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -134,7 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         frames = batch["frames"].to(device, non_blocking=True)  # (B, L, H, W, 3) uint8
         if frames.shape[1] != L:
             raise ValueError(f"training windows have {frames.shape[1]} frames, expected n_cond+horizon={L}")
-        actions = slice_actions(batch["actions"].to(device).long(), cfg)  # (B, A)
+        _, _, actions = split_sample(frames, batch["actions"].to(device).long(), cfg.n_cond, cfg.horizon,
+                                     cfg.action_mode)  # (B, A)
         B = frames.shape[0]
         with torch.no_grad(), autocast(device, cfg.bf16):
             mean, _ = vae.encode(pixels_to_model(frames))  # (B, T', C, h, w)
