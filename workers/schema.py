@@ -15,8 +15,8 @@ then step the recorded actions of rows 0..N-2; the emulator reproduces rows 1..N
 (sticky actions are off while recording).
 
 Frames are a Ray Data fixed-shape tensor column (storage `large_list<uint8>` with the shape in the
-extension metadata) written with zstd: on Atari screens that is 2-10x smaller than snappy and
-smaller than per-frame PNG (figures in `benchmarks/bench_collect.py` and docs/data.md).
+extension metadata) written with zstd: on Atari screens that is 10-20x smaller than snappy and
+than per-frame PNG (figures below and in `benchmarks/bench_collect.py`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ FRAME_SHAPE = (210, 160, 3)  # (H, W, C) raw ALE screen
 NO_ACTION = -1  # action of an episode's last row: no action follows the final frame
 SPLITS = ("train", "test")
 COMPRESSION = "zstd"
-COMPRESSION_LEVEL = 3  # higher levels bought <3% on Atari screens at several times the CPU cost
+# Measured (benchmarks/bench_collect.py, random-ish play, B/frame): Pong snappy 2936, zstd-1 131,
+# zstd-3 129, zstd-9 103, PNG 1628; Breakout 480 / 43 / 43 / 33 / 2069. Level 3 is zstd's default
+# speed/size point; level 9 is ~20% smaller if writing ever becomes cheap next to sampling.
+COMPRESSION_LEVEL = 3
 
 # Scalar columns and their Arrow types; `frame` is the tensor column and is checked separately.
 SCALAR_TYPES: dict[str, pa.DataType] = {
