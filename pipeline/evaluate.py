@@ -19,19 +19,25 @@ trained length are chained chunks. Outputs, under `<run_dir>/eval/<name>/` and i
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import torch
+# `python pipeline/<x>.py` puts pipeline/ on sys.path, not the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import figures
-from pipeline.tracking import Tracker
-from pipeline.train import _ensure_ray, clip_dataset, parse_config
-from workers.evaluate import METHODS, METRICS, ScoreWindows, frame_table, horizon_table, score_windows, window_actions
-from workers.world_model import load_world_model
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import figures  # noqa: E402
+from pipeline.tracking import Tracker  # noqa: E402
+from pipeline.train import _ensure_ray, clip_dataset, parse_config, pop_tracking_uri  # noqa: E402
+from workers.evaluate import METRICS, ScoreWindows, frame_table, horizon_table, score_windows, window_actions  # noqa: E402
+from workers.world_model import load_world_model  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
         raise ValueError("EvalConfig.model_path is empty: point it at a trained world-model directory")
     _ensure_ray()
     world_model = load_world_model(cfg.model_path, sample_steps=cfg.sample_steps or None)
-    meta = __import__("json").loads((Path(cfg.model_path) / "world_model.json").read_text())
+    meta = json.loads((Path(cfg.model_path) / "world_model.json").read_text())
     games = cfg.games or ((meta.get("game"),) if meta.get("game") else ())
     if not games:
         raise ValueError("EvalConfig.games is empty and the model records no game: name the games")
@@ -169,4 +175,5 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
 
 
 if __name__ == "__main__":
-    print(main(parse_config(EvalConfig)))
+    argv, uri = pop_tracking_uri(sys.argv[1:])
+    print(main(parse_config(EvalConfig, argv), tracking_uri=uri))

@@ -25,24 +25,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import threading
-import time
 import typing
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
+# `python pipeline/<x>.py` puts pipeline/ on sys.path, not the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.tracking import Tracker
-from workers.train_common import (
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.tracking import Tracker  # noqa: E402
+from workers.train_common import (  # noqa: E402
     NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, pixels_to_model,
 )
-from workers.train_dit import TrainDiTConfig, build_dit
-from workers.train_dit import train_loop_per_worker as dit_loop
-from workers.train_vae import TrainVAEConfig, build_vae
-from workers.train_vae import train_loop_per_worker as vae_loop
-from workers.world_model import load_vae, save_vae, save_world_model, world_model_meta
+from workers.train_dit import TrainDiTConfig, build_dit  # noqa: E402
+from workers.train_dit import train_loop_per_worker as dit_loop  # noqa: E402
+from workers.train_vae import TrainVAEConfig, build_vae  # noqa: E402
+from workers.train_vae import train_loop_per_worker as vae_loop  # noqa: E402
+from workers.world_model import load_vae, save_vae, save_world_model, world_model_meta  # noqa: E402
 
 
 
@@ -228,15 +232,22 @@ def parse_config(cls: type, argv: list[str] | None = None):
     return cls(**vars(parser.parse_args(argv)))
 
 
-def main(argv: list[str] | None = None) -> Path:
-    import sys
+def pop_tracking_uri(argv: list[str]) -> tuple[list[str], str | None]:
+    """`--tracking_uri URI` (else MLFLOW_TRACKING_URI, else the run directory's sqlite store)."""
+    if "--tracking_uri" not in argv:
+        return argv, None
+    i = argv.index("--tracking_uri")
+    return argv[:i] + argv[i + 2:], argv[i + 1]
 
+
+def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("vae", "dit"):
-        raise SystemExit("usage: python pipeline/train.py {vae|dit} [--field value ...]")
+        raise SystemExit("usage: python pipeline/train.py {vae|dit} [--tracking_uri URI] [--field value ...]")
+    rest, uri = pop_tracking_uri(argv[1:])
     if argv[0] == "vae":
-        return train_vae_main(parse_config(TrainVAEConfig, argv[1:]))
-    return train_dit_main(parse_config(TrainDiTConfig, argv[1:]))
+        return train_vae_main(parse_config(TrainVAEConfig, rest), tracking_uri=uri)
+    return train_dit_main(parse_config(TrainDiTConfig, rest), tracking_uri=uri)
 
 
 if __name__ == "__main__":
