@@ -7,7 +7,7 @@ always sees them clean (it embeds them with timestep 0 itself).
 
 The network is any callable `model(x_t, t, *, actions, frame_mask, ...)` with
 x_t: (B, T, C, H, W), t: (B,) in [0, 1], returning the velocity (B, T, C, H, W), as STDiT does.
-Null action for classifier-free guidance: the id -1 (see models/action_encoder.py).
+Classifier-free guidance uses models.action_encoder's null action (-1) for whole sequences.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from models.action_encoder import NULL_ACTION
+
 Model = Callable[..., Tensor]
-NULL_ACTION = -1
 
 
 def _bcast(t: Tensor) -> Tensor:
