@@ -128,8 +128,7 @@ class Tracker:
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
-            if tags:
-                self.client.set_tag(run_id, "resumed", "true")
+            self.client.set_tag(run_id, "resumed", "true")
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         return run.info.run_id

@@ -8,6 +8,7 @@ Layout of a run directory (`cfg.run_dir`, made absolute here, because Ray Train 
 
     <run_dir>/<name>/                  Ray Train storage of the run: checkpoints, resume state
     <run_dir>/<name>.metrics.jsonl     rank 0's metric lines (see workers/train_common.py)
+    <run_dir>/<name>.latent_scale.json the DiT run's measured latent scale (reused on resume)
     <run_dir>/models/<name>/           exported EMA weights: the VAE, or the whole world model
     <run_dir>/mlflow.db, mlartifacts/  the default MLflow store (pipeline/tracking.py)
 
@@ -194,7 +195,14 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
         raise ValueError("TrainDiTConfig.vae_path is empty: train the VAE first (train_vae_main)")
     _ensure_ray()
     if cfg.latent_scale <= 0:
-        scale = measure_latent_scale(cfg.vae_path, cfg.data_root, cfg.game, cfg.clip_length, cfg.clip_stride)
+        # Measured once per run and kept: a resumed run must train on the same latent scale.
+        saved = Path(cfg.run_dir) / f"{cfg.name}.latent_scale.json"
+        if saved.exists():
+            scale = json.loads(saved.read_text())["latent_scale"]
+        else:
+            scale = measure_latent_scale(cfg.vae_path, cfg.data_root, cfg.game, cfg.clip_length, cfg.clip_stride)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps({"latent_scale": scale, "vae_path": cfg.vae_path}))
         cfg = dataclasses.replace(cfg, latent_scale=scale)
     ds = clip_dataset(cfg.data_root, cfg.game, "train", cfg.clip_length, cfg.clip_stride)
     ds = ds.select_columns(["frames", "actions"])

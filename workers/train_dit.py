@@ -122,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def checkpoint(d):
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
 
-    t_last, steps_since = time.time(), 0
+    t_last, steps_since, reported = time.time(), 0, False
     while step < cfg.steps:
         maybe_crash(cfg, step)
         batch = next(batches)
@@ -154,3 +154,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_last, steps_since = now, 0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
+            reported = True
+    if not reported:  # restarted after the last step: hand the restored state back as the result
+        report({"step": step}, checkpoint_fn=checkpoint)
