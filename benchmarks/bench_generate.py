@@ -131,7 +131,7 @@ def main(cfg: BenchGenerateConfig) -> list[dict[str, Any]]:
                     warmup_s = warm_up(call, device, cfg.warmup)
                     with GpuBusySampler(device) as busy:
                         t = time_calls(call, device, cfg.iters)
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     rows.append({**row, "note": "CUDA out of memory"})
                     continue

@@ -208,7 +208,7 @@ def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str,
             warmup_s = warm_up(run, device, cfg.warmup)
             with GpuBusySampler(device) as busy:  # sampled over the timed steps only
                 t = time_calls(run, device, cfg.steps)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             rows.append(_oom_row(row, device))
             continue
         flops = step_flops(tcfg, tuple(x0.shape), cfg.latent_channels)
@@ -308,7 +308,7 @@ def run_pipeline(cfg: BenchTrainConfig, device: torch.device, dataset=None) -> l
             res = FedStep(step, vae, lambda: resident)
             warm_up(res, device, 1)
             t_res = time_calls(res, device, cfg.steps)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             rows.append(_oom_row(row, device))
             continue
         fed_rate, res_rate = B / t_fed["mean_s"], B / t_res["mean_s"]

@@ -20,7 +20,7 @@ from benchmarks.bench_multistep import BenchMultistepConfig, verdict
 from benchmarks.bench_multistep import main as multistep_main
 from benchmarks.bench_train import BenchTrainConfig, step_flops
 from benchmarks.bench_train import main as train_main
-from benchmarks.common import markdown_table, parse_config
+from benchmarks.common import markdown_table, parse_config, profile_table
 from models.lpips import weights_path
 from models.stdit import STDiT_models
 from models.vae import VAE_models
@@ -74,6 +74,12 @@ def test_parse_config_types_and_tuples():
 def test_markdown_table_formats_missing_as_na():
     out = markdown_table([{"a": 1.23456, "b": None}, {"a": 12345.6}], ["a", "b"])
     assert out.splitlines() == ["| a | b |", "| --- | --- |", "| 1.235 | n/a |", "| 12,346 | n/a |"]
+
+
+def test_profile_table_lists_the_ops_run():
+    a = torch.randn(64, 64)
+    table = profile_table(lambda: (a @ a).relu(), torch.device("cpu"), calls=2)
+    assert "aten::mm" in table and "aten::relu" in table and "Self CPU" in table
 
 
 def test_step_flops_scale_with_batch():
