@@ -268,17 +268,17 @@ def download_artifacts(tracking_uri: str, run_id: str, path: str, dst: str | Pat
 
 
 def load_table(tracking_uri: str, run_id: str, artifact_file: str):
-    """Read a logged table back as a DataFrame.
+    """Read a table logged with `Tracker.log_table` back as a DataFrame.
 
-    MlflowClient.load_table finds runs through the fluent `mlflow.search_runs`, which reads the
-    process-global tracking URI rather than the client's, so the global is pointed at this store
-    for the duration of the call and restored afterwards.
+    Reads the artifact through an explicit client. (MlflowClient.load_table finds runs through the
+    fluent, process-global tracking URI; pointing that global at one store made later clients of
+    other stores in the same process write to the wrong one, so it is avoided.)
     """
+    import tempfile
+
+    import pandas as pd
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = client.get_run(run_id).info.experiment_id
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return client.load_table(experiment_id, artifact_file, run_ids=[run_id])
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, artifact_file, tmp)
+        return pd.read_json(local, orient="split", dtype=False)
