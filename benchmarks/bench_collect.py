@@ -92,7 +92,9 @@ def main(args) -> None:
                                   games=tuple(args.games), policy="ppo",
                                   checkpoint=os.path.join(tmp, "ckpt", "{game}"),
                                   steps_per_game=args.steps, steps_per_round=args.steps_per_round,
-                                  num_env_runners=args.num_env_runners, agent=agent))
+                                  num_env_runners=args.num_env_runners,
+                                  num_envs_per_env_runner=args.num_envs_per_env_runner,
+                                  agent=agent))
         ray.shutdown()
         for env_id in env_ids:
             game = env_id.removeprefix("ALE/").removesuffix("-v5")
@@ -102,8 +104,8 @@ def main(args) -> None:
                      os.walk(os.path.join(tmp, "data", "episodes", f"game={game}")) for f in fs]
             rows.append((game, g["steps_per_s"], raw, g["bytes_per_frame"],
                          codec_bytes_per_frame(files)))
-    print(f"\n{args.num_env_runners} processes, {args.steps} recorded steps per game, "
-          f"{os.cpu_count()} CPU cores")
+    print(f"\n{args.num_env_runners} processes ({args.num_envs_per_env_runner} envs each when "
+          f"recording), {args.steps} recorded steps per game, {os.cpu_count()} CPU cores")
     print("| game | recorded steps/s | raw ALE steps/s | recorded/raw | stored B/frame "
           "| snappy | zstd-1 | zstd-3 | zstd-9 | PNG |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -118,5 +120,6 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--steps-per-round", type=int, default=1000)
     p.add_argument("--num-env-runners", type=int, default=2)
+    p.add_argument("--num-envs-per-env-runner", type=int, default=8)
     p.add_argument("--num-cpus", type=int, default=None)
     main(p.parse_args())

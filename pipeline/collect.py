@@ -4,7 +4,8 @@
         --steps-per-game 1000000 --num-env-runners 8
 
 Per game: train PPO (RLlib new API stack) or load `--checkpoint`, then record with the
-algorithm's env runners and write through Ray Data to
+algorithm's env runners (each steps `--num-envs-per-env-runner` envs with one batched policy
+forward pass) and have every runner write its rows as Parquet itself to
 
     <data_root>/episodes/game=<Game>/run=<run_id>/*.parquet     (zstd, schema: workers/schema.py)
     <data_root>/runs/<run_id>.json                              (manifest: counts, policy, versions)
@@ -12,6 +13,7 @@ algorithm's env runners and write through Ray Data to
 
 Writes go to <data_root>/.staging first and each game's run directory is swapped in by rename, so
 a reader never sees half a run and re-running a run id replaces its data instead of adding to it.
+On a multi-node cluster <data_root> must be shared storage: runners on every node write into it.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from workers import schema as S  # noqa: E402
 from workers.atari import DEFAULT_GAMES, EnvSettings, game_name, resolve_env_id  # noqa: E402
-from workers.rollout import (AgentConfig, build_recorder_algo, record_on_runner,  # noqa: E402
-                             runner_stats, train_ppo)
+from workers.rollout import (AgentConfig, build_recorder_algo, train_ppo,  # noqa: E402
+                             write_on_runner)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class CollectConfig:
     """steps each env runner samples between writes (bounds memory, sets file size)"""
     num_env_runners: int = 2
     cpus_per_env_runner: float = 1.0
+    num_envs_per_env_runner: int = 8
+    """envs each runner steps together: the policy runs once per step on all of them"""
     explore: bool = True
     """sample actions from the policy (True) or take its mode"""
     test_fraction: float = 0.1
@@ -72,6 +76,9 @@ class CollectConfig:
             raise ValueError(f"policy must be 'ppo' or 'random', got {self.policy!r}")
         if self.num_env_runners < 1:
             raise ValueError(f"num_env_runners must be >= 1, got {self.num_env_runners}")
+        if self.num_envs_per_env_runner < 1:
+            raise ValueError(f"num_envs_per_env_runner must be >= 1, got "
+                             f"{self.num_envs_per_env_runner}")
         if not 0.0 <= self.test_fraction <= 1.0:
             raise ValueError(f"test_fraction must be in [0, 1], got {self.test_fraction}")
 
@@ -85,23 +92,25 @@ def _write_json_atomic(path: str, obj) -> None:
 
 
 def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None, out_dir: str) -> float:
-    """Record `steps_per_game` rows of one game into `out_dir` (Parquet files); returns the
-    seconds spent sampling, compressing and writing (runner start-up excluded)."""
+    """Record `steps_per_game` rows of one game into `out_dir` (one Parquet file per runner and
+    round); returns the seconds spent sampling, compressing and writing (start-up excluded)."""
     import ray
 
-    # Env runners hold their CPUs for their whole life; Ray Data's write tasks need one free CPU
-    # or they wait forever (seen on 2-core machines), so the runners share what is left.
+    # Runners write their own files, so no CPU has to stay free for write tasks; on a small
+    # cluster they share what there is (a fraction of a CPU still runs at full speed when the
+    # cores are idle).
     total = ray.cluster_resources().get("CPU", 1.0)
-    cpus = min(cfg.cpus_per_env_runner, max(total - 1.0, 0.25 * total) / cfg.num_env_runners)
+    cpus = min(cfg.cpus_per_env_runner, total / cfg.num_env_runners)
     if cpus < cfg.cpus_per_env_runner:
-        print(f"[collect] {cfg.num_env_runners} env runners x {cfg.cpus_per_env_runner} CPU leave "
-              f"none of {total:g} CPUs for writing: using {cpus:.2f} CPU each", flush=True)
+        print(f"[collect] {cfg.num_env_runners} env runners x {cfg.cpus_per_env_runner} CPU exceed "
+              f"{total:g} CPUs: using {cpus:.2f} CPU each", flush=True)
     settings = EnvSettings(frameskip=cfg.frameskip,
                            repeat_action_probability=cfg.repeat_action_probability)
     algo = build_recorder_algo(env_id, cfg.agent, settings, num_env_runners=cfg.num_env_runners,
                                cpus_per_env_runner=cpus, run_id=cfg.run_id,
                                seed=cfg.seed, test_fraction=cfg.test_fraction,
-                               checkpoint=checkpoint)
+                               checkpoint=checkpoint,
+                               num_envs_per_env_runner=cfg.num_envs_per_env_runner)
     group = algo.env_runner_group
     game = game_name(env_id)
     t0, steps, episodes, returns = time.time(), 0, 0, []
@@ -111,12 +120,13 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None, out_di
             remaining = cfg.steps_per_game - steps
             per_runner = min(cfg.steps_per_round, -(-remaining // cfg.num_env_runners))
             final = remaining <= per_runner * cfg.num_env_runners
-            fn = functools.partial(record_on_runner, num_timesteps=per_runner, explore=cfg.explore,
-                                   random_actions=cfg.policy == "random", final=final)
-            refs = group.foreach_env_runner(fn, local_env_runner=False, return_obj_refs=True)
-            ray.data.from_arrow_refs(refs).write_parquet(
-                out_dir, compression=S.COMPRESSION, compression_level=S.COMPRESSION_LEVEL)
-            stats = group.foreach_env_runner(runner_stats, local_env_runner=False)
+            fn = functools.partial(write_on_runner, out_dir=out_dir, num_timesteps=per_runner,
+                                   explore=cfg.explore, random_actions=cfg.policy == "random",
+                                   final=final)
+            stats = group.foreach_env_runner(fn, local_env_runner=False)
+            if len(stats) != cfg.num_env_runners:  # RLlib drops a failed runner's result
+                raise RuntimeError(f"{game}: {cfg.num_env_runners - len(stats)} env runner(s) "
+                                   f"failed while recording; see the Ray worker logs")
             steps = sum(s["steps"] for s in stats)
             new = [x for s in stats for x in s["returns"]]
             episodes += len(new)
