@@ -87,7 +87,10 @@ class ActionEncoder(nn.Module):
 
     def initialize_weights(self) -> None:
         if self.embedding is not None:
-            nn.init.normal_(self.embedding.weight, std=0.02)
+            # Unit scale, like the one-hot rows: each token is its action's features plus a sin-cos
+            # time embedding of unit scale. At std 0.02 the action part came out ~1% of the token,
+            # its gradient ~10x smaller, and the final ReLU could die, leaving time-only tokens.
+            nn.init.normal_(self.embedding.weight, std=1.0)
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

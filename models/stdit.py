@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from models.action_encoder import ActionEncoder, ActionEncoderConfig
-from models.layers import MLP, CrossAttention, SelfAttention, TimestepEmbedder, modulate, sincos_2d
+from models.layers import MLP, CrossAttention, SelfAttention, TimestepEmbedder, modulate, sincos_1d, sincos_2d
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class STDiTConfig:
     """"embedding" or "onehot" (paper, Table 4)."""
     action_embed_dim: int = 128
     """Width of the learned action table (embedding encoder only)."""
+    temporal_pos_embed: bool = True
+    """Add a fixed sin-cos embedding of each token-frame's clip frame index (the same function
+    that places the action tokens), so that cross-attention queries know which frame they are in
+    and can pick the action taken there; RoPE alone gives only relative offsets."""
     timestep_scale: float = 1000.0
     """t in [0, 1] is multiplied by this before the sinusoidal features; 1000 is the range
     Open-Sora's rectified flow feeds its timestep embedder, so loaded weights see familiar inputs."""
@@ -220,6 +224,9 @@ class STDiT(nn.Module):
         x = self.x_embedder(x)  # (B, T', h, w, D)
         Tp, h, w = x.shape[1], x.shape[2], x.shape[3]
         x = rearrange(x, "B T h w D -> B T (h w) D") + self.pos_embed(h, w, x.device, x.dtype)  # (B, T', S, D)
+        if self.cfg.temporal_pos_embed:
+            frames = torch.arange(Tp, device=x.device) * pt  # clip frame index where each token-frame starts
+            x = x + sincos_1d(frames, self.cfg.hidden_size).to(x.dtype)[None, :, None]  # (B, T', S, D)
 
         # A token-frame is "generated" if any frame in its temporal patch is; padding counts as generated.
         mask = F.pad(frame_mask, (0, Tp * pt - T), value=True)  # (B, T'*pt)
