@@ -101,6 +101,14 @@ class RotaryEmbedding(nn.Module):
         return x * cos + rotated * sin
 
 
+def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm in the input's dtype: under bf16 autocast an fp32 weight would send
+    `torch.rms_norm` to its slow unfused path (and keep fp32 copies of q and k)."""
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+    return norm(x)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with optional q/k RMSNorm and RoPE, via SDPA."""
 
@@ -120,7 +128,7 @@ class SelfAttention(nn.Module):
         """x: (B, N, D) -> (B, N, D)."""
         qkv = rearrange(self.qkv(x), "B N (three h d) -> three B h N d", three=3, h=self.num_heads)
         q, k, v = qkv.unbind(0)  # (B, h, N, d) each
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, h, N, d)
+        q, k = _rms(self.q_norm, q), _rms(self.k_norm, k)  # (B, h, N, d)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)  # (B, h, N, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)

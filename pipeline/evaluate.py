@@ -148,7 +148,8 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
 
     lengths, per_frame = [], []
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "eval"}) as tracker:
-        tracker.log_params(cfg)
+        # Namespaced: a sweep trial logs its training and evaluation into one run.
+        tracker.log_params({"eval": dataclasses.asdict(cfg)})
         tracker.set_tags({"model_path": cfg.model_path})
         for game in games:
             scores, ds = score_game(cfg, game, world_model.n_cond)

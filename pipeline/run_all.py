@@ -61,7 +61,7 @@ def smoke() -> Preset:
     """Minutes on 2 CPU cores: a one-iteration PPO agent, a few hundred steps, tiny models."""
     cpu = {"num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": False}
     dit = {**cpu, "dit_preset": "tiny", "steps": 30, "batch_size": 4, "warmup_steps": 5,
-           "checkpoint_every": 15, "log_every": 5, "horizon": 4, "sample_steps": 4}
+           "checkpoint_every": 15, "log_every": 5, "horizon": 4, "horizon_choices": (1, 2, 4), "sample_steps": 4}
     return Preset(
         games=("Breakout", "Pong"),
         collect={"policy": "ppo", "steps_per_game": 600, "steps_per_round": 300, "num_env_runners": 2,
@@ -73,23 +73,26 @@ def smoke() -> Preset:
         evaluate={"horizons": (1, 2, 4), "max_windows": 8, "stride": 8, "batch_size": 4, "num_cpus": 0.5,
                   "figure_windows": 1},
         sweeps=(("table3", {"seeds": (0,), "overrides": json.dumps({"horizon": [1, 2], "game": "Breakout"}),
-                            "dit": json.dumps({**dit, "steps": 12, "checkpoint_every": 12}),
+                            "dit": json.dumps({**dit, "steps": 12, "checkpoint_every": 12, "horizon_choices": ()}),
                             "eval_max_windows": 4, "eval_lpips": False}),),
     )
 
 
 def gpu() -> Preset:
-    """One GPU box (16 cores, one H100): a briefly trained agent, ~25 minutes end to end."""
+    """One GPU box (16 cores, one H100), ~25 minutes end to end: a briefly trained PPO agent,
+    ~10 minutes of world-model training (one DiT for generation lengths 1, 2 and 4)."""
     gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
     return Preset(
         games=("Breakout",),
-        collect={"policy": "ppo", "steps_per_game": 60_000, "steps_per_round": 2000, "num_env_runners": 12,
+        collect={"policy": "ppo", "steps_per_game": 100_000, "steps_per_round": 4000, "num_env_runners": 14,
                  "cpus_per_env_runner": 1.0, "test_fraction": 0.1,
-                 "agent": {"train_steps": 200_000, "train_batch_size": 4000, "minibatch_size": 256, "num_epochs": 2}},
-        vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "steps": 3000, "batch_size": 16, "clip_length": 4,
-             "lr": 4e-4, "warmup_steps": 200, "checkpoint_every": 1000, "log_every": 50, "compile": False},
-        dit={**gpu1, "dit_preset": "S", "steps": 6000, "batch_size": 64, "horizon": 4, "sample_steps": 8,
-             "lr": 3e-4, "warmup_steps": 300, "checkpoint_every": 2000, "log_every": 50, "compile": False},
+                 "agent": {"train_steps": 96_000, "train_batch_size": 8000, "minibatch_size": 500, "num_epochs": 2}},
+        vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "steps": 20_000, "max_train_s": 180,
+             "batch_size": 16, "clip_length": 4, "lr": 4e-4, "warmup_steps": 200, "checkpoint_every": 1000,
+             "log_every": 50},
+        dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 100_000, "max_train_s": 480,
+             "batch_size": 32, "horizon": 4, "horizon_choices": (1, 2, 4), "sample_steps": 8, "lr": 3e-4,
+             "warmup_steps": 300, "checkpoint_every": 2000, "log_every": 50},
         evaluate={"horizons": (1, 2, 4, 8, 16), "max_windows": 256, "stride": 8, "batch_size": 32,
                   "num_cpus": 4, "use_gpu": True, "figure_windows": 2},
     )

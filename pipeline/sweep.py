@@ -111,7 +111,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, 
     dit_cfg = config_from_dict(TrainDiTConfig, {
         **base, **{k: v for k, v in params.items()},
         "run_dir": cfg.run_dir, "data_root": cfg.data_root, "vae_path": cfg.vae_path, "name": name,
-        "use_gpu": cfg.use_gpu,
+        "use_gpu": cfg.use_gpu, "horizon_choices": (),  # a trial trains one generation length, as the paper
     })
     # The child run exists, tagged with its parent, before training opens it again by name.
     with Tracker(cfg.run_dir, name, tracking_uri=uri, tags={"mlflow.parentRunId": parent_id,
@@ -187,8 +187,9 @@ def main(cfg: SweepConfig, tracking_uri: str | None = None) -> pd.DataFrame:
         trainable = tune.with_parameters(run_trial, base=base,
                                          sweep={**dataclasses.asdict(cfg), "_parent_run_id": parent.run_id,
                                                 "_tracking_uri": parent.tracking_uri})
-        # The trial function only drives: its TorchTrainer and scoring actor hold the resources.
-        trainable = tune.with_resources(trainable, {"CPU": 0})
+        # The trial function only drives: its TorchTrainer and scoring actor hold the real
+        # resources. (Tune rejects an empty request, hence a token share of a CPU.)
+        trainable = tune.with_resources(trainable, {"CPU": 0.01})
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),

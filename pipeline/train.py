@@ -215,6 +215,7 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
         dit.load_state_dict(state["ema"])
         meta = world_model_meta(dit, latent_scale=cfg.latent_scale, n_cond=cfg.n_cond, horizon=cfg.horizon,
                                 action_mode=cfg.action_mode, sample_steps=cfg.sample_steps,
+                                trained_horizons=cfg.trained_horizons,
                                 extra={"game": cfg.game, "train_config": dataclasses.asdict(cfg)})
         out = save_world_model(Path(cfg.run_dir) / "models" / cfg.name, vae, dit, meta)
         tracker.log_artifact(out, "world_model")

@@ -85,6 +85,9 @@ class TrainSettings:
     """bf16 autocast on GPU (ignored on CPU)."""
     compile: bool = False
     """torch.compile the network."""
+    max_train_s: float = 0.0
+    """Wall-clock budget of this run's loop in seconds (0 = none): past it the loop checkpoints and
+    ends early, and the exported model is the one at that step."""
     fail_at_step: int = -1
     """Tests only: the last rank exits hard once at this step, to exercise FailureConfig."""
     nan_at_step: int = -1
@@ -312,3 +315,14 @@ def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: Tr
     sched.step()
     ema.update(unwrap(model))
     return True, float(norm)
+
+
+def out_of_time(cfg: TrainSettings, t_start: float, device: torch.device) -> bool:
+    """Whether the run's wall-clock budget is spent, agreed by every rank (the slowest decides),
+    so that no rank stops while the others wait in a collective."""
+    if cfg.max_train_s <= 0:
+        return False
+    late = torch.tensor([float(time.time() - t_start > cfg.max_train_s)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
+    return bool(late.item())

@@ -21,7 +21,7 @@ from models.stdit import STDiT, STDiT_models
 from workers.clips import split_sample
 from workers.train_common import (
     EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_checkpoint_state,
-    make_optimizer, make_scheduler, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
+    make_optimizer, make_scheduler, out_of_time, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
 )
 from workers.world_model import ACTION_MODES, load_vae
@@ -42,7 +42,12 @@ class TrainDiTConfig(TrainSettings):
     n_cond: int = 4
     """Condition frames n."""
     horizon: int = 4
-    """Generated frames T (the generation length)."""
+    """Generated frames T (the generation length); windows hold n_cond + horizon frames."""
+    horizon_choices: tuple[int, ...] = ()
+    """Train one model for several generation lengths: each step draws T from these (all <= horizon)
+    and uses the first n_cond + T frames of its windows. Empty = always `horizon`."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """ST-DiT (time, height, width) patch over the latent."""
     action_mode: str = "future"
     """"future": a_t..a_{t+T-1} (T tokens); "past_future": a_{t-n+1}..a_{t+T-1} (n+T-1 tokens)."""
     action_encoder: str = "embedding"
@@ -65,6 +70,8 @@ class TrainDiTConfig(TrainSettings):
             raise ValueError(f"TrainDiTConfig.action_mode={self.action_mode!r}; expected one of {ACTION_MODES}")
         if self.dit_preset not in STDiT_models:
             raise ValueError(f"TrainDiTConfig.dit_preset={self.dit_preset!r}; presets: {sorted(STDiT_models)}")
+        if any(h < 1 or h > self.horizon for h in self.horizon_choices):
+            raise ValueError(f"TrainDiTConfig.horizon_choices={self.horizon_choices} must lie in 1..horizon={self.horizon}")
         if self.n_cond < 1 or self.horizon < 1:
             raise ValueError(f"TrainDiTConfig needs n_cond >= 1 and horizon >= 1, got {self.n_cond}, {self.horizon}")
 
@@ -74,12 +81,17 @@ class TrainDiTConfig(TrainSettings):
 
     @property
     def num_action_tokens(self) -> int:
+        """Action tokens of a window of the longest horizon."""
         return self.horizon if self.action_mode == "future" else self.n_cond - 1 + self.horizon
+
+    @property
+    def trained_horizons(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.horizon_choices))) or (self.horizon,)
 
 
 def build_dit(cfg: TrainDiTConfig, latent_channels: int) -> STDiT:
     return STDiT_models[cfg.dit_preset](in_channels=latent_channels, num_actions=cfg.num_actions,
-                                        action_encoder=cfg.action_encoder)
+                                        action_encoder=cfg.action_encoder, patch_size=tuple(cfg.patch_size))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -115,22 +127,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log.write({"event": "start", "step": step, "world_size": world})
     batches = infinite_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, ("frames", "actions"))
 
-    L = cfg.clip_length
-    frame_mask = torch.arange(L, device=device) >= cfg.n_cond  # (L,) True = generated
-    positions = action_positions(cfg.num_action_tokens, cfg.n_cond, cfg.action_mode, device=device)
+    # The generation length of each step: one draw per step from a generator seeded by the step,
+    # so every DDP rank (and a resumed run) picks the same T.
+    horizons = cfg.trained_horizons
+    pick = torch.Generator().manual_seed(cfg.seed)
 
     def checkpoint(d):
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
 
-    t_last, steps_since, reported = time.time(), 0, False
+    t_start = t_last = time.time()
+    steps_since, reported_step = 0, -1
     while step < cfg.steps:
         maybe_crash(cfg, step)
         batch = next(batches)
-        frames = batch["frames"].to(device, non_blocking=True)  # (B, L, H, W, 3) uint8
-        if frames.shape[1] != L:
-            raise ValueError(f"training windows have {frames.shape[1]} frames, expected n_cond+horizon={L}")
-        _, _, actions = split_sample(frames, batch["actions"].to(device).long(), cfg.n_cond, cfg.horizon,
+        frames = batch["frames"].to(device, non_blocking=True)  # (B, n+horizon, H, W, 3) uint8
+        if frames.shape[1] != cfg.clip_length:
+            raise ValueError(f"training windows have {frames.shape[1]} frames, expected "
+                             f"n_cond+horizon={cfg.clip_length}")
+        pick.manual_seed(cfg.seed * 1_000_003 + step)
+        T = horizons[int(torch.randint(len(horizons), (1,), generator=pick))]
+        L = cfg.n_cond + T
+        frames = frames[:, :L]  # (B, L, H, W, 3)
+        _, _, actions = split_sample(frames, batch["actions"][:, :L].to(device).long(), cfg.n_cond, T,
                                      cfg.action_mode)  # (B, A)
+        positions = action_positions(actions.shape[1], cfg.n_cond, cfg.action_mode, device=device)
+        frame_mask = torch.arange(L, device=device) >= cfg.n_cond  # (L,) True = generated
         B = frames.shape[0]
         with torch.no_grad(), autocast(device, cfg.bf16):
             mean, _ = vae.encode(pixels_to_model(frames))  # (B, T', C, h, w)
@@ -154,6 +175,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_last, steps_since = now, 0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
-            reported = True
-    if not reported:  # restarted after the last step: hand the restored state back as the result
+            reported_step = step
+        if step % cfg.log_every == 0 and out_of_time(cfg, t_start, device):
+            log.write({"event": "time_budget", "step": step, "message": f"max_train_s={cfg.max_train_s} spent at step {step}"})
+            break
+    if reported_step != step:  # stopped by the time budget, or restarted after the last step
         report({"step": step}, checkpoint_fn=checkpoint)

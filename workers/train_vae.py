@@ -17,7 +17,7 @@ import torch
 from models.vae import VAE_models, VideoVAE, vae_loss
 from workers.train_common import (
     EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_checkpoint_state,
-    make_optimizer, make_scheduler, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
+    make_optimizer, make_scheduler, out_of_time, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
 )
 
@@ -83,7 +83,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def checkpoint(d):
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
 
-    t_last, steps_since, reported = time.time(), 0, False
+    t_start = t_last = time.time()
+    steps_since, reported_step = 0, -1
     while step < cfg.steps:
         maybe_crash(cfg, step)
         x = pixels_to_model(next(batches)["frames"].to(device, non_blocking=True))  # (B, T, 3, H, W)
@@ -109,6 +110,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_last, steps_since = now, 0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
-            reported = True
-    if not reported:  # restarted after the last step: hand the restored state back as the result
+            reported_step = step
+        if step % cfg.log_every == 0 and out_of_time(cfg, t_start, device):
+            log.write({"event": "time_budget", "step": step, "message": f"max_train_s={cfg.max_train_s} spent at step {step}"})
+            break
+    if reported_step != step:  # stopped by the time budget, or restarted after the last step
         report({"step": step}, checkpoint_fn=checkpoint)

@@ -56,7 +56,8 @@ class WorldModel:
     """
 
     def __init__(self, vae: VideoVAE, dit: STDiT, *, latent_scale: float, n_cond: int, horizon: int,
-                 action_mode: str, sampler: EulerSamplerConfig = EulerSamplerConfig()):
+                 action_mode: str, sampler: EulerSamplerConfig = EulerSamplerConfig(),
+                 trained_horizons: tuple[int, ...] = ()):
         if action_mode not in ACTION_MODES:
             raise ValueError(f"action_mode={action_mode!r}; expected one of {ACTION_MODES}")
         if n_cond % vae.frames_per_latent:
@@ -65,6 +66,9 @@ class WorldModel:
         self.vae, self.dit = vae.eval(), dit.eval()
         self.latent_scale, self.n_cond, self.horizon = latent_scale, n_cond, horizon
         self.action_mode = action_mode
+        # Generation lengths the DiT was trained to produce in one chunk (see
+        # TrainDiTConfig.horizon_choices); `horizon` is the longest.
+        self.trained_horizons = tuple(trained_horizons) or (horizon,)
         self.sampler = EulerSampler(sampler)
 
     @property
@@ -87,11 +91,11 @@ class WorldModel:
         return mean * self.latent_scale
 
     @torch.no_grad()
-    def _chunk(self, context: Tensor, actions: Tensor, generator: torch.Generator | None) -> Tensor:
-        """One trained-length chunk. context: uint8 (B, n, H, W, 3); actions: (B, A) for this chunk
-        -> uint8 (B, horizon, H, W, 3)."""
+    def _chunk(self, context: Tensor, actions: Tensor, generator: torch.Generator | None, length: int) -> Tensor:
+        """One chunk of a trained length. context: uint8 (B, n, H, W, 3); actions: (B, A) for this
+        chunk -> uint8 (B, length, H, W, 3)."""
         B, n, H, W, _ = context.shape
-        L = n + self.horizon
+        L = n + length
         z_cond = self.encode(context)  # (B, n/f, C, h, w)
         T_lat = self.vae.latent_frames(L)
         z = torch.zeros(B, T_lat, *z_cond.shape[2:], device=self.device, dtype=z_cond.dtype)
@@ -117,26 +121,29 @@ class WorldModel:
             raise ValueError(f"actions must be (B, {want}) for horizon {horizon} in mode "
                              f"{self.action_mode!r}, got {tuple(actions.shape)}")
         actions = actions.long()
-        # Chunks always generate the trained length; past the requested horizon the last action is
+        # A horizon the model was trained for is one chunk of exactly that length. Otherwise chunks
+        # of the longest trained length are chained; past the requested horizon the last action is
         # repeated and the extra frames are dropped.
-        chunks = -(-horizon // self.horizon)
-        pad = chunks * self.horizon - horizon
+        size = horizon if horizon in self.trained_horizons else self.horizon
+        chunks = -(-horizon // size)
+        pad = chunks * size - horizon
         actions = torch.cat([actions, actions[:, -1:].expand(-1, pad)], dim=1)
         frames = cond_frames.to(self.device)  # (B, n + generated so far, H, W, 3)
         offset = 0 if self.action_mode == "future" else self.n_cond - 1
         for c in range(chunks):
-            s = c * self.horizon  # frames generated before this chunk
-            acts = actions[:, s: s + offset + self.horizon]
-            new = self._chunk(frames[:, -self.n_cond:], acts, generator)
+            s = c * size  # frames generated before this chunk
+            acts = actions[:, s: s + offset + size]
+            new = self._chunk(frames[:, -self.n_cond:], acts, generator, size)
             frames = torch.cat([frames, new], dim=1)
         return frames[:, self.n_cond: self.n_cond + horizon].cpu()
 
 
 def world_model_meta(dit: STDiT, *, latent_scale: float, n_cond: int, horizon: int, action_mode: str,
-                     sample_steps: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                     sample_steps: int, trained_horizons: tuple[int, ...] = (),
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"dit": dataclasses.asdict(dit.cfg), "latent_scale": latent_scale, "n_cond": n_cond,
-            "horizon": horizon, "action_mode": action_mode, "sample_steps": sample_steps,
-            **(extra or {})}
+            "horizon": horizon, "trained_horizons": list(trained_horizons or (horizon,)),
+            "action_mode": action_mode, "sample_steps": sample_steps, **(extra or {})}
 
 
 def save_world_model(path: str | Path, vae: VideoVAE, dit: STDiT, meta: dict[str, Any]) -> Path:
@@ -161,4 +168,5 @@ def load_world_model(path: str | Path, map_location: str | torch.device = "cpu",
     steps = sample_steps or meta["sample_steps"]
     return WorldModel(vae, dit, latent_scale=meta["latent_scale"], n_cond=meta["n_cond"],
                       horizon=meta["horizon"], action_mode=meta["action_mode"],
-                      sampler=EulerSamplerConfig(num_steps=steps))
+                      sampler=EulerSamplerConfig(num_steps=steps),
+                      trained_horizons=tuple(meta.get("trained_horizons", ())))
