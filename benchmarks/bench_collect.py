@@ -4,9 +4,13 @@
 
 Recorded = RLlib env runners stepping the full agent wrapper stack, PPO module inference (a
 checkpoint trained for one tiny iteration: inference costs the same as a trained one's),
-raw-frame recording, zstd Parquet through Ray Data, atomic swap. Raw = the bare ALE v5 env with
-random actions in the same number of processes. Then the frames of the recorded files are
-re-encoded with other codecs to show what the choice of zstd buys.
+raw-frame recording, zstd Parquet written by the runners, atomic swap. Raw = the bare ALE v5 env
+(same settings: frameskip 4, no sticky actions) with random actions in the same number of
+processes, measured just before and just after the recording on the same machine (it is shared:
+the two figures show how much the load moved) and compared with their mean. The runners' time per
+phase (policy forward, env step incl. the agent's wrappers, drain of the recorders, Parquet write)
+shows what is left to win. Then the frames of the recorded files are re-encoded with other codecs
+to show what the choice of zstd buys.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def main(args) -> None:
     agent = AgentConfig(dim=84, train_steps=128, train_batch_size=128, minibatch_size=64,
                         num_epochs=1)
     rows = []
+    raw_before = {e: raw_steps_per_s(e, args.steps, args.num_env_runners) for e in env_ids}
     with tempfile.TemporaryDirectory() as tmp:
         for env_id in env_ids:
             game = env_id.removeprefix("ALE/").removesuffix("-v5")
@@ -99,19 +104,26 @@ def main(args) -> None:
         for env_id in env_ids:
             game = env_id.removeprefix("ALE/").removesuffix("-v5")
             g = m["games"][game]
-            raw = raw_steps_per_s(env_id, args.steps, args.num_env_runners)
+            raw = (raw_before[env_id], raw_steps_per_s(env_id, args.steps, args.num_env_runners))
             files = [os.path.join(d, f) for d, _, fs in
                      os.walk(os.path.join(tmp, "data", "episodes", f"game={game}")) for f in fs]
-            rows.append((game, g["steps_per_s"], raw, g["bytes_per_frame"],
+            rows.append((game, g["steps_per_s"], raw, g["runner_seconds"], g["bytes_per_frame"],
                          codec_bytes_per_frame(files)))
     print(f"\n{args.num_env_runners} processes ({args.num_envs_per_env_runner} envs each when "
           f"recording), {args.steps} recorded steps per game, {os.cpu_count()} CPU cores")
-    print("| game | recorded steps/s | raw ALE steps/s | recorded/raw | stored B/frame "
-          "| snappy | zstd-1 | zstd-3 | zstd-9 | PNG |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for game, rec, raw, bpf, c in rows:
-        print(f"| {game} | {rec:.0f} | {raw:.0f} | {rec / raw:.0%} | {bpf:.0f} | {c['snappy']:.0f} "
-              f"| {c['zstd-1']:.0f} | {c['zstd-3']:.0f} | {c['zstd-9']:.0f} | {c['png']:.0f} |")
+    print("| game | recorded steps/s | raw ALE steps/s (before/after) | recorded/raw "
+          "| runner s: policy / env / drain / write |")
+    print("|---|---|---|---|---|")
+    for game, rec, (r0, r1), sec, *_ in rows:
+        raw = (r0 + r1) / 2
+        print(f"| {game} | {rec:.0f} | {raw:.0f} ({r0:.0f}/{r1:.0f}) | {rec / raw:.0%} "
+              f"| {sec['policy']:.1f} / {sec['env']:.1f} / {sec['drain']:.1f} / "
+              f"{sec['write']:.1f} |")
+    print("\n| game | stored B/frame | snappy | zstd-1 | zstd-3 | zstd-9 | PNG |")
+    print("|---|---|---|---|---|---|---|")
+    for game, *_, bpf, c in rows:
+        print(f"| {game} | {bpf:.0f} | {c['snappy']:.0f} | {c['zstd-1']:.0f} | {c['zstd-3']:.0f} "
+              f"| {c['zstd-9']:.0f} | {c['png']:.0f} |")
 
 
 if __name__ == "__main__":

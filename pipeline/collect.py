@@ -91,9 +91,11 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None, out_dir: str) -> float:
+def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None,
+                 out_dir: str) -> tuple[float, dict]:
     """Record `steps_per_game` rows of one game into `out_dir` (one Parquet file per runner and
-    round); returns the seconds spent sampling, compressing and writing (start-up excluded)."""
+    round); returns the seconds spent sampling, compressing and writing (start-up excluded), and
+    the runners' seconds per phase (policy, env, drain, write), summed over runners."""
     import ray
 
     # Runners write their own files, so no CPU has to stay free for write tasks; on a small
@@ -133,10 +135,12 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None, out_di
             returns += new
             recent = returns[-20:]
             mean = sum(recent) / len(recent) if recent else float("nan")
+            phases = {k: sum(s["seconds"][k] for s in stats) for k in stats[0]["seconds"]}
             print(f"[collect {game}] steps={steps}/{cfg.steps_per_game} "
                   f"steps/s={steps / (time.time() - t0):.0f} episodes={episodes} "
-                  f"return_mean(last {len(recent)})={mean:.1f}", flush=True)
-        return time.time() - t0
+                  f"return_mean(last {len(recent)})={mean:.1f} runner seconds: "
+                  + " ".join(f"{k}={v:.1f}" for k, v in phases.items()), flush=True)
+        return time.time() - t0, phases
     finally:
         algo.stop()
 
@@ -196,10 +200,10 @@ def main(cfg: CollectConfig) -> dict:
                         num_env_runners=cfg.num_env_runners,
                         cpus_per_env_runner=cfg.cpus_per_env_runner)
             out_dir = os.path.join(staging, f"game={game}", f"run={cfg.run_id}")
-            seconds = _record_game(cfg, env_id, checkpoint, out_dir)
+            seconds, phases = _record_game(cfg, env_id, checkpoint, out_dir)
             summary = _summarise(out_dir)
             manifest["games"][game] = dict(env_id=env_id, policy=cfg.policy, checkpoint=checkpoint,
-                                           record_seconds=seconds,
+                                           record_seconds=seconds, runner_seconds=phases,
                                            steps_per_s=summary["rows"] / seconds, **summary)
         # Swap every game's run directory in by rename (atomic per game on one filesystem).
         for game in manifest["games"]:
