@@ -35,7 +35,11 @@ class BenchMultistepConfig:
     multi_frame: str = ""
     """Saved world model generating several frames per chunk (e.g. T=4)."""
     single_step: str = ""
-    """Saved world model generating one frame per chunk (T=1), same backbone."""
+    """Saved world model generating one frame per chunk (T=1), same backbone; empty = the
+    multi-frame model itself, rolled out one frame per chunk (it must be trained for T=1 too,
+    see TrainDiTConfig.horizon_choices)."""
+    multi_chunk: int = 0
+    """Frames per chunk of the multi-frame model; 0 = its longest trained length."""
     data_root: str = ""
     """Collected episodes; held-out windows come from their "test" split."""
     game: str = ""
@@ -133,16 +137,19 @@ def main(cfg: BenchMultistepConfig, windows: tuple[np.ndarray, np.ndarray] | Non
     """Runs the comparison, prints the device, a Markdown table and the verdict, returns the rows.
     windows: (frames uint8 (N, L, H, W, 3), actions (N, L)) to use instead of reading cfg.data_root;
     L must be at least max(n_cond) + max(horizons)."""
-    if not cfg.multi_frame or not cfg.single_step:
-        raise ValueError("BenchMultistepConfig needs both --multi-frame and --single-step world-model directories")
+    if not cfg.multi_frame:
+        raise ValueError("BenchMultistepConfig needs --multi-frame (and --single-step, unless the "
+                         "multi-frame model was trained for T=1 too) world-model directories")
     device = pick_device(cfg.device)
     multi = load_world_model(cfg.multi_frame, device)
     steps = cfg.sample_steps or multi.sampler.cfg.num_steps
     multi = load_world_model(cfg.multi_frame, device, sample_steps=steps)
-    single = load_world_model(cfg.single_step, device, sample_steps=steps)
-    if single.horizon != 1:
+    multi.chunk = cfg.multi_chunk or multi.horizon
+    single = load_world_model(cfg.single_step or cfg.multi_frame, device, sample_steps=steps)
+    single.chunk = 1 if 1 in single.trained_horizons else None
+    if single.chunk != 1 and single.horizon != 1:
         print(f"warning: the single-step model generates {single.horizon} frames per chunk, not 1")
-    models = {f"multi-frame T={multi.horizon}": multi, f"single-step T={single.horizon}": single}
+    models = {f"multi-frame T={multi.chunk}": multi, f"single-step T={single.chunk or single.horizon}": single}
     H, n_max = max(cfg.horizons), max(multi.n_cond, single.n_cond)
     L = n_max + H
     frames_np, actions_np = windows if windows is not None else read_windows(cfg, L)

@@ -73,6 +73,8 @@ class BenchTrainConfig:
     temporal_downsample: int = 1
     """VAE temporal factor (1, 2 or 4)."""
     latent_channels: int = 4
+    patch_size: tuple[int, ...] = (1, 2, 2)
+    """ST-DiT (time, height, width) patch over the latent."""
     num_actions: int = 18
     bf16: bool = True
     """bf16 autocast (GPU only, as in training)."""
@@ -115,7 +117,8 @@ class BenchTrainConfig:
     def train_config(self, preset: str, batch_size: int, compiled: bool) -> TrainDiTConfig:
         return TrainDiTConfig(dit_preset=preset, n_cond=self.n_cond, horizon=self.horizon,
                               action_mode=self.action_mode, num_actions=self.num_actions, batch_size=batch_size,
-                              bf16=self.bf16, compile=compiled, warmup_steps=1, seed=self.seed)
+                              bf16=self.bf16, compile=compiled, warmup_steps=1, seed=self.seed,
+                              patch_size=tuple(self.patch_size))
 
 
 class DiTStep:

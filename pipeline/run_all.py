@@ -84,7 +84,7 @@ def gpu() -> Preset:
     gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
     return Preset(
         games=("Breakout",),
-        collect={"policy": "ppo", "steps_per_game": 100_000, "steps_per_round": 4000, "num_env_runners": 14,
+        collect={"policy": "ppo", "steps_per_game": 60_000, "steps_per_round": 4000, "num_env_runners": 14,
                  "cpus_per_env_runner": 1.0, "test_fraction": 0.1,
                  "agent": {"train_steps": 96_000, "train_batch_size": 8000, "minibatch_size": 500, "num_epochs": 2}},
         vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "steps": 20_000, "max_train_s": 180,

@@ -69,6 +69,9 @@ class WorldModel:
         # Generation lengths the DiT was trained to produce in one chunk (see
         # TrainDiTConfig.horizon_choices); `horizon` is the longest.
         self.trained_horizons = tuple(trained_horizons) or (horizon,)
+        # A fixed chunk length for every rollout (e.g. 1 = one frame at a time, for comparing
+        # single-step with multi-frame generation on the same weights); None = automatic.
+        self.chunk: int | None = None
         self.sampler = EulerSampler(sampler)
 
     @property
@@ -124,7 +127,9 @@ class WorldModel:
         # A horizon the model was trained for is one chunk of exactly that length. Otherwise chunks
         # of the longest trained length are chained; past the requested horizon the last action is
         # repeated and the extra frames are dropped.
-        size = horizon if horizon in self.trained_horizons else self.horizon
+        if self.chunk is not None and self.chunk not in self.trained_horizons:
+            raise ValueError(f"WorldModel.chunk={self.chunk} is not a trained generation length {self.trained_horizons}")
+        size = self.chunk or (horizon if horizon in self.trained_horizons else self.horizon)
         chunks = -(-horizon // size)
         pad = chunks * size - horizon
         actions = torch.cat([actions, actions[:, -1:].expand(-1, pad)], dim=1)

@@ -1,0 +1,155 @@
+"""The whole job as users start it: a real `ray start --head` cluster, `ray job submit
+--working-dir .`, the smoke preset, logging over HTTP to a real MLflow server; everything is then
+checked through MLflow's REST API and the files the job wrote.
+
+Takes several minutes on 2 cores (it runs every stage, including a small Tune sweep)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(base: str, path: str, **params) -> dict:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}" if params else f"{base}{path}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(base: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _artifact_paths(base: str, run_id: str, path: str = "") -> set[str]:
+    """Every artifact file under `path` of a run, listed recursively through the REST API."""
+    listing = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path=path)
+    out: set[str] = set()
+    for f in listing.get("files", []):
+        out |= _artifact_paths(base, run_id, f["path"]) if f["is_dir"] else {f["path"]}
+    return out
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = _free_port()
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+         "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(tmp_path / 'mlflow.log').read_text()[-2000:]}")
+            time.sleep(1)
+    else:
+        raise RuntimeError("mlflow server did not answer /health within 120 s")
+    yield base
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A real head node started like a user would, with token auth (Ray 2.60's default)."""
+    dash, gcs = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=2", f"--port={gcs}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+    yield f"http://127.0.0.1:{dash}", env
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _submit(address: str, env: dict, out: Path, tracking: str, log: Path) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+           "python", "pipeline/run_all.py", "--preset", "smoke", "--out", str(out), "--tracking-uri", tracking]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400)
+    log.write_text(res.stdout + res.stderr)
+    return res
+
+
+@pytest.mark.timeout(3000)
+def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(tmp_path, mlflow_server, ray_head):
+    address, env = ray_head
+    out = tmp_path / "run"
+    res = _submit(address, env, out, mlflow_server, tmp_path / "job1.log")
+    assert res.returncode == 0, f"job failed:\n{(res.stdout + res.stderr)[-6000:]}"
+    assert "succeeded" in res.stdout, res.stdout[-3000:]
+
+    # Files: every stage completed, under the absolute --out (not the job's temporary copy).
+    for stage in ("collect", "vae", "dit", "evaluate", "sweep"):
+        assert (out / "stages" / f"{stage}.json").is_file(), f"stage {stage} left no marker"
+    assert list((out / "data" / "episodes").glob("game=Breakout/run=smoke/*.parquet"))
+    eval_csv = (out / "eval" / "eval-Breakout" / "generation_length.csv").read_text().splitlines()
+    assert eval_csv[0].startswith("game,method,generation_length") and len(eval_csv) == 1 + 2 * 3
+    table3 = (out / "sweeps" / "sweep-table3" / "table3.md").read_text()
+    assert "past_future" in table3 and "copy_last" in table3 and "±" in table3
+
+    # MLflow, over HTTP: the experiment, the stage runs, the sweep's parent and child runs.
+    exp = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name",
+               experiment_name="atari-world-model")["experiment"]
+    runs = _post(mlflow_server, "/api/2.0/mlflow/runs/search",
+                 {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+    by_name = {r["info"]["run_name"]: r for r in runs}
+    for name in ("vae", "dit-Breakout", "eval-Breakout", "sweep-table3"):
+        assert name in by_name, f"no MLflow run {name!r}; runs: {sorted(by_name)}"
+    dit = by_name["dit-Breakout"]
+    params = {p["key"]: p["value"] for p in dit["data"].get("params", [])}
+    assert params["dit_preset"] == "tiny" and params["horizon_choices"] == "[1, 2, 4]"
+    metrics = {m["key"] for m in dit["data"].get("metrics", [])}
+    assert "train/loss" in metrics
+    history = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history",
+                   run_id=dit["info"]["run_id"], metric_key="train/loss")["metrics"]
+    assert len(history) >= 3  # logged while training, not one final value
+    assert any(p.startswith("world_model/") for p in _artifact_paths(mlflow_server, dit["info"]["run_id"]))
+
+    ev = _artifact_paths(mlflow_server, by_name["eval-Breakout"]["info"]["run_id"])
+    assert {"tables/generation_length.json", "tables/per_frame.json"} <= ev
+    assert any(p.endswith(".gif") for p in ev) and any(p.endswith("actions.png") for p in ev)
+
+    parent = by_name["sweep-table3"]
+    parent_id = parent["info"]["run_id"]
+    children = [r for r in runs if any(t["key"] == "mlflow.parentRunId" and t["value"] == parent_id
+                                       for t in r["data"].get("tags", []))]
+    assert len(children) == 4  # action_mode {future, past_future} x horizon {1, 2}, one seed
+    assert all(r["info"]["status"] == "FINISHED" for r in children)
+    child_metrics = {m["key"] for m in children[0]["data"]["metrics"]}
+    assert "train/loss" in child_metrics and any(k.startswith("eval/") for k in child_metrics)
+    assert {"tables/table3.json", "tables/trials.json"} <= _artifact_paths(mlflow_server, parent_id)
+
+    # A second submission reuses every completed stage and adds no duplicate rows.
+    rows_before = sorted(p.name for p in (out / "data" / "episodes").rglob("*.parquet"))
+    res2 = _submit(address, env, out, mlflow_server, tmp_path / "job2.log")
+    assert res2.returncode == 0, (res2.stdout + res2.stderr)[-4000:]
+    for stage in ("collect", "vae", "dit", "evaluate", "sweep"):
+        assert f"{stage}: reusing the completed stage" in res2.stdout
+    assert sorted(p.name for p in (out / "data" / "episodes").rglob("*.parquet")) == rows_before

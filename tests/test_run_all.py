@@ -1,0 +1,123 @@
+"""The job's stage bookkeeping, the sweep's table aggregation, the presets, and the world model's
+choice of chunk length; no cluster needed (the whole job runs in tests/test_job.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import run_all, sweep
+from pipeline.collect import CollectConfig
+from pipeline.evaluate import EvalConfig
+from workers.rollout import AgentConfig
+from workers.train_common import config_from_dict
+from workers.train_dit import TrainDiTConfig, build_dit
+from workers.train_vae import TrainVAEConfig
+from workers.world_model import WorldModel
+from models.vae import VAE_models
+
+
+@pytest.mark.parametrize("name", sorted(run_all.PRESETS))
+def test_every_preset_builds_valid_stage_configs(name):
+    p = run_all.PRESETS[name]()
+    c = dict(p.collect)
+    CollectConfig(games=p.games, agent=AgentConfig(**c.pop("agent", {})), **c)
+    config_from_dict(TrainVAEConfig, p.vae)
+    dit = config_from_dict(TrainDiTConfig, p.dit)
+    build_dit(dit, 8)
+    config_from_dict(EvalConfig, p.evaluate)
+    for space, fields in p.sweeps:
+        config_from_dict(sweep.SweepConfig, {**fields, "space": space})
+
+
+def test_completed_stage_is_reused_and_a_failing_stage_is_named(tmp_path):
+    calls = []
+    first = run_all._run_stage(tmp_path, "vae", set(), lambda: calls.append(1) or {"vae_path": "/x"})
+    again = run_all._run_stage(tmp_path, "vae", set(), lambda: calls.append(2) or {"vae_path": "/y"})
+    assert calls == [1] and again["vae_path"] == "/x" == first["vae_path"]
+    forced = run_all._run_stage(tmp_path, "vae", {"vae"}, lambda: calls.append(3) or {"vae_path": "/z"})
+    assert calls == [1, 3] and forced["vae_path"] == "/z"
+
+    def boom():
+        raise FileNotFoundError("no episodes under /data")
+
+    with pytest.raises(run_all.StageFailed, match=r"stage 'dit' failed: FileNotFoundError: no episodes"):
+        run_all._run_stage(tmp_path, "dit", set(), boom)
+    assert not (tmp_path / "stages" / "dit.json").exists()  # a failed stage is not marked done
+    assert json.loads((tmp_path / "stages" / "vae.json").read_text())["vae_path"] == "/z"
+
+
+def test_unknown_preset_and_stage_are_rejected():
+    with pytest.raises(SystemExit, match="unknown preset 'huge'"):
+        run_all.main("huge")
+    with pytest.raises(SystemExit, match=r"unknown stage\(s\) \['train'\]"):
+        run_all.main("smoke", stages=("collect", "train"))
+
+
+def test_sweep_aggregates_mean_and_std_over_seeds():
+    rows = []
+    for mode, base in (("future", 10.0), ("past_future", 20.0)):
+        for seed, noise in ((0, -1.0), (1, 1.0)):
+            rows.append({"action_mode": mode, "horizon": 4, "seed": seed, "model/mse": base + noise,
+                         "model/psnr": 30.0 + noise, "copy_last/mse": 50.0, "copy_last/psnr": 25.0})
+    table = sweep.aggregate(pd.DataFrame(rows), ("action_mode", "horizon"))
+    fut = table[(table.method == "model") & (table.action_mode == "future")].iloc[0]
+    assert fut["mse"] == pytest.approx(10.0) and fut["mse_std"] == pytest.approx(np.std([9.0, 11.0], ddof=1))
+    assert fut["seeds"] == 2
+    copy = table[(table.method == "copy_last") & (table.action_mode == "past_future")].iloc[0]
+    assert copy["mse"] == 50.0 and copy["mse_std"] == 0.0
+    md = sweep.to_markdown(table, ("action_mode", "horizon"))
+    assert "| future | 4 | model | 10.00 ± 1.41 |" in md and md.count("copy_last") == 2
+
+
+def test_sweep_config_rejects_unknown_space_and_bad_json():
+    with pytest.raises(ValueError, match="known spaces"):
+        sweep.SweepConfig(space="table9")
+    with pytest.raises(ValueError, match="JSON object"):
+        sweep.SweepConfig(overrides="[1, 2]")
+
+
+def test_dit_config_checks_horizon_choices():
+    with pytest.raises(ValueError, match="horizon_choices"):
+        TrainDiTConfig(horizon=2, horizon_choices=(1, 4))
+    assert TrainDiTConfig(horizon=4, horizon_choices=(4, 1, 2)).trained_horizons == (1, 2, 4)
+    assert TrainDiTConfig(horizon=2).trained_horizons == (2,)
+
+
+def _world_model(trained: tuple[int, ...]) -> tuple[WorldModel, list[int]]:
+    torch.manual_seed(0)
+    vae = VAE_models["tiny"]()
+    cfg = TrainDiTConfig(dit_preset="tiny", horizon=4, horizon_choices=trained)
+    dit = build_dit(cfg, vae.cfg.latent_channels)
+    seen: list[int] = []  # latent frames of every DiT call
+    dit.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    from models.rectified_flow import EulerSamplerConfig
+
+    wm = WorldModel(vae, dit, latent_scale=1.0, n_cond=4, horizon=4, action_mode="future",
+                    sampler=EulerSamplerConfig(num_steps=1), trained_horizons=trained)
+    return wm, seen
+
+
+def test_world_model_generates_a_trained_length_in_one_chunk_and_chains_others():
+    cond = torch.randint(0, 255, (1, 4, 24, 16, 3), dtype=torch.uint8)
+    wm, seen = _world_model((1, 2, 4))
+    assert wm.predict(cond, torch.zeros(1, 1, dtype=torch.long), 1).shape == (1, 1, 24, 16, 3)
+    assert seen == [5]  # 4 condition + 1 generated latent frames: one chunk of exactly 1
+    seen.clear()
+    assert wm.predict(cond, torch.zeros(1, 6, dtype=torch.long), 6).shape == (1, 6, 24, 16, 3)
+    assert seen == [8, 8]  # not trained for 6: two chunks of 4, the extra frames dropped
+    seen.clear()
+    wm.chunk = 1  # single-step rollout on the same weights
+    wm.predict(cond, torch.zeros(1, 3, dtype=torch.long), 3)
+    assert seen == [5, 5, 5]
+
+    wm4, seen4 = _world_model(())
+    wm4.predict(cond, torch.zeros(1, 1, dtype=torch.long), 1)
+    assert seen4 == [8]  # a T=4-only model generates 4 and keeps the first
+    wm4.chunk = 1
+    with pytest.raises(ValueError, match="not a trained generation length"):
+        wm4.predict(cond, torch.zeros(1, 1, dtype=torch.long), 1)
