@@ -71,7 +71,10 @@ def _windows_of_episode(batch: dict, length: int, stride: int) -> Iterator[dict]
                              f"{int(steps[i])}); duplicated or missing rows")
     frames = batch[S.FRAME]
     if frames.dtype == object:  # ragged or foreign tensors arrive as an array of arrays
-        got, dtype = np.shape(frames[0]), np.asarray(frames[0]).dtype
+        # An episode spread over files may mix shapes: report the first frame that is off.
+        bad = [f for f in frames if np.shape(f) != S.FRAME_SHAPE or np.asarray(f).dtype != np.uint8]
+        first = bad[0] if bad else frames[0]
+        got, dtype = np.shape(first), np.asarray(first).dtype
     else:
         got, dtype = frames.shape[1:], frames.dtype
     if got != S.FRAME_SHAPE or dtype != np.uint8:
