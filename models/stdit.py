@@ -46,10 +46,12 @@ class STDiTConfig:
     """"embedding" or "onehot" (paper, Table 4)."""
     action_embed_dim: int = 128
     """Width of the learned action table (embedding encoder only)."""
-    temporal_pos_embed: bool = True
+    temporal_pos_embed: bool = False
     """Add a fixed sin-cos embedding of each token-frame's clip frame index (the same function
-    that places the action tokens), so that cross-attention queries know which frame they are in
-    and can pick the action taken there; RoPE alone gives only relative offsets."""
+    that places the action tokens), so that cross-attention queries carry their absolute frame as
+    the action tokens do; otherwise (as in Open-Sora STDiT3) time enters only through RoPE's
+    relative offsets. Off by default: on tests/test_learning.py's sprite game it made no
+    measurable difference (held-out MSE 66 vs 68, 39 vs 43 on two seeds)."""
     timestep_scale: float = 1000.0
     """t in [0, 1] is multiplied by this before the sinusoidal features; 1000 is the range
     Open-Sora's rectified flow feeds its timestep embedder, so loaded weights see familiar inputs."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.action_encoder import action_positions
 from models.metrics import copy_last_prediction, mse_255
@@ -33,7 +34,7 @@ SPRITE_RGB = torch.tensor([1.0, 0.6, -0.6])
 WALL = torch.ones(SIZE, SIZE, dtype=torch.bool)
 WALL[CELL:-CELL, CELL:-CELL] = False
 
-VAE_STEPS, DIT_STEPS = 300, 500
+VAE_STEPS, DIT_STEPS, WARMUP = 300, 1000, 50
 
 
 def render(cells: torch.Tensor) -> torch.Tensor:
@@ -63,13 +64,17 @@ def random_clips(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tens
 
 
 def centroid(frames: torch.Tensor) -> torch.Tensor:
-    """Sprite centre in pixels, (..., 3, H, W) -> (..., 2) (row, col), from how sprite-coloured
-    each pixel is (red minus blue: 1.6 on the sprite, 0 on floor and walls; the offset keeps
-    faint decoding noise on the floor from pulling the centre)."""
-    w = ((frames[..., 0, :, :] - frames[..., 2, :, :] - 0.4) / 1.2).clamp(0, 1)  # (..., H, W)
-    coord = torch.arange(SIZE, dtype=frames.dtype)
-    total = w.sum((-2, -1)).clamp_min(1e-6)
-    return torch.stack([(w.sum(-1) * coord).sum(-1) / total, (w.sum(-2) * coord).sum(-1) / total], -1)
+    """Sprite centre in pixels, (..., 3, H, W) -> (..., 2) (row, col): the argmax of a matched
+    filter, i.e. of the sprite-sized box sum of how sprite-coloured each pixel is (red minus blue:
+    1.6 on the sprite, 0 on floor and walls). A weighted mean would be pulled by any faint ghost
+    or blur elsewhere; the argmax asks only where the sprite most plausibly is."""
+    side = CELL * SPRITE
+    w = frames[..., 0, :, :] - frames[..., 2, :, :]  # (..., H, W)
+    lead = w.shape[:-2]
+    box = F.avg_pool2d(w.reshape(-1, 1, SIZE, SIZE), side, stride=1).flatten(1)  # (N, (H-side+1)^2)
+    n = SIZE - side + 1
+    top_left = torch.stack([box.argmax(1) // n, box.argmax(1) % n], -1)  # (N, 2)
+    return (top_left.to(frames.dtype) + (side - 1) / 2).reshape(*lead, 2)
 
 
 def future_actions(actions: torch.Tensor) -> torch.Tensor:
@@ -101,8 +106,13 @@ def world_model():
     latents = latents / scale
 
     dit = STDiT_models["tiny"](in_channels=latents.shape[2], patch_size=(1, 2, 2), num_actions=NUM_ACTIONS)
-    flow = RectifiedFlow(RectifiedFlowConfig())
-    opt = torch.optim.AdamW(dit.parameters(), lr=1e-3, weight_decay=0.0)
+    # Noisy training timesteps (logit-normal mean 2, median t ~0.88): near t = 1 the future is
+    # hidden by the noise, so that is where the dynamics (where does the sprite go under these
+    # actions) must be learned; at small t the noisy input already shows the answer. With mean 0
+    # the x0 estimate from pure noise was no better than copy-last's after 1000 steps.
+    flow = RectifiedFlow(RectifiedFlowConfig(logit_mean=2.0))
+    opt = torch.optim.AdamW(dit.parameters(), lr=2e-3, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / WARMUP))
     mask = torch.arange(LENGTH)[None].expand(32, -1) >= N_COND  # (B, T) True = generated
     positions = action_positions(HORIZON, N_COND, "future")
     losses = []
@@ -114,6 +124,7 @@ def world_model():
         opt.zero_grad()
         loss.backward()
         opt.step()
+        warmup.step()
         losses.append(loss.item())
     dit.eval().requires_grad_(False)
 
@@ -135,20 +146,12 @@ def world_model():
     torch.set_num_threads(threads)
 
 
-NOT_YET = pytest.mark.xfail(
-    strict=False,
-    reason="tiny ST-DiT after 500 CPU steps does not yet beat copy-last here (measured: MSE 1840 vs "
-    "1836, centroid error 4.33 px vs 3.19 px); the training loss does fall. Budget/recipe to be tuned.",
-)
-
-
 def test_training_loss_falls(world_model):
     _, losses = world_model
     first, last = sum(losses[:20]) / 20, sum(losses[-50:]) / 50
     assert last < 0.5 * first, (first, last)
 
 
-@NOT_YET
 def test_beats_copy_last_on_held_out_clips(world_model):
     predict, _ = world_model
     frames, actions = random_clips(256, torch.Generator().manual_seed(123))
@@ -160,20 +163,30 @@ def test_beats_copy_last_on_held_out_clips(world_model):
     err = (centroid(pred) - centroid(future)).norm(dim=-1).mean().item()
     err_copy = (centroid(copy) - centroid(future)).norm(dim=-1).mean().item()
     print(f"MSE(0-255) {mse:.1f} vs copy-last {mse_copy:.1f}; centroid error {err:.2f} px vs {err_copy:.2f} px")
-    assert mse < 0.5 * mse_copy
-    assert err < 0.5 * err_copy
+    # Copy-last is wrong wherever the sprite moved (4 in 5 steps); the model must fix most of that.
+    assert mse < 0.25 * mse_copy
+    assert err < 0.25 * err_copy
 
 
-@NOT_YET
 def test_responds_to_actions(world_model):
     predict, _ = world_model
-    # Same condition frames (sprite in the middle, at rest) under each constant action.
-    cells = torch.full((NUM_ACTIONS, 2), (LO + HI) // 2)
-    cond = play(cells, torch.zeros(NUM_ACTIONS, N_COND, dtype=torch.long))
-    acts = torch.arange(NUM_ACTIONS)[:, None].expand(-1, HORIZON)
-    start = centroid(cond[:, -1])  # (A, 2)
-    moved = centroid(predict(cond, acts)[:, -1]) - start  # (A, 2) displacement after HORIZON steps
-    expected = (MOVES * CELL * HORIZON).float()  # 8 px in the commanded direction
-    print("predicted displacement (row, col) per action:", moved.round(decimals=1).tolist())
-    assert (moved - expected).abs().max().item() < 0.5 * CELL * HORIZON
-    assert moved[0].abs().max().item() < 2.0  # noop stays put
+    # From noop-history condition frames, hold each action for the whole horizon, from every
+    # start cell where that does not hit a wall, and follow the sprite frame by frame.
+    cells = torch.cartesian_prod(torch.arange(LO, HI + 1), torch.arange(LO, HI + 1))  # (25, 2)
+    steps = torch.arange(1, HORIZON + 1)[:, None]  # (T, 1) cells moved after each generated frame
+    for a in range(NUM_ACTIONS):
+        start = cells[((cells + MOVES[a] * HORIZON >= LO) & (cells + MOVES[a] * HORIZON <= HI)).all(1)]  # (N, 2)
+        cond = play(start, torch.zeros(len(start), N_COND, dtype=torch.long))
+        pred = predict(cond, torch.full((len(start), HORIZON), a))
+        moved = centroid(pred) - centroid(cond[:, -1:])  # (N, T, 2) pixels from the last condition frame
+        expected = (steps * MOVES[a] * CELL).float()  # (T, 2)
+        first_ok = (moved[:, 0] == expected[0]).all(-1).float().mean().item()
+        mean_moved = moved.mean(0)  # (T, 2)
+        print(f"action {a}: first step exact in {first_ok:.0%} of {len(start)} starts; "
+              f"mean displacement per frame {mean_moved.tolist()} vs {expected.tolist()}")
+        assert first_ok >= 0.8, a  # the first frame after the action shows the sprite exactly one cell on
+        # On average the sprite ends up within half the commanded distance of where it should be,
+        # so it moved the commanded way and not sideways; noop leaves it (nearly) in place.
+        assert (mean_moved[-1] - expected[-1]).abs().max().item() < 0.5 * CELL * HORIZON, a
+        if a == 0:
+            assert moved.abs().max(-1).values.mean().item() < 1.0
