@@ -120,6 +120,8 @@ def draw_figures(cfg: EvalConfig, world_model, ds, game: str, out_dir: Path, tra
         gif = figures.rollout_gif(out_dir / f"{game}_rollout_{i}.gif", pred[i].numpy(),
                                   frames[i, n:n + H].numpy(), cond=frames[i, :n].numpy())
         tracker.log_artifact(gif, f"figures/{game}")
+    if not cfg.action_sequences:
+        return
     rollouts = {}
     for seq in cfg.action_sequences:
         future = torch.tensor([int(c) for c in seq], dtype=torch.int64)[None]  # (1, T)
