@@ -132,7 +132,8 @@ class DiTStep:
         self.opt = make_optimizer(self.dit, tcfg)
         self.sched = make_scheduler(self.opt, tcfg)
         self.model = torch.compile(self.dit) if tcfg.compile else self.dit
-        self.flow = RectifiedFlow(RectifiedFlowConfig(t_sampling=tcfg.t_sampling, action_dropout=tcfg.action_dropout))
+        self.flow = RectifiedFlow(RectifiedFlowConfig(t_sampling=tcfg.t_sampling, logit_mean=tcfg.t_logit_mean,
+                                                       action_dropout=tcfg.action_dropout))
         self.positions = action_positions(tcfg.num_action_tokens, tcfg.n_cond, tcfg.action_mode, device=device)
         self.log = JsonlLog(Path(os.devnull), active=False)
         self.step = 0

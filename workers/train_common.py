@@ -179,10 +179,18 @@ class EMA:
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        """The decay used at optimiser step `step` (0-based): warmed up as (1+s)/(10+s), capped at
+        `decay`. A fixed 0.999 from step 0 leaves e^-1.3 = 27% of the random initialisation in
+        the average after 1,300 steps, and short runs then export a blurred, tinted model (seen
+        on a 6-minute GPU run); the warm-up makes the average follow the weights early on."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        decay = self.decay if step is None else self.decay_at(step)
         ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
@@ -313,7 +321,7 @@ def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: Tr
         return False, float(norm)
     opt.step()
     sched.step()
-    ema.update(unwrap(model))
+    ema.update(unwrap(model), step)
     return True, float(norm)
 
 
