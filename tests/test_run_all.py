@@ -121,3 +121,20 @@ def test_world_model_generates_a_trained_length_in_one_chunk_and_chains_others()
     wm4.chunk = 1
     with pytest.raises(ValueError, match="not a trained generation length"):
         wm4.predict(cond, torch.zeros(1, 1, dtype=torch.long), 1)
+
+
+def test_ema_warms_up_then_holds_its_decay():
+    from workers.train_common import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 3)
+    ema = EMA(net, 0.999)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**6) == 0.999
+    start = ema.model.weight.clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net, step=0)  # early: the average moves 90% of the way to the weights
+    assert torch.allclose(ema.model.weight, 0.1 * start + 0.9 * net.weight)
+    before = ema.model.weight.clone()
+    ema.update(net, step=10**6)  # late: the configured decay
+    assert torch.allclose(ema.model.weight, 0.999 * before + 0.001 * net.weight)
