@@ -8,11 +8,13 @@ bench_train feeds them through a real local Ray Data pipeline (`iter_torch_batch
 from __future__ import annotations
 
 import csv
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
+from ale_windows import ale_windows
 
 from benchmarks.bench_generate import BenchGenerateConfig
 from benchmarks.bench_generate import main as generate_main
@@ -27,28 +29,7 @@ from models.vae import VAE_models
 from workers.world_model import save_world_model, world_model_meta
 
 CROP = (slice(96, 144), slice(48, 112))  # 48x64 of Breakout's paddle/ball area
-
-
-def _ale_windows(num: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of real Breakout play (random actions), cropped to 48x64."""
-    import ale_py
-    import gymnasium as gym
-
-    gym.register_envs(ale_py)
-    env = gym.make("ALE/Breakout-v5", repeat_action_probability=0.0)
-    obs, _ = env.reset(seed=seed)
-    rng = np.random.default_rng(seed)
-    frames, actions = [], []
-    while len(frames) < num * length:
-        a = int(rng.integers(4))
-        frames.append(obs[CROP])
-        actions.append(a)
-        obs, _, term, trunc, _ = env.step(a)
-        if term or trunc:
-            obs, _ = env.reset()
-    env.close()
-    f = np.stack(frames)
-    return f.reshape(num, length, *f.shape[1:]), np.asarray(actions, dtype=np.int64).reshape(num, length)
+_ale_windows = functools.partial(ale_windows, crop=CROP)
 
 
 def _positive(rows, keys):

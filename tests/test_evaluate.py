@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from ale_windows import ale_windows
 import torch
 
 from models.rectified_flow import EulerSamplerConfig
@@ -16,28 +17,6 @@ from workers.evaluate import PSNR_MAX, frame_table, horizon_table, score_windows
 from workers.world_model import WorldModel, load_world_model, save_world_model, world_model_meta
 
 N_COND = 4
-
-
-def _ale_windows(num: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of real Breakout play (random actions), (num, length, 210, 160, 3) and (num, length)."""
-    import ale_py
-    import gymnasium as gym
-
-    gym.register_envs(ale_py)
-    env = gym.make("ALE/Breakout-v5", repeat_action_probability=0.0)
-    obs, _ = env.reset(seed=seed)
-    rng = np.random.default_rng(seed)
-    frames, actions = [], []
-    while len(frames) < num * length:
-        a = int(rng.integers(4))
-        frames.append(obs)
-        actions.append(a)
-        obs, _, term, trunc, _ = env.step(a)
-        if term or trunc:
-            obs, _ = env.reset()
-    env.close()
-    f = np.stack(frames).reshape(num, length, 210, 160, 3)
-    return f, np.asarray(actions, dtype=np.int64).reshape(num, length)
 
 
 def _world_model(horizon: int = 2, action_mode: str = "future") -> WorldModel:
@@ -50,7 +29,7 @@ def _world_model(horizon: int = 2, action_mode: str = "future") -> WorldModel:
 
 @pytest.fixture(scope="module")
 def windows():
-    return _ale_windows(num=3, length=N_COND + 3)
+    return ale_windows(num=3, length=N_COND + 3)
 
 
 def test_window_actions_match_contract():
@@ -195,7 +174,7 @@ def test_training_runs_are_in_mlflow_with_a_loadable_model(trained, tmp_path):
     assert {a.path for a in client.list_artifacts(vae_run.info.run_id)} == {"vae"}
     local = download_artifacts(local_tracking_uri(run_dir), dit_run.info.run_id, "world_model", tmp_path)
     wm = load_world_model(local)
-    frames, actions = _ale_windows(num=1, length=N_COND + 3, seed=3)
+    frames, actions = ale_windows(num=1, length=N_COND + 3, seed=3)
     out = wm.predict(torch.from_numpy(frames[:, :N_COND]), torch.from_numpy(actions[:, 3:6]), 3)
     assert out.shape == (1, 3, 210, 160, 3) and out.dtype == torch.uint8
 

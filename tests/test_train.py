@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ale_windows import ale_windows
 import ray
 import torch
 from mlflow.tracking import MlflowClient
@@ -23,31 +24,9 @@ from workers.train_vae import TrainVAEConfig
 from workers.train_vae import train_loop_per_worker as vae_loop
 
 
-def _ale_windows(num: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of real Breakout play (random actions)."""
-    import ale_py
-    import gymnasium as gym
-
-    gym.register_envs(ale_py)
-    env = gym.make("ALE/Breakout-v5", repeat_action_probability=0.0)
-    obs, _ = env.reset(seed=seed)
-    rng = np.random.default_rng(seed)
-    frames, actions = [], []
-    while len(frames) < num * length:
-        a = int(rng.integers(4))
-        frames.append(obs)
-        actions.append(a)
-        obs, _, term, trunc, _ = env.step(a)
-        if term or trunc:
-            obs, _ = env.reset()
-    env.close()
-    return (np.stack(frames).reshape(num, length, 210, 160, 3),
-            np.asarray(actions, dtype=np.int64).reshape(num, length))
-
-
 @pytest.fixture(scope="module")
 def windows_ds(ray_local):
-    frames, actions = _ale_windows(num=16, length=4)
+    frames, actions = ale_windows(num=16, length=4)
     return ray.data.from_items([{"frames": f, "actions": a} for f, a in zip(frames, actions)])
 
 
