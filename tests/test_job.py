@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -79,14 +80,40 @@ def mlflow_server(tmp_path):
 
 @pytest.fixture()
 def ray_head(tmp_path):
-    """A real head node started like a user would, with token auth (Ray 2.60's default)."""
+    """A real head node started like a user would, with token auth (Ray 2.60's default).
+
+    `--block` keeps `ray start` in the foreground as the parent of the head's processes, so
+    stopping its process group ends this cluster only (`ray stop` would end every Ray cluster on
+    the machine, the test session's own included)."""
     dash, gcs = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=2", f"--port={gcs}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
-    yield f"http://127.0.0.1:{dash}", env
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    log = open(tmp_path / "ray_head.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 180
+    while time.time() < deadline:  # the job API answers once the dashboard is up
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answers (e.g. 401 without the token): it is up
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(tmp_path / 'ray_head.log').read_text()[-3000:]}")
+            time.sleep(2)
+    else:
+        raise RuntimeError("the Ray head's dashboard did not answer within 180 s")
+    time.sleep(5)  # the job agent comes up just after the dashboard
+    yield address, env
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
 
 
 def _submit(address: str, env: dict, out: Path, tracking: str, log: Path) -> subprocess.CompletedProcess:
