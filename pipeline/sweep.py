@@ -211,7 +211,7 @@ def main(cfg: SweepConfig, tracking_uri: str | None = None) -> pd.DataFrame:
         parent.log_table(table, f"tables/{cfg.space}.json")
         parent.log_artifact(out_dir / f"{cfg.space}.md", "tables")
         for _, r in table[table["method"] == "model"].iterrows():
-            tag = "/".join(f"{k}={r[k]}" for k in keys)
+            tag = "/".join(f"{k}:{r[k]}" for k in keys)  # MLflow metric names admit ":" but not "="
             parent.log_metrics({f"sweep/{tag}/{m}": float(r[m]) for m in METRICS if m in table.columns}, step=0)
     print(to_markdown(table, keys), flush=True)
     return table

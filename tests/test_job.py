@@ -29,8 +29,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(base: str, path: str, **params) -> dict:
-    url = f"{base}{path}?{urllib.parse.urlencode(params)}" if params else f"{base}{path}"
+def _get(base: str, endpoint: str, **params) -> dict:
+    url = f"{base}{endpoint}?{urllib.parse.urlencode(params)}" if params else f"{base}{endpoint}"
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.loads(r.read())
 
@@ -124,14 +124,8 @@ def _submit(address: str, env: dict, out: Path, tracking: str, log: Path) -> sub
     return res
 
 
-@pytest.mark.timeout(3000)
-def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(tmp_path, mlflow_server, ray_head):
-    address, env = ray_head
-    out = tmp_path / "run"
-    res = _submit(address, env, out, mlflow_server, tmp_path / "job1.log")
-    assert res.returncode == 0, f"job failed:\n{(res.stdout + res.stderr)[-6000:]}"
-    assert "succeeded" in res.stdout, res.stdout[-3000:]
-
+def _check_outputs(out: Path, mlflow_server: str) -> None:
+    """What one smoke job must leave: files under --out, runs, metrics, tables and artifacts in MLflow."""
     # Files: every stage completed, under the absolute --out (not the job's temporary copy).
     for stage in ("collect", "vae", "dit", "evaluate", "sweep"):
         assert (out / "stages" / f"{stage}.json").is_file(), f"stage {stage} left no marker"
@@ -172,6 +166,20 @@ def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(tmp_path, ml
     child_metrics = {m["key"] for m in children[0]["data"]["metrics"]}
     assert "train/loss" in child_metrics and any(k.startswith("eval/") for k in child_metrics)
     assert {"tables/table3.json", "tables/trials.json"} <= _artifact_paths(mlflow_server, parent_id)
+    parent_metrics = {m["key"] for m in parent["data"].get("metrics", [])}
+    assert "sweep/action_mode:past_future/horizon:2/mse" in parent_metrics
+    assert not (out / "mlflow_pending.jsonl").exists(), "MLflow calls failed during the job"
+
+
+@pytest.mark.timeout(3000)
+def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(tmp_path, mlflow_server, ray_head):
+    address, env = ray_head
+    out = tmp_path / "run"
+    res = _submit(address, env, out, mlflow_server, tmp_path / "job1.log")
+    assert res.returncode == 0, f"job failed:\n{(res.stdout + res.stderr)[-6000:]}"
+    assert "succeeded" in res.stdout, res.stdout[-3000:]
+
+    _check_outputs(out, mlflow_server)
 
     # A second submission reuses every completed stage and adds no duplicate rows.
     rows_before = sorted(p.name for p in (out / "data" / "episodes").rglob("*.parquet"))
