@@ -92,7 +92,9 @@ def ray_windows():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": always a fresh cluster of our own, never one named by a stale
+        # /tmp/ray/ray_current_cluster left behind by a killed cluster.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
     frames, actions = _ale_windows(num=12, length=5)
     yield ray.data.from_items([{"frames": f, "actions": a} for f, a in zip(frames, actions)])
