@@ -107,7 +107,6 @@ def ray_head(tmp_path):
             time.sleep(2)
     else:
         raise RuntimeError("the Ray head's dashboard did not answer within 180 s")
-    time.sleep(5)  # the job agent comes up just after the dashboard
     yield address, env
     os.killpg(proc.pid, 15)
     try:
@@ -119,7 +118,11 @@ def ray_head(tmp_path):
 def _submit(address: str, env: dict, out: Path, tracking: str, log: Path) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            "python", "pipeline/run_all.py", "--preset", "smoke", "--out", str(out), "--tracking-uri", tracking]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400)
+    for _ in range(30):  # the head's job agent can come up a while after its dashboard
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400)
+        if "No available agent to submit job" not in res.stdout + res.stderr:
+            break
+        time.sleep(5)
     log.write_text(res.stdout + res.stderr)
     return res
 
