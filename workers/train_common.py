@@ -274,6 +274,19 @@ def load_checkpoint_state(map_location: str | torch.device = "cpu") -> dict[str,
         return torch.load(Path(d) / "state.pt", map_location=map_location, weights_only=False)
 
 
+def restore(device: torch.device, model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, sched) -> int:
+    """Loads the latest reported checkpoint (a resumed run, or a FailureConfig restart) into the
+    model, EMA, optimizer and scheduler; returns the step to continue from (0 when fresh)."""
+    state = load_checkpoint_state(device)
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    ema.model.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
 def report(metrics: dict[str, float], *, checkpoint_fn=None) -> None:
     """ray.train.report on every rank; rank 0 attaches the checkpoint that checkpoint_fn(dir) writes."""
     import ray.train

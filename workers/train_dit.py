@@ -20,7 +20,7 @@ from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.stdit import STDiT, STDiT_models
 from workers.clips import split_sample
 from workers.train_common import (
-    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_checkpoint_state,
+    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, restore,
     make_optimizer, make_scheduler, out_of_time, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
 )
@@ -115,15 +115,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise ValueError(f"n_cond={cfg.n_cond} is not a multiple of the VAE's temporal factor {vae.frames_per_latent}")
     dit = build_dit(cfg, vae.cfg.latent_channels).to(device)
     ema = EMA(dit, cfg.ema_decay)
-    opt, step = make_optimizer(dit, cfg), 0
+    opt = make_optimizer(dit, cfg)
     sched = make_scheduler(opt, cfg)
-    state = load_checkpoint_state(device)
-    if state is not None:
-        dit.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = state["step"]
+    step = restore(device, dit, ema, opt, sched)  # a resumed run, or a FailureConfig restart
     model = ray.train.torch.prepare_model(dit)
     if cfg.compile:
         model = torch.compile(model)

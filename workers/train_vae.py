@@ -16,7 +16,7 @@ import torch
 
 from models.vae import VAE_models, VideoVAE, vae_loss
 from workers.train_common import (
-    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_checkpoint_state,
+    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, restore,
     make_optimizer, make_scheduler, out_of_time, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
 )
@@ -64,15 +64,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     vae = build_vae(cfg).to(device)
     ema = EMA(vae, cfg.ema_decay)
-    opt, step = make_optimizer(vae, cfg), 0
+    opt = make_optimizer(vae, cfg)
     sched = make_scheduler(opt, cfg)
-    state = load_checkpoint_state(device)
-    if state is not None:  # a resumed run, or a FailureConfig restart
-        vae.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = state["step"]
+    step = restore(device, vae, ema, opt, sched)  # a resumed run, or a FailureConfig restart
     model = ray.train.torch.prepare_model(vae)  # DDP over the workers (gloo on CPU, NCCL on GPU)
     if cfg.compile:
         model = torch.compile(model)
