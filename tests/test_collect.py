@@ -17,6 +17,17 @@ from workers.atari import resolve_env_id
 from workers.clips import parquet_files, validate_dataset
 
 
+def _replay(ep, actions) -> np.ndarray:
+    """An episode's frames re-played from its recorded env id, settings, reset seed and actions."""
+    env = gym.make(ep[S.ENV_ID][0].as_py(), obs_type="rgb", **json.loads(ep[S.ENV_CONFIG][0].as_py()))
+    obs, _ = env.reset(seed=int(ep[S.RESET_SEED][0].as_py()))
+    replay = [obs]
+    for a in actions[:-1]:  # the last row's action is NO_ACTION
+        obs, *_ = env.step(int(a))
+        replay.append(obs)
+    env.close()
+    return np.stack(replay)
+
 def _scalars(root: str) -> pa.Table:
     cols = [c for c in S.COLUMNS if c != S.FRAME]
     return pa.concat_tables([pq.ParquetFile(f).read(columns=cols) for f in parquet_files(root)])
@@ -79,15 +90,7 @@ def test_replay_reproduces_frames_bit_for_bit(tiny_dataset):
         frames = S.frames_from_arrow(ep[S.FRAME])
         actions = ep[S.ACTION].to_numpy()
         assert actions[-1] == S.NO_ACTION and (actions[:-1] >= 0).all()
-        env = gym.make(ep[S.ENV_ID][0].as_py(), obs_type="rgb",
-                       **json.loads(ep[S.ENV_CONFIG][0].as_py()))
-        obs, _ = env.reset(seed=int(ep[S.RESET_SEED][0].as_py()))
-        replay = [obs]
-        for a in actions[:-1]:
-            obs, *_ = env.step(int(a))
-            replay.append(obs)
-        env.close()
-        assert np.array_equal(np.stack(replay), frames), f"{game} episode {eid} diverged"
+        assert np.array_equal(_replay(ep, actions), frames), f"{game} episode {eid} diverged"
         lives = ep[S.LIVES].to_numpy()
         assert (np.diff(lives) <= 0).all()
 
@@ -171,15 +174,7 @@ def test_vector_envs_record_whole_games_across_lost_lives(ray_local, tmp_path):
         ep = ep.take(pa.compute.sort_indices(ep, [(S.STEP, "ascending")]))
         assert np.array_equal(ep[S.STEP].to_numpy(), np.arange(ep.num_rows))
         frames, actions = S.frames_from_arrow(ep[S.FRAME]), ep[S.ACTION].to_numpy()
-        env = gym.make(ep[S.ENV_ID][0].as_py(), obs_type="rgb",
-                       **json.loads(ep[S.ENV_CONFIG][0].as_py()))
-        obs, _ = env.reset(seed=int(ep[S.RESET_SEED][0].as_py()))
-        replay = [obs]
-        for a in actions[:-1]:
-            obs, *_ = env.step(int(a))
-            replay.append(obs)
-        env.close()
-        assert np.array_equal(np.stack(replay), frames), f"episode {eid} diverged"
+        assert np.array_equal(_replay(ep, actions), frames), f"episode {eid} diverged"
 
 
 def test_frames_column_matches_schema_conversion():
