@@ -87,19 +87,9 @@ def test_train_synthetic(capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_windows():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        # address="local": always a fresh cluster of our own, never one named by a stale
-        # /tmp/ray/ray_current_cluster left behind by a killed cluster.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+def ray_windows(ray_local):
     frames, actions = _ale_windows(num=12, length=5)
-    yield ray.data.from_items([{"frames": f, "actions": a} for f, a in zip(frames, actions)])
-    if started:
-        ray.shutdown()
+    return ray_local.data.from_items([{"frames": f, "actions": a} for f, a in zip(frames, actions)])
 
 
 def test_train_pipeline_fed_by_ray_data(ray_windows, capsys):
