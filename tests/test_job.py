@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -84,14 +86,23 @@ def ray_head(tmp_path):
 
     `--block` keeps `ray start` in the foreground as the parent of the head's processes, so
     stopping its process group ends this cluster only (`ray stop` would end every Ray cluster on
-    the machine, the test session's own included)."""
-    dash, gcs = _free_port(), _free_port()
+    the machine, the test session's own included).
+
+    Every port the head listens on is chosen free: the test session's own cluster (`ray_local`)
+    already holds Ray's fixed defaults, e.g. the dashboard agent's 52365, and a head whose agent
+    cannot bind answers every submission with "No available agent to submit job"."""
+    dash, gcs, agent_http, agent_grpc, metrics, rt_env = (_free_port() for _ in range(6))
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # Its own short temp dir (Unix socket paths must stay under 108 bytes), so its logs are findable.
+    temp_dir = Path(tempfile.mkdtemp(prefix="awm-ray-", dir="/tmp"))
+    (tmp_path / "ray").symlink_to(temp_dir)
     log = open(tmp_path / "ray_head.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         "--disable-usage-stats"],
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
+         "--temp-dir", str(temp_dir), "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 180
@@ -113,18 +124,26 @@ def ray_head(tmp_path):
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit(address: str, env: dict, out: Path, tracking: str, log: Path) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            "python", "pipeline/run_all.py", "--preset", "smoke", "--out", str(out), "--tracking-uri", tracking]
-    for _ in range(30):  # the head's job agent can come up a while after its dashboard
+    deadline = time.time() + 180  # the head's job agent can come up a while after its dashboard
+    while True:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400)
-        if "No available agent to submit job" not in res.stdout + res.stderr:
+        if "No available agent to submit job" not in res.stdout + res.stderr or time.time() > deadline:
             break
         time.sleep(5)
     log.write_text(res.stdout + res.stderr)
     return res
+
+
+def _head_agent_log(tmp_path: Path) -> str:
+    """The tail of the head's dashboard agent log, which says why the job agent is missing."""
+    logs = sorted((tmp_path / "ray").glob("session_*/logs/dashboard_agent.log"))
+    return logs[-1].read_text()[-3000:] if logs else "(no dashboard_agent.log)"
 
 
 def _check_outputs(out: Path, mlflow_server: str) -> None:
@@ -179,7 +198,8 @@ def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(tmp_path, ml
     address, env = ray_head
     out = tmp_path / "run"
     res = _submit(address, env, out, mlflow_server, tmp_path / "job1.log")
-    assert res.returncode == 0, f"job failed:\n{(res.stdout + res.stderr)[-6000:]}"
+    assert res.returncode == 0, (f"job failed:\n{(res.stdout + res.stderr)[-6000:]}\n"
+                                 f"head's dashboard agent:\n{_head_agent_log(tmp_path)}")
     assert "succeeded" in res.stdout, res.stdout[-3000:]
 
     _check_outputs(out, mlflow_server)
