@@ -3,14 +3,18 @@
     python benchmarks/bench_collect.py --steps 2000 --num-env-runners 2 --games Pong Breakout
 
 Recorded = RLlib env runners stepping the full agent wrapper stack, PPO module inference (a
-checkpoint trained for one tiny iteration: inference costs the same as a trained one's),
+checkpoint trained for one tiny iteration: inference costs the same as a trained one's; or
+uniform actions with `--policy random`, to see the recording path without inference),
 raw-frame recording, zstd Parquet written by the runners, atomic swap. Raw = the bare ALE v5 env
 (same settings: frameskip 4, no sticky actions) with random actions in the same number of
 processes, measured just before and just after the recording on the same machine (it is shared:
-the two figures show how much the load moved) and compared with their mean. The runners' time per
+the two figures show how much the load moved) and compared with their mean. "all" counts the
+whole recording; "steady" the rounds after the first, without the sub-envs' first seeded resets
+(each reloads the ROM, ~0.1 s; use several rounds: --steps a few times --steps-per-round x
+--num-env-runners). The runners' time per
 phase (policy forward, env step incl. the agent's wrappers, drain of the recorders, Parquet write)
 shows what is left to win. Then the frames of the recorded files are re-encoded with other codecs
-to show what the choice of zstd buys.
+and layouts to show what the choice of a zstd binary column buys, in bytes and in write time.
 """
 
 from __future__ import annotations
@@ -54,23 +58,42 @@ def raw_steps_per_s(env_id: str, steps: int, procs: int) -> float:
         return done / (time.time() - t0)
 
 
-def codec_bytes_per_frame(files: list[str]) -> dict[str, float]:
-    """Frames of `files` re-encoded: Parquet with several codecs, and PNG per frame."""
+def codec_bytes_per_frame(files: list[str]) -> dict[str, tuple[float, float]]:
+    """Frames of `files` re-encoded: (bytes per frame, write ms per frame) for the stored binary
+    layout under several Parquet codecs, for the older tensor layout (`large_list<uint8>` with a
+    dictionary, zstd-3), and for PNG per frame."""
     import cv2
+    from ray.data.extensions import ArrowTensorArray
+
+    from workers.rollout import write_episode_table
 
     t = pa.concat_tables([pq.ParquetFile(f).read(columns=[S.FRAME]) for f in files])
+    frames = S.frames_from_arrow(t[S.FRAME])
     n = t.num_rows
+    binary = pa.table({S.FRAME: S.frames_to_arrow(frames)})
     out = {}
+
+    def timed(write) -> tuple[float, float]:
+        buf = io.BytesIO()
+        t0 = time.perf_counter()
+        write(buf)
+        return buf.tell() / n, (time.perf_counter() - t0) / n * 1e3
+
+    out["stored"] = timed(lambda b: write_episode_table(binary, b))
     for name, kw in (("snappy", dict(compression="snappy")),
                      ("zstd-1", dict(compression="zstd", compression_level=1)),
                      ("zstd-3", dict(compression="zstd", compression_level=3)),
                      ("zstd-9", dict(compression="zstd", compression_level=9))):
-        buf = io.BytesIO()
-        pq.write_table(t, buf, **kw)
-        out[name] = buf.tell() / n
-    frames = S.frames_from_arrow(t[S.FRAME])
-    out["png"] = sum(len(cv2.imencode(".png", f)[1]) for f in frames[:: max(1, n // 200)]) / len(
-        frames[:: max(1, n // 200)])
+        out[name] = timed(lambda b, kw=kw: pq.write_table(binary, b, use_dictionary=False,
+                                                          write_statistics=False, **kw))
+    tensor = pa.table({S.FRAME: ArrowTensorArray.from_numpy(frames)})
+    out["tensor zstd-3"] = timed(lambda b: pq.write_table(tensor, b, compression="zstd",
+                                                          compression_level=3,
+                                                          write_statistics=False))
+    sample = frames[:: max(1, n // 200)]
+    t0 = time.perf_counter()
+    png = sum(len(cv2.imencode(".png", f)[1]) for f in sample)
+    out["png"] = png / len(sample), (time.perf_counter() - t0) / len(sample) * 1e3
     return out
 
 
@@ -82,20 +105,21 @@ def main(args) -> None:
     from workers.rollout import AgentConfig, train_ppo
 
     env_ids = [resolve_env_id(g) for g in args.games]
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    # Its own cluster (address="local"): the figures are for this machine's cores alone.
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     agent = AgentConfig(dim=84, train_steps=128, train_batch_size=128, minibatch_size=64,
                         num_epochs=1)
     rows = []
     raw_before = {e: raw_steps_per_s(e, args.steps, args.num_env_runners) for e in env_ids}
     with tempfile.TemporaryDirectory() as tmp:
-        for env_id in env_ids:
+        for env_id in env_ids if args.policy == "ppo" else ():
             game = env_id.removeprefix("ALE/").removesuffix("-v5")
             train_ppo(env_id, agent, os.path.join(tmp, "ckpt", game), num_env_runners=1,
                       cpus_per_env_runner=0.5, log=lambda *_: None)
         m = collect(CollectConfig(data_root=os.path.join(tmp, "data"), run_id="bench",
-                                  games=tuple(args.games), policy="ppo",
-                                  checkpoint=os.path.join(tmp, "ckpt", "{game}"),
+                                  games=tuple(args.games), policy=args.policy,
+                                  checkpoint=os.path.join(tmp, "ckpt", "{game}") if args.policy == "ppo" else None,
                                   steps_per_game=args.steps, steps_per_round=args.steps_per_round,
                                   num_env_runners=args.num_env_runners,
                                   num_envs_per_env_runner=args.num_envs_per_env_runner,
@@ -107,28 +131,36 @@ def main(args) -> None:
             raw = (raw_before[env_id], raw_steps_per_s(env_id, args.steps, args.num_env_runners))
             files = [os.path.join(d, f) for d, _, fs in
                      os.walk(os.path.join(tmp, "data", "episodes", f"game={game}")) for f in fs]
-            rows.append((game, g["steps_per_s"], raw, g["runner_seconds"], g["bytes_per_frame"],
-                         codec_bytes_per_frame(files)))
-    print(f"\n{args.num_env_runners} processes ({args.num_envs_per_env_runner} envs each when "
-          f"recording), {args.steps} recorded steps per game, {os.cpu_count()} CPU cores")
-    print("| game | recorded steps/s | raw ALE steps/s (before/after) | recorded/raw "
-          "| runner s: policy / env / drain / write |")
+            rows.append((game, g["steps_per_s"], g["steady_steps_per_s"], raw, g["runner_seconds"],
+                         g["bytes_per_frame"], codec_bytes_per_frame(files)))
+    print(f"\n{args.policy} policy, {args.num_env_runners} processes ({args.num_envs_per_env_runner} "
+          f"envs each when recording), {args.steps} recorded steps per game, {os.cpu_count()} CPU cores")
+    print("| game | recorded steps/s: all / steady | raw ALE steps/s (before/after) | recorded/raw: "
+          "all / steady | runner s: policy / env / drain / write |")
     print("|---|---|---|---|---|")
-    for game, rec, (r0, r1), sec, *_ in rows:
+    for game, rec, steady, (r0, r1), sec, *_ in rows:
         raw = (r0 + r1) / 2
-        print(f"| {game} | {rec:.0f} | {raw:.0f} ({r0:.0f}/{r1:.0f}) | {rec / raw:.0%} "
+        st = f"{steady:.0f}" if steady else "-"
+        st_share = f"{steady / raw:.0%}" if steady else "-"
+        print(f"| {game} | {rec:.0f} / {st} | {raw:.0f} ({r0:.0f}/{r1:.0f}) | {rec / raw:.0%} / {st_share} "
               f"| {sec['policy']:.1f} / {sec['env']:.1f} / {sec['drain']:.1f} / "
               f"{sec['write']:.1f} |")
-    print("\n| game | stored B/frame | snappy | zstd-1 | zstd-3 | zstd-9 | PNG |")
-    print("|---|---|---|---|---|---|---|")
+    names = ["stored", "snappy", "zstd-1", "zstd-3", "zstd-9", "tensor zstd-3", "png"]
+    print("\nBytes per frame (write ms per frame), the recorded frames re-encoded: binary column "
+          "under each Parquet codec, the older tensor layout, PNG per frame")
+    print("| game | manifest B/frame | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
     for game, *_, bpf, c in rows:
-        print(f"| {game} | {bpf:.0f} | {c['snappy']:.0f} | {c['zstd-1']:.0f} | {c['zstd-3']:.0f} "
-              f"| {c['zstd-9']:.0f} | {c['png']:.0f} |")
+        print(f"| {game} | {bpf:.0f} | " + " | ".join(f"{c[k][0]:.0f} ({c[k][1]:.3f})" for k in names)
+              + " |")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--games", nargs="+", default=["Pong", "Breakout"])
+    p.add_argument("--policy", choices=("ppo", "random"), default="ppo",
+                   help="ppo: a PPO module's inference on every step; random: uniform actions, "
+                        "which leaves the recording path (wrappers, recorder, drain, write) alone")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--steps-per-round", type=int, default=1000)
     p.add_argument("--num-env-runners", type=int, default=2)

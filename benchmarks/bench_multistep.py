@@ -25,6 +25,7 @@ from benchmarks.common import (
     GpuBusySampler, device_name, markdown_table, parse_config, pick_device, profile_table, time_calls, warm_up,
     write_rows,
 )
+from pipeline.cluster import init_ray
 from workers.evaluate import METRICS, horizon_table, score_windows, window_actions
 from workers.train_common import autocast
 from workers.world_model import WorldModel, load_world_model
@@ -83,7 +84,7 @@ def read_windows(cfg: BenchMultistepConfig, length: int) -> tuple[np.ndarray, np
 
     started = not ray.is_initialized()
     if started:
-        ray.init()
+        init_ray()
     try:
         w = read_windows_numpy(episodes_path(cfg.data_root, cfg.game), length, cfg.stride, split="test",
                                max_windows=cfg.max_windows)

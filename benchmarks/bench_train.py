@@ -36,6 +36,7 @@ from benchmarks.common import (
 )
 from benchmarks.model_flops import _count as count_flops
 from models.action_encoder import action_positions
+from pipeline.cluster import init_ray
 from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.stdit import STDiT_models
 from models.vae import VAE_models, VideoVAE
@@ -282,7 +283,7 @@ def run_pipeline(cfg: BenchTrainConfig, device: torch.device, dataset=None) -> l
 
         started = not ray.is_initialized()
         if started:
-            ray.init()  # a local cluster, or the one RAY_ADDRESS names
+            init_ray()  # a local cluster, or the one RAY_ADDRESS names
         try:
             return run_pipeline(cfg, device, window_dataset_from_parquet(cfg))
         finally:

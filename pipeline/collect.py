@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.cluster import init_ray  # noqa: E402
 from workers import schema as S  # noqa: E402
 from workers.atari import DEFAULT_GAMES, EnvSettings, game_name, resolve_env_id  # noqa: E402
 from workers.rollout import (AgentConfig, build_recorder_algo, train_ppo,  # noqa: E402
@@ -116,6 +117,7 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None,
     group = algo.env_runner_group
     game = game_name(env_id)
     t0, steps, episodes, returns = time.time(), 0, 0, []
+    first_round = None  # (time, steps) after round 1: the steady rate leaves out env start-up
     try:
         final = False
         while not final:
@@ -136,11 +138,14 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None,
             recent = returns[-20:]
             mean = sum(recent) / len(recent) if recent else float("nan")
             phases = {k: sum(s["seconds"][k] for s in stats) for k in stats[0]["seconds"]}
+            first_round = first_round or (time.time(), steps)
             print(f"[collect {game}] steps={steps}/{cfg.steps_per_game} "
                   f"steps/s={steps / (time.time() - t0):.0f} episodes={episodes} "
                   f"return_mean(last {len(recent)})={mean:.1f} runner seconds: "
                   + " ".join(f"{k}={v:.1f}" for k, v in phases.items()), flush=True)
-        return time.time() - t0, phases
+        end = time.time()
+        steady = (steps - first_round[1]) / (end - first_round[0]) if steps > first_round[1] else None
+        return end - t0, phases, steady
     finally:
         algo.stop()
 
@@ -180,7 +185,7 @@ def main(cfg: CollectConfig) -> dict:
     env_ids = [resolve_env_id(g) for g in cfg.games]  # fail before any cluster starts
     root = os.path.abspath(cfg.data_root)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        init_ray(include_dashboard=False)
     staging = os.path.join(root, ".staging", f"{cfg.run_id}-{uuid.uuid4().hex[:8]}")
     manifest = dict(run_id=cfg.run_id, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     config=asdict(cfg), versions=_versions(), schema=list(S.COLUMNS),
@@ -200,11 +205,15 @@ def main(cfg: CollectConfig) -> dict:
                         num_env_runners=cfg.num_env_runners,
                         cpus_per_env_runner=cfg.cpus_per_env_runner)
             out_dir = os.path.join(staging, f"game={game}", f"run={cfg.run_id}")
-            seconds, phases = _record_game(cfg, env_id, checkpoint, out_dir)
+            seconds, phases, steady = _record_game(cfg, env_id, checkpoint, out_dir)
             summary = _summarise(out_dir)
+            # steps_per_s: every recorded row over the whole recording, first resets included
+            # (each sub-env's seeded reset reloads the ROM, ~0.1 s); steady_steps_per_s: the
+            # rounds after the first (None with a single round).
             manifest["games"][game] = dict(env_id=env_id, policy=cfg.policy, checkpoint=checkpoint,
                                            record_seconds=seconds, runner_seconds=phases,
-                                           steps_per_s=summary["rows"] / seconds, **summary)
+                                           steps_per_s=summary["rows"] / seconds,
+                                           steady_steps_per_s=steady, **summary)
         # Swap every game's run directory in by rename (atomic per game on one filesystem).
         for game in manifest["games"]:
             final = os.path.join(root, "episodes", f"game={game}", f"run={cfg.run_id}")

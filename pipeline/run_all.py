@@ -29,6 +29,7 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import collect, evaluate, sweep  # noqa: E402
+from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.train import train_dit_main, train_vae_main  # noqa: E402
 from workers.rollout import AgentConfig  # noqa: E402
 from workers.train_common import config_from_dict  # noqa: E402
@@ -166,7 +167,7 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     import ray
 
     if not ray.is_initialized():
-        ray.init()  # the cluster of `ray job submit` / RAY_ADDRESS, else a local one
+        init_ray()  # the cluster of `ray job submit` / RAY_ADDRESS, else a local one
     print(f"[run_all] Ray cluster resources: {ray.cluster_resources()}", flush=True)
 
     def do_collect() -> dict[str, Any]:

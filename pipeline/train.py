@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 from workers.train_common import (  # noqa: E402
     NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, pixels_to_model,
@@ -150,7 +151,7 @@ def _ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init()  # a local cluster, or the one RAY_ADDRESS / `ray job submit` points at
+        init_ray()  # a local cluster, or the one RAY_ADDRESS / `ray job submit` points at
 
 
 # -- the two jobs ----------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_bad_frames_and_lengths_are_named(ray_local, tmp_path):
     t = pq.read_table(f, partitioning=None)
     small = S.frames_to_arrow(np.zeros((t.num_rows, 84, 84, 3), np.uint8))
     pq.write_table(t.set_column(t.schema.get_field_index(S.FRAME), S.FRAME, small), f)
-    with pytest.raises(Exception, match=r"frame.*\(84, 84, 3\)|84, 84, 3"):
+    with pytest.raises(Exception, match=r"episode e \(rows = steps\): column 'frame' row 0 holds 21168 bytes"):
         read_windows_numpy(str(tmp_path), 4, 2)
     with pytest.raises(S.DatasetError, match="lacks column"):
         window_dataset(ray_local.data.from_items([{"episode_id": "x"}]), 4, 2)

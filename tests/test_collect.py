@@ -177,10 +177,41 @@ def test_vector_envs_record_whole_games_across_lost_lives(ray_local, tmp_path):
         assert np.array_equal(_replay(ep, actions), frames), f"episode {eid} diverged"
 
 
-def test_frames_column_matches_schema_conversion():
-    from workers.atari import frames_column
+def test_frame_column_round_trips_and_names_bad_frames(tmp_path):
+    """Frames are stored as one raw-bytes value each; they read back bit for bit through Parquet
+    (several row groups, so several chunks), the older tensor layout still reads, and a frame of
+    the wrong size or type is named with its row."""
+    from ray.data.extensions import ArrowTensorArray
 
-    f = np.random.default_rng(0).integers(0, 256, (3, *S.FRAME_SHAPE), dtype=np.uint8)
-    ours, ref = frames_column(f), S.frames_to_arrow(f)
-    assert ours.type == ref.type and ours.equals(ref)
-    assert len(frames_column(f[:0])) == 0 and frames_column(f[:0]).type == ref.type
+    from workers.rollout import write_episode_table
+
+    f = np.random.default_rng(0).integers(0, 256, (5, *S.FRAME_SHAPE), dtype=np.uint8)
+    col = S.frames_to_arrow(f)
+    assert col.type == S.FRAME_TYPE and len(col) == 5 and len(col[2].as_py()) == S.FRAME_BYTES
+    back = S.frames_from_arrow(col)
+    assert np.array_equal(back, f) and np.shares_memory(back, f)  # a view, not a copy
+    assert np.array_equal(S.frames_from_arrow(col.slice(2, 2)), f[2:4])
+    assert S.frames_from_arrow(S.frames_to_arrow(f[:0])).shape == (0, *S.FRAME_SHAPE)
+
+    path = str(tmp_path / "x.parquet")
+    write_episode_table(pa.table({S.FRAME: col, S.STEP: pa.array(range(5), pa.int32())}), path)
+    meta = pq.ParquetFile(path).metadata
+    frame_chunk = meta.row_group(0).column(0)
+    assert frame_chunk.path_in_schema == S.FRAME and frame_chunk.compression == "ZSTD"
+    assert not frame_chunk.is_stats_set and not frame_chunk.has_dictionary_page
+    table = pq.read_table(path)
+    assert np.array_equal(S.frames_from_arrow(table[S.FRAME]), f)
+    chunked = pa.chunked_array([col.slice(0, 2), col.slice(2)])
+    assert np.array_equal(S.frames_from_arrow(chunked), f)
+
+    legacy = ArrowTensorArray.from_numpy(f)  # the tensor layout of datasets written earlier
+    assert np.array_equal(S.frames_from_arrow(legacy), f)
+    assert np.array_equal(S.frames_from_arrow(legacy.storage), f)
+
+    mixed = pa.concat_arrays([col.slice(0, 3), S.frames_to_arrow(np.zeros((1, 84, 84, 3), np.uint8))])
+    with pytest.raises(S.DatasetError, match=r"part-7: column 'frame' row 3 holds 21168 bytes"):
+        S.frames_from_arrow(mixed, "part-7")
+    with pytest.raises(S.DatasetError, match=r"column 'frame' has type string"):
+        S.frames_from_arrow(pa.array(["a"]), "part-7")
+    with pytest.raises(S.DatasetError, match=r"null at row 1"):
+        S.frames_from_arrow(pa.array([b"x", None], pa.large_binary()))

@@ -4,6 +4,8 @@ choice of chunk length; no cluster needed (the whole job runs in tests/test_job.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -138,3 +140,39 @@ def test_ema_warms_up_then_holds_its_decay():
     before = ema.model.weight.clone()
     ema.update(net, step=10**6)  # late: the configured decay
     assert torch.allclose(ema.model.weight, 0.999 * before + 0.001 * net.weight)
+
+
+def test_init_ray_starts_a_local_cluster_instead_of_joining_a_dead_one(tmp_path):
+    """A killed `ray start` leaves its address in ray_current_cluster; a bare ray.init() would try
+    to join that dead cluster and fail. init_ray checks it and starts a local cluster, saying so."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline.cluster import reachable
+
+    with socket.socket() as s:  # a port that nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+        s.listen()
+        assert reachable(dead)
+    assert not reachable(dead)
+
+    ray_tmp = tempfile.mkdtemp(prefix="awm-", dir="/tmp")  # short: Ray's socket paths have a limit
+    try:
+        (Path(ray_tmp) / "ray").mkdir()
+        (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(dead)
+        code = ("from pipeline.cluster import init_ray; import ray; "
+                "init_ray(num_cpus=1, include_dashboard=False); "
+                "print('CPUS', ray.cluster_resources()['CPU']); ray.shutdown()")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = ray_tmp
+        res = subprocess.run([sys.executable, "-c", code], cwd=str(Path(__file__).resolve().parents[1]),
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"the cluster recorded at {dead} is not running" in res.stdout
+        assert "CPUS 1.0" in res.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -174,7 +174,7 @@ class RawFrameRecorder(gym.Wrapper):
             S.GAME: pa.array([self.game] * n, S.SCALAR_TYPES[S.GAME]),
             S.EPISODE_ID: pa.array(r[S.EPISODE_ID], pa.string()),
             S.STEP: pa.array(r[S.STEP], pa.int32()),
-            S.FRAME: frames_column(frames),
+            S.FRAME: S.frames_to_arrow(frames),
             S.ACTION: pa.array(r[S.ACTION], pa.int32()),
             S.REWARD: pa.array(r[S.REWARD], pa.float32()),
             S.TERMINATED: pa.array(r[S.TERMINATED], pa.bool_()),
@@ -188,24 +188,6 @@ class RawFrameRecorder(gym.Wrapper):
         for v in r.values():
             v.clear()
         return pa.table([cols[c] for c in S.COLUMNS], names=list(S.COLUMNS))
-
-
-@functools.cache
-def _frame_type() -> pa.DataType:
-    return S.frames_to_arrow(np.zeros((0, *S.FRAME_SHAPE), np.uint8)).type
-
-
-def frames_column(frames: np.ndarray) -> pa.ExtensionArray:
-    """(N, 210, 160, 3) uint8 -> the schema's tensor column, zero-copy over `frames`.
-
-    The same type and storage (`large_list<uint8>`) as `schema.frames_to_arrow`, whose type it
-    borrows, but built straight from the buffer: Ray's `ArrowTensorArray.from_numpy` spent ~1 ms a
-    frame here, as long as the emulator step itself."""
-    frames = np.ascontiguousarray(frames, dtype=np.uint8)
-    n, per = len(frames), int(np.prod(S.FRAME_SHAPE))
-    offsets = pa.array(np.arange(0, (n + 1) * per, per, dtype=np.int64))
-    storage = pa.LargeListArray.from_arrays(offsets, pa.array(frames.reshape(-1)))
-    return pa.ExtensionArray.from_storage(_frame_type(), storage)
 
 
 def make_atari_env(env_config: dict) -> gym.Env:

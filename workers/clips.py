@@ -60,33 +60,25 @@ def _check_actions(actions: np.ndarray, env_id: str, env_config: str, where: str
                              f"action space [0, {n}) (or -1 on an episode's last row)")
 
 
-def _windows_of_episode(batch: dict, length: int, stride: int) -> Iterator[dict]:
-    """map_groups UDF: one episode's rows (numpy batch) -> batches of windows."""
-    eid = str(batch[S.EPISODE_ID][0])
-    order = np.argsort(batch[S.STEP], kind="stable")
-    steps = batch[S.STEP][order]
+def _windows_of_episode(batch: pa.Table, length: int, stride: int) -> Iterator[dict]:
+    """map_groups UDF: one episode's rows (an Arrow table) -> batches of windows."""
+    eid = str(batch[S.EPISODE_ID][0].as_py())
+    # Rows arrive in any order (an episode may span files): sort by step once, so that row k is
+    # step k below (and in error messages).
+    batch = batch.take(np.argsort(batch[S.STEP].to_numpy(), kind="stable"))
+    steps = batch[S.STEP].to_numpy()
     if (np.diff(steps) != 1).any() or steps[0] != 0:
         i = int(np.flatnonzero(np.diff(steps) != 1)[0]) if (np.diff(steps) != 1).any() else 0
         raise S.DatasetError(f"episode {eid}: steps are not contiguous from 0 (around step "
                              f"{int(steps[i])}); duplicated or missing rows")
-    frames = batch[S.FRAME]
-    if frames.dtype == object:  # ragged or foreign tensors arrive as an array of arrays
-        # An episode spread over files may mix shapes: report the first frame that is off.
-        bad = [f for f in frames if np.shape(f) != S.FRAME_SHAPE or np.asarray(f).dtype != np.uint8]
-        first = bad[0] if bad else frames[0]
-        got, dtype = np.shape(first), np.asarray(first).dtype
-    else:
-        got, dtype = frames.shape[1:], frames.dtype
-    if got != S.FRAME_SHAPE or dtype != np.uint8:
-        raise S.DatasetError(f"episode {eid}: column {S.FRAME!r} has {dtype} frames of shape "
-                             f"{got}, expected uint8 {S.FRAME_SHAPE}")
-    actions = batch[S.ACTION][order].astype(np.int64)
-    _check_actions(actions, str(batch[S.ENV_ID][0]), str(batch[S.ENV_CONFIG][0]), f"episode {eid}")
+    frames = S.frames_from_arrow(batch[S.FRAME], f"episode {eid} (rows = steps)")  # (N, 210, 160, 3)
+    actions = batch[S.ACTION].to_numpy().astype(np.int64)
+    _check_actions(actions, batch[S.ENV_ID][0].as_py(), batch[S.ENV_CONFIG][0].as_py(), f"episode {eid}")
     starts = np.arange(0, len(steps) - length + 1, stride)  # (W,)
     per = max(1, _WINDOW_BYTES // (length * frames[0].nbytes))
     for c in range(0, len(starts), per):
         idx = starts[c:c + per, None] + np.arange(length)  # (W, L) row indices
-        yield {"frames": frames[order[idx]],  # (W, L, 210, 160, 3)
+        yield {"frames": frames[idx],  # (W, L, 210, 160, 3)
                "actions": actions[idx],  # (W, L)
                "episode_id": np.full(len(idx), eid, dtype=object),
                "start_step": steps[idx[:, 0]].astype(np.int64)}
@@ -116,7 +108,7 @@ def window_dataset(ds_or_path, length: int = 32, stride: int = 4, split: str | N
 
         ds = ds.filter(expr=col(S.SPLIT) == split)
     return ds.groupby(S.EPISODE_ID, num_partitions=num_partitions).map_groups(
-        _windows_of_episode, fn_kwargs=dict(length=length, stride=stride), batch_format="numpy")
+        _windows_of_episode, fn_kwargs=dict(length=length, stride=stride), batch_format="pyarrow")
 
 
 def split_sample(frames, actions, n_cond: int, horizon: int, action_mode: str = "future"):

@@ -216,17 +216,20 @@ def write_on_runner(runner, out_dir: str, num_timesteps: int, explore: bool, ran
         os.makedirs(out_dir, exist_ok=True)
         name = f"w{runner.worker_index}-{os.getpid()}-{uuid.uuid4().hex[:12]}.parquet"
         path, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.tmp")
-        # Row groups of ~1k frames (~100 MB raw) keep a reader's memory bounded per group. No
-        # min/max statistics on the pixels (always ~0/255, never used to skip data): computing
-        # them over 100,800 values a row cost as much as the emulator step. Dictionary encoding
-        # stays: it is what makes frames ~15x smaller than plain zstd.
-        pq.write_table(table, tmp, compression=S.COMPRESSION,
-                       compression_level=S.COMPRESSION_LEVEL, row_group_size=1024,
-                       write_statistics=[c for c in S.COLUMNS if c != S.FRAME])
+        write_episode_table(table, tmp)
         os.replace(tmp, path)
     loop.seconds["drain"] += t1 - t0
     loop.seconds["write"] += time.perf_counter() - t1
     return dict(runner_stats(runner), file=path, rows=table.num_rows, seconds=dict(loop.seconds))
+
+
+def write_episode_table(table: pa.Table, path: str) -> None:
+    """One Parquet file in the dataset's layout. Row groups of ~1k frames (~100 MB raw) bound a
+    reader's memory per group. The frame column gets neither a dictionary nor min/max statistics
+    (each frame is one opaque 100,800-byte value: both would cost time and skip nothing)."""
+    scalars = [c for c in table.column_names if c != S.FRAME]
+    pq.write_table(table, path, compression=S.COMPRESSION, compression_level=S.COMPRESSION_LEVEL,
+                   row_group_size=1024, use_dictionary=scalars, write_statistics=scalars)
 
 
 def runner_stats(runner) -> dict:

@@ -14,9 +14,13 @@ Replaying an episode: `gymnasium.make(env_id, **json.loads(env_config))`, `reset
 then step the recorded actions of rows 0..N-2; the emulator reproduces rows 1..N-1 bit for bit
 (sticky actions are off while recording).
 
-Frames are a Ray Data fixed-shape tensor column (storage `large_list<uint8>` with the shape in the
-extension metadata) written with zstd: on Atari screens that is 10-20x smaller than snappy and
-than per-frame PNG (figures below and in `benchmarks/bench_collect.py`).
+Frames are a `large_binary` column: each value is one frame's raw 100,800 bytes, row-major
+(H, W, C) uint8, and Parquet compresses the column with zstd. Decoding is one zero-copy view of
+the column's data buffer (`frames_from_arrow`), never a per-row loop. Measured on 1,024 frames of
+random play (benchmarks/bench_collect.py prints the same comparison): writing costs ~0.04 ms a
+frame against 2-3.7 ms for the tensor column (`large_list<uint8>`, which Parquet stores with
+per-pixel levels and a dictionary), and a frame takes 62-157 B (Pong, Breakout, DemonAttack).
+Readers also accept that older tensor layout.
 """
 
 from __future__ import annotations
@@ -45,10 +49,13 @@ FRAME_SHAPE = (210, 160, 3)  # (H, W, C) raw ALE screen
 NO_ACTION = -1  # action of an episode's last row: no action follows the final frame
 SPLITS = ("train", "test")
 COMPRESSION = "zstd"
-# Measured (benchmarks/bench_collect.py, random-ish play, B/frame): Pong snappy 2936, zstd-1 131,
-# zstd-3 129, zstd-9 103, PNG 1628; Breakout 480 / 43 / 43 / 33 / 2069. Level 3 is zstd's default
-# speed/size point; level 9 is ~20% smaller if writing ever becomes cheap next to sampling.
-COMPRESSION_LEVEL = 3
+# Measured on the binary frame column (1,024 frames of random play, B/frame at zstd level 1 / 3 / 6):
+# Pong 62 / 79 / 69, Breakout 84 / 116 / 107, DemonAttack 157 / 153 / 87; writing costs
+# 0.035 / 0.045 / 0.09 ms a frame. Level 1 keeps writing negligible next to the emulator
+# (~0.3 ms a step) while staying far under 1 KB a frame.
+COMPRESSION_LEVEL = 1
+FRAME_TYPE = pa.large_binary()
+FRAME_BYTES = int(np.prod(FRAME_SHAPE))
 
 # Scalar columns and their Arrow types; `frame` is the tensor column and is checked separately.
 SCALAR_TYPES: dict[str, pa.DataType] = {
@@ -73,42 +80,74 @@ class DatasetError(ValueError):
     """Bad episode data; the message names the file, column, row or value at fault."""
 
 
-def frames_to_arrow(frames: np.ndarray) -> pa.ExtensionArray:
-    """(N, 210, 160, 3) uint8 -> Ray Data tensor column."""
-    from ray.data.extensions import ArrowTensorArray
+def frames_to_arrow(frames: np.ndarray) -> pa.LargeBinaryArray:
+    """(N, ...) uint8 frames -> the `frame` column, one value of raw bytes per frame, built over
+    the frames' own buffer (no per-row copy). The schema's frames are (N, 210, 160, 3)."""
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    n, per = len(frames), int(np.prod(frames.shape[1:]))
+    offsets = np.arange(0, (n + 1) * per, per, dtype=np.int64)
+    return pa.LargeBinaryArray.from_buffers(FRAME_TYPE, n, [None, pa.py_buffer(offsets),
+                                                            pa.py_buffer(frames.reshape(-1))])
 
-    return ArrowTensorArray.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8))
+
+def check_frame_type(t: pa.DataType, source: str) -> bool:
+    """Raise DatasetError unless `t` is a frame layout readers accept; True for the binary ones."""
+    if isinstance(t, pa.ExtensionType):
+        t = t.storage_type
+    if pa.types.is_large_binary(t) or pa.types.is_binary(t) or pa.types.is_fixed_size_binary(t):
+        return True
+    if ((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+            and t.value_type == pa.uint8()):
+        return False
+    raise DatasetError(f"{source}: column {FRAME!r} has type {t}, expected {FRAME_TYPE} "
+                       f"(raw uint8 frames of shape {FRAME_SHAPE})")
 
 
 def frames_from_arrow(col: pa.Array | pa.ChunkedArray, source: str = "<table>") -> np.ndarray:
-    """Tensor (or plain list<uint8>) column -> (N, 210, 160, 3) uint8 without a per-row loop.
+    """`frame` column -> (N, 210, 160, 3) uint8 without a per-row loop.
 
-    Works on the Ray extension type and on its bare storage (what a reader that never imported
-    ray.data sees), because both keep the pixels as one flat uint8 child buffer."""
+    Takes the binary layout (`large_binary`, `binary` or `fixed_size_binary`) and the older tensor
+    layout (Ray's tensor extension type or its bare `list<uint8>` storage): both keep the pixels
+    as one flat byte buffer, viewed here without copying where the column is one chunk."""
     if isinstance(col, pa.ChunkedArray):
         col = pa.concat_arrays(col.chunks) if col.num_chunks != 1 else col.chunk(0)
     if isinstance(col, pa.ExtensionArray):
         col = col.storage
-    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
-            or pa.types.is_fixed_size_list(col.type)) or col.type.value_type != pa.uint8():
-        raise DatasetError(f"{source}: column {FRAME!r} has type {col.type}, expected a uint8 "
-                           f"tensor of shape {FRAME_SHAPE}")
+    t = col.type
+    is_binary = check_frame_type(t, source)
+    is_list = not is_binary
     n = len(col)
-    per = int(np.prod(FRAME_SHAPE))
     if col.null_count:
         bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise DatasetError(f"{source}: column {FRAME!r} is null at row {bad}")
-    if not pa.types.is_fixed_size_list(col.type):
-        lengths = np.diff(col.offsets.to_numpy())
-        if n and (lengths != per).any():
-            bad = int(np.flatnonzero(lengths != per)[0])
-            raise DatasetError(f"{source}: column {FRAME!r} row {bad} holds {lengths[bad]} values, "
-                               f"expected a frame of shape {FRAME_SHAPE} ({per} values)")
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    if flat.size != n * per:
-        raise DatasetError(f"{source}: column {FRAME!r} holds {flat.size} values for {n} rows, "
-                           f"expected frames of shape {FRAME_SHAPE}")
+    unit = "bytes" if is_binary else "values"
+    if pa.types.is_fixed_size_binary(t) or pa.types.is_fixed_size_list(t):
+        size = t.byte_width if is_binary else t.list_size
+        lengths = np.full(n, size, np.int64)
+    else:
+        offsets = _offsets(col)
+        lengths = np.diff(offsets)
+    if n and (lengths != FRAME_BYTES).any():
+        bad = int(np.flatnonzero(lengths != FRAME_BYTES)[0])
+        raise DatasetError(f"{source}: column {FRAME!r} row {bad} holds {int(lengths[bad])} {unit}, "
+                           f"expected a uint8 frame of shape {FRAME_SHAPE} ({FRAME_BYTES} {unit})")
+    if n == 0:
+        return np.zeros((0, *FRAME_SHAPE), np.uint8)
+    if is_list:
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+    elif pa.types.is_fixed_size_binary(t):
+        flat = np.frombuffer(col.buffers()[1], np.uint8, n * FRAME_BYTES, col.offset * FRAME_BYTES)
+    else:  # the values are one run of the data buffer, from the first offset on
+        flat = np.frombuffer(col.buffers()[2], np.uint8, n * FRAME_BYTES, int(offsets[0]))
     return flat.reshape(n, *FRAME_SHAPE)
+
+
+def _offsets(col: pa.Array) -> np.ndarray:
+    """The n+1 value offsets of a (large_)binary or (large_)list array, honouring a slice."""
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return col.offsets.to_numpy()
+    dtype = np.int64 if pa.types.is_large_binary(col.type) else np.int32
+    return np.frombuffer(col.buffers()[1], dtype, len(col) + 1, col.offset * np.dtype(dtype).itemsize)
 
 
 def split_of(episode_id: str, test_fraction: float) -> str:
@@ -123,6 +162,7 @@ def check_columns(schema: pa.Schema, source: str) -> None:
     missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise DatasetError(f"{source}: missing column(s) {missing}; found {sorted(names)}")
+    check_frame_type(schema.field(FRAME).type, source)
     for name, typ in SCALAR_TYPES.items():
         got = schema.field(name).type
         if isinstance(got, pa.DictionaryType):  # hive partition columns read back as dictionaries
