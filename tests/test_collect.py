@@ -163,6 +163,7 @@ def test_vector_envs_record_whole_games_across_lost_lives(ray_local, tmp_path):
                            num_envs_per_env_runner=2, seed=3))
     g = m["games"]["Breakout"]
     assert g["rows"] >= 700 and set(g["runner_seconds"]) == {"policy", "env", "drain", "write"}
+    assert g["steady_steps_per_s"] > 0  # two rounds of 350 steps: the second one is timed alone
     t = pa.concat_tables([pq.ParquetFile(f).read() for f in parquet_files(root)])
     eids = t[S.EPISODE_ID].to_numpy(zero_copy_only=False)
     assert len({e.rsplit(".", 3)[-3] for e in eids}) == 2  # two recorder instances (envs)
