@@ -170,6 +170,8 @@ def test_vector_envs_record_whole_games_across_lost_lives(ray_local, tmp_path):
     lost = [e for e in np.unique(eids)
             if np.ptp(t.filter(pa.compute.equal(t[S.EPISODE_ID], e))[S.LIVES].to_numpy()) > 0]
     assert lost, "no episode lost a life: the replay below would not cover life-loss resets"
+    # Later games of an env start from an unseeded reset (no ROM reload): they must replay too.
+    assert any(int(e.rsplit(".", 1)[1]) >= 1 for e in np.unique(eids)), "no env played a second game"
     for eid in np.unique(eids):
         ep = t.filter(pa.compute.equal(t[S.EPISODE_ID], eid))
         ep = ep.take(pa.compute.sort_indices(ep, [(S.STEP, "ascending")]))
@@ -216,3 +218,33 @@ def test_frame_column_round_trips_and_names_bad_frames(tmp_path):
         S.frames_from_arrow(pa.array(["a"]), "part-7")
     with pytest.raises(S.DatasetError, match=r"null at row 1"):
         S.frames_from_arrow(pa.array([b"x", None], pa.large_binary()))
+
+
+def test_recorder_applies_a_seed_once_without_sticky_actions_and_always_with_them():
+    """A seeded ALE reset reloads the ROM; without sticky actions only an env's first reset (or one
+    given a seed) is seeded. Every game still records a reset seed."""
+    import ale_py  # noqa: F401 - registers ALE ids
+
+    from workers.atari import EnvSettings, RawFrameRecorder, make_raw_env
+
+    class SeedSpy(gym.Wrapper):
+        def reset(self, *, seed=None, options=None):
+            self.seeds.append(seed)
+            return self.env.reset(seed=seed, options=options)
+
+    for sticky, every_game in ((0.0, False), (0.25, True)):
+        settings = EnvSettings(repeat_action_probability=sticky)
+        spy = SeedSpy(make_raw_env("ALE/Pong-v5", settings))
+        spy.seeds = []
+        rec = RawFrameRecorder(spy, env_id="ALE/Pong-v5", settings=settings, run_id="t", seed=0,
+                               worker_index=0, test_fraction=0.0)
+        for _ in range(3):
+            rec.reset()
+            rec.step(0)
+        rec.reset(seed=7)
+        rec.flush_open()
+        t = rec.drain()
+        assert spy.seeds[0] is not None and spy.seeds[3] == 7
+        assert [s is not None for s in spy.seeds[1:3]] == [every_game] * 2, (sticky, spy.seeds)
+        per_game = {e: sd for e, sd in zip(t[S.EPISODE_ID].to_pylist(), t[S.RESET_SEED].to_pylist())}
+        assert len(per_game) == 4 and per_game[max(per_game)] == 7

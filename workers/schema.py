@@ -12,7 +12,10 @@ sentinel never reaches a model.
 
 Replaying an episode: `gymnasium.make(env_id, **json.loads(env_config))`, `reset(seed=reset_seed)`,
 then step the recorded actions of rows 0..N-2; the emulator reproduces rows 1..N-1 bit for bit
-(sticky actions are off while recording).
+(sticky actions are off while recording). Without sticky actions ALE's emulation does not depend
+on the seed, so the recorder applies a seed only at each env's first reset (a seeded reset reloads
+the ROM) and records for every game the seed that replays it; with sticky actions on, every
+reset is seeded (workers/atari.py, RawFrameRecorder).
 
 Frames are a `large_binary` column: each value is one frame's raw 100,800 bytes, row-major
 (H, W, C) uint8, and Parquet compresses the column with zstd. Decoding is one zero-copy view of
