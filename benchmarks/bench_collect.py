@@ -97,6 +97,39 @@ def codec_bytes_per_frame(files: list[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
+def profile_env_stack(env_id: str, vector_steps: int = 300, num_envs: int = 8) -> list[tuple[str, float]]:
+    """cProfile of the recording env stack alone (no Ray, no policy): a gymnasium SyncVectorEnv
+    of `num_envs` recorded, agent-wrapped envs stepped with random actions. Returns (function,
+    ms per sub-env step) for the functions that take the most time of their own, and the total."""
+    import cProfile
+    import pstats
+    from dataclasses import asdict
+
+    import gymnasium as gym
+
+    from workers.atari import make_atari_env
+
+    cfg = dict(env_id=env_id, settings=asdict(EnvSettings()), dim=84, framestack=4, record=True,
+               run_id="profile", seed=0, test_fraction=0.0)
+    venv = gym.vector.SyncVectorEnv([lambda: make_atari_env(cfg) for _ in range(num_envs)])
+    venv.reset(seed=0)
+    rng = np.random.default_rng(0)
+    n = int(venv.single_action_space.n)
+    prof = cProfile.Profile()
+    prof.enable()
+    t0 = time.perf_counter()
+    for _ in range(vector_steps):
+        venv.step(rng.integers(0, n, num_envs))
+    total = time.perf_counter() - t0
+    prof.disable()
+    venv.close()
+    stats = pstats.Stats(prof).stats  # {(file, line, fn): (cc, nc, tottime, cumtime, callers)}
+    steps = vector_steps * num_envs
+    top = sorted(((f"{os.path.basename(k[0])}:{k[2]}", v[2]) for k, v in stats.items()),
+                 key=lambda r: -r[1])[:8]
+    return [(name, sec / steps * 1e3) for name, sec in top] + [("total (profiled)", total / steps * 1e3)]
+
+
 def main(args) -> None:
     import ray
 
@@ -145,6 +178,14 @@ def main(args) -> None:
         print(f"| {game} | {rec:.0f} / {st} | {raw:.0f} ({r0:.0f}/{r1:.0f}) | {rec / raw:.0%} / {st_share} "
               f"| {sec['policy']:.1f} / {sec['env']:.1f} / {sec['drain']:.1f} / "
               f"{sec['write']:.1f} |")
+    if args.profile_env:
+        for env_id in env_ids:
+            print(f"\nWhere a sub-env step of the recording env stack goes ({env_id}, 8 envs, random "
+                  "actions, no Ray, cProfile)")
+            print("| function (own time) | ms per sub-env step |")
+            print("|---|---|")
+            for name, ms in profile_env_stack(env_id):
+                print(f"| {name} | {ms:.3f} |")
     names = ["stored", "snappy", "zstd-1", "zstd-3", "zstd-9", "tensor zstd-3", "png"]
     print("\nBytes per frame (write ms per frame), the recorded frames re-encoded: binary column "
           "under each Parquet codec, the older tensor layout, PNG per frame")
@@ -161,6 +202,8 @@ if __name__ == "__main__":
     p.add_argument("--policy", choices=("ppo", "random"), default="ppo",
                    help="ppo: a PPO module's inference on every step; random: uniform actions, "
                         "which leaves the recording path (wrappers, recorder, drain, write) alone")
+    p.add_argument("--profile-env", action="store_true",
+                   help="also profile the recording env stack alone (no Ray, no policy)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--steps-per-round", type=int, default=1000)
     p.add_argument("--num-env-runners", type=int, default=2)

@@ -157,3 +157,32 @@ def test_verdict_reads_speed_and_every_metric():
             {"method": "s", "horizon": 4, "frames_per_s": 10.0, "mse": 11.0, "psnr": 31.0}]
     (line,) = verdict(rows, "m", "s", ["mse", "psnr"])
     assert "3.00x" in line and "meets" in line and "worse on psnr" in line
+
+
+def test_collect_codecs_and_env_profile(tmp_path):
+    """bench_collect's pieces on real frames: the stored layout round-trips through the codec
+    table, and the env-stack profile finds the emulator step among its costs."""
+    import ale_py  # noqa: F401 - registers ALE ids
+    import numpy as np
+    import pyarrow as pa
+
+    from benchmarks.bench_collect import codec_bytes_per_frame, profile_env_stack
+    from workers import schema as S
+    from workers.atari import EnvSettings, make_raw_env
+    from workers.rollout import write_episode_table
+
+    env = make_raw_env("ALE/Breakout-v5", EnvSettings())
+    frames = [env.reset(seed=0)[0]]
+    for a in np.random.default_rng(0).integers(0, 4, 63):
+        frames.append(env.step(int(a))[0])
+    path = str(tmp_path / "f.parquet")
+    write_episode_table(pa.table({S.FRAME: S.frames_to_arrow(np.stack(frames))}), path)
+    codecs = codec_bytes_per_frame([path])
+    assert set(codecs) == {"stored", "snappy", "zstd-1", "zstd-3", "zstd-9", "tensor zstd-3", "png"}
+    assert codecs["stored"][0] < 1024 < codecs["snappy"][0]  # zstd keeps a frame under 1 KB
+    assert all(ms > 0 for _, ms in codecs.values())
+
+    prof = profile_env_stack("ALE/Breakout-v5", vector_steps=20, num_envs=2)
+    names = [n for n, _ in prof]
+    assert "env.py:step" in names and names[-1] == "total (profiled)"
+    assert prof[-1][1] >= sum(ms for _, ms in prof[:-1])
