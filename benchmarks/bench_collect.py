@@ -111,7 +111,8 @@ def profile_env_stack(env_id: str, vector_steps: int = 300, num_envs: int = 8) -
 
     cfg = dict(env_id=env_id, settings=asdict(EnvSettings()), dim=84, framestack=4, record=True,
                run_id="profile", seed=0, test_fraction=0.0)
-    venv = gym.vector.SyncVectorEnv([lambda: make_atari_env(cfg) for _ in range(num_envs)])
+    # copy=False as in workers/rollout.py's RecordingLoop
+    venv = gym.vector.SyncVectorEnv([lambda: make_atari_env(cfg) for _ in range(num_envs)], copy=False)
     venv.reset(seed=0)
     rng = np.random.default_rng(0)
     n = int(venv.single_action_space.n)

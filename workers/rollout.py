@@ -134,6 +134,12 @@ class RecordingLoop:
 
     def __init__(self, runner):
         self.env, self.module, self.num_envs = runner.env, runner.module, runner.num_envs
+        # The batched observation is read (by the policy) before the next step overwrites it, so
+        # gymnasium's defensive deep copy of it each step (~0.07 ms a sub-env step, a tenth of the
+        # env stack) is not needed. Recording runners never run RLlib's own sample().
+        vec = self.env.unwrapped
+        if hasattr(vec, "copy"):
+            vec.copy = False
         self.num_actions = int(self.env.single_action_space.n)
         # Seeded per runner: the random policy's actions are reproducible for a run's seed.
         self.rng = np.random.default_rng([int(runner.config.seed or 0), int(runner.worker_index)])
