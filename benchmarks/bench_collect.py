@@ -157,6 +157,7 @@ def main(args) -> None:
                                   steps_per_game=args.steps, steps_per_round=args.steps_per_round,
                                   num_env_runners=args.num_env_runners,
                                   num_envs_per_env_runner=args.num_envs_per_env_runner,
+                                  gpus_per_env_runner=args.gpus_per_env_runner,
                                   agent=agent))
         ray.shutdown()
         for env_id in env_ids:
@@ -167,7 +168,8 @@ def main(args) -> None:
                      os.walk(os.path.join(tmp, "data", "episodes", f"game={game}")) for f in fs]
             rows.append((game, g["steps_per_s"], g["steady_steps_per_s"], raw, g["runner_seconds"],
                          g["bytes_per_frame"], codec_bytes_per_frame(files)))
-    print(f"\n{args.policy} policy, {args.num_env_runners} processes ({args.num_envs_per_env_runner} "
+    where = f" on {args.gpus_per_env_runner:g} GPU per runner" if args.gpus_per_env_runner else ""
+    print(f"\n{args.policy} policy{where}, {args.num_env_runners} processes ({args.num_envs_per_env_runner} "
           f"envs each when recording), {args.steps} recorded steps per game, {os.cpu_count()} CPU cores")
     print("| game | recorded steps/s: all / steady | raw ALE steps/s (before/after) | recorded/raw: "
           "all / steady | runner s: policy / env / drain / write |")
@@ -209,5 +211,7 @@ if __name__ == "__main__":
     p.add_argument("--steps-per-round", type=int, default=1000)
     p.add_argument("--num-env-runners", type=int, default=2)
     p.add_argument("--num-envs-per-env-runner", type=int, default=8)
+    p.add_argument("--gpus-per-env-runner", type=float, default=0.0,
+                   help="GPU share per recording runner (policy inference on the GPU)")
     p.add_argument("--num-cpus", type=int, default=None)
     main(p.parse_args())

@@ -63,6 +63,9 @@ class CollectConfig:
     cpus_per_env_runner: float = 1.0
     num_envs_per_env_runner: int = 8
     """envs each runner steps together: the policy runs once per step on all of them"""
+    gpus_per_env_runner: float = 0.0
+    """GPU share of each recording runner (e.g. 1/14 for 14 runners on one GPU): the policy's
+    forward pass then runs on the GPU and the runner's CPU only steps the envs"""
     explore: bool = True
     """sample actions from the policy (True) or take its mode"""
     test_fraction: float = 0.1
@@ -80,6 +83,8 @@ class CollectConfig:
         if self.num_envs_per_env_runner < 1:
             raise ValueError(f"num_envs_per_env_runner must be >= 1, got "
                              f"{self.num_envs_per_env_runner}")
+        if self.gpus_per_env_runner < 0:
+            raise ValueError(f"gpus_per_env_runner must be >= 0, got {self.gpus_per_env_runner}")
         if not 0.0 <= self.test_fraction <= 1.0:
             raise ValueError(f"test_fraction must be in [0, 1], got {self.test_fraction}")
 
@@ -113,7 +118,8 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None,
                                cpus_per_env_runner=cpus, run_id=cfg.run_id,
                                seed=cfg.seed, test_fraction=cfg.test_fraction,
                                checkpoint=checkpoint,
-                               num_envs_per_env_runner=cfg.num_envs_per_env_runner)
+                               num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+                               gpus_per_env_runner=cfg.gpus_per_env_runner if cfg.policy == "ppo" else 0.0)
     group = algo.env_runner_group
     game = game_name(env_id)
     t0, steps, episodes, returns = time.time(), 0, 0, []

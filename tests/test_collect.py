@@ -41,6 +41,8 @@ def test_unknown_game_fails_listing_valid_ones():
     with pytest.raises(ValueError, match="unknown Atari game 'NoSuchGame'"):
         main(CollectConfig(games=("Pong", "NoSuchGame")))
     assert resolve_env_id("DemonAttack") == "ALE/DemonAttack-v5"
+    with pytest.raises(ValueError, match="gpus_per_env_runner must be >= 0, got -1"):
+        CollectConfig(gpus_per_env_runner=-1)
 
 
 def test_dataset_schema_shapes_ranges(tiny_dataset):

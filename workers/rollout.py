@@ -56,7 +56,8 @@ class AgentConfig:
 
 def ppo_config(env_id: str, agent: AgentConfig, settings: EnvSettings, *, num_env_runners: int,
                cpus_per_env_runner: float, num_envs_per_env_runner: int = 1,
-               rollout_fragment_length: int | str = "auto", record: dict | None = None):
+               rollout_fragment_length: int | str = "auto", record: dict | None = None,
+               gpus_per_env_runner: float = 0.0):
     """One PPOConfig builder chain for training (record=None) and recording (record=dict of
     run_id, seed, test_fraction). Several envs per runner batch the policy's forward pass and
     RLlib's per-step connector work over the envs."""
@@ -74,6 +75,7 @@ def ppo_config(env_id: str, agent: AgentConfig, settings: EnvSettings, *, num_en
         .env_runners(num_env_runners=num_env_runners,
                      num_envs_per_env_runner=num_envs_per_env_runner,
                      num_cpus_per_env_runner=cpus_per_env_runner,
+                     num_gpus_per_env_runner=gpus_per_env_runner,
                      rollout_fragment_length=rollout_fragment_length)
         .learners(num_learners=0)
         .training(train_batch_size_per_learner=agent.train_batch_size,
@@ -112,11 +114,13 @@ def train_ppo(env_id: str, agent: AgentConfig, checkpoint_dir: str, *, num_env_r
 def build_recorder_algo(env_id: str, agent: AgentConfig, settings: EnvSettings, *,
                         num_env_runners: int, cpus_per_env_runner: float, run_id: str, seed: int,
                         test_fraction: float, checkpoint: str | None,
-                        num_envs_per_env_runner: int = 1):
-    """A PPO algorithm whose env runners record; weights from `checkpoint` when given."""
+                        num_envs_per_env_runner: int = 1, gpus_per_env_runner: float = 0.0):
+    """A PPO algorithm whose env runners record; weights from `checkpoint` when given. With
+    `gpus_per_env_runner` > 0 each runner holds its copy of the module on that GPU share."""
     cfg = ppo_config(env_id, agent, settings, num_env_runners=num_env_runners,
                      cpus_per_env_runner=cpus_per_env_runner,
                      num_envs_per_env_runner=num_envs_per_env_runner,
+                     gpus_per_env_runner=gpus_per_env_runner,
                      record=dict(run_id=run_id, seed=seed, test_fraction=test_fraction))
     algo = cfg.build_algo()
     if checkpoint is not None:
@@ -161,7 +165,8 @@ class RecordingLoop:
         if random_actions:
             return self.rng.integers(0, self.num_actions, self.num_envs)
         with torch.inference_mode():
-            batch = {Columns.OBS: torch.from_numpy(self.obs)}
+            device = next(self.module.parameters()).device  # the GPU share, if the runner has one
+            batch = {Columns.OBS: torch.from_numpy(self.obs).to(device, non_blocking=True)}
             if explore:
                 logits = self.module.forward_exploration(batch)[Columns.ACTION_DIST_INPUTS]
                 dist = self.module.get_exploration_action_dist_cls().from_logits(logits)
@@ -169,7 +174,7 @@ class RecordingLoop:
                 logits = self.module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
                 dist = self.module.get_inference_action_dist_cls().from_logits(logits)
                 dist = dist.to_deterministic()
-            return dist.sample().numpy()  # (N,)
+            return dist.sample().cpu().numpy()  # (N,)
 
     def run(self, num_timesteps: int, explore: bool, random_actions: bool) -> None:
         """At least `num_timesteps` agent steps over all sub-envs. Sub-envs that end reset
