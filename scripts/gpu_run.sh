@@ -24,4 +24,9 @@ python -m benchmarks.bench_multistep --multi-frame "$wm" --data-root "$out/data"
   --horizons 4 8 16 --max-windows 128 --batch-size 32 --out "$out/bench_multistep.csv" > "$out/bench_multistep.log" 2>&1
 # (run separately when budget allows) python -m benchmarks.bench_train --presets S --batch-sizes 32 --compile eager compile --warmup 3 --steps 15 \
 #   --spatial-downsample 4 --latent-channels 8 --patch-size 1 4 4 --out "$out/bench_train.csv" > "$out/bench_train.log" 2>&1
+# Collection on the 16 cores: PPO inference on the CPU, then on GPU shares (14 runners x 1/14).
+for gpus in 0 0.07; do
+  python benchmarks/bench_collect.py --games Breakout Pong --steps 56000 --steps-per-round 1000 \
+    --num-env-runners 14 --gpus-per-env-runner $gpus --profile-env > "$out/bench_collect_gpu$gpus.log" 2>&1
+done
 echo "all done after $(( $(date +%s) - start )) s" >> "$out/job.log"
