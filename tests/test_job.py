@@ -53,6 +53,23 @@ def _artifact_paths(base: str, run_id: str, path: str = "") -> set[str]:
     return out
 
 
+def _wait_until_answering(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float) -> None:
+    """Poll `url` until it answers (any HTTP status, e.g. 401 without a token, counts); fail with
+    the tail of `log` if `proc` exits first, or after `timeout_s`."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited: {log.read_text()[-3000:]}")
+            time.sleep(1)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s")
+
+
 @pytest.fixture()
 def mlflow_server(tmp_path):
     port = _free_port()
@@ -64,17 +81,7 @@ def mlflow_server(tmp_path):
          "--workers", "1"],
         stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(tmp_path / 'mlflow.log').read_text()[-2000:]}")
-            time.sleep(1)
-    else:
-        raise RuntimeError("mlflow server did not answer /health within 120 s")
+    _wait_until_answering(f"{base}/health", proc, tmp_path / "mlflow.log", "mlflow server", 120)
     yield base
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
@@ -105,19 +112,8 @@ def ray_head(tmp_path):
          "--temp-dir", str(temp_dir), "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 180
-    while time.time() < deadline:  # the job API answers once the dashboard is up
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # it answers (e.g. 401 without the token): it is up
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited: {(tmp_path / 'ray_head.log').read_text()[-3000:]}")
-            time.sleep(2)
-    else:
-        raise RuntimeError("the Ray head's dashboard did not answer within 180 s")
+    # the job API answers once the dashboard is up
+    _wait_until_answering(f"{address}/api/version", proc, tmp_path / "ray_head.log", "the Ray head's dashboard", 180)
     yield address, env
     os.killpg(proc.pid, 15)
     try:
