@@ -63,22 +63,26 @@ def _check_actions(actions: np.ndarray, env_id: str, env_config: str, where: str
 def _windows_of_episode(batch: pa.Table, length: int, stride: int) -> Iterator[dict]:
     """map_groups UDF: one episode's rows (an Arrow table) -> batches of windows."""
     eid = str(batch[S.EPISODE_ID][0].as_py())
-    # Rows arrive in any order (an episode may span files): sort by step once, so that row k is
-    # step k below (and in error messages).
-    batch = batch.take(np.argsort(batch[S.STEP].to_numpy(), kind="stable"))
-    steps = batch[S.STEP].to_numpy()
+    # Rows arrive in any order (an episode may span files). Only the small columns are sorted by
+    # step; the frames stay a view of the batch, read through `order` when windows are cut.
+    order = np.argsort(batch[S.STEP].to_numpy(), kind="stable")
+    steps = batch[S.STEP].to_numpy()[order]
     if (np.diff(steps) != 1).any() or steps[0] != 0:
         i = int(np.flatnonzero(np.diff(steps) != 1)[0]) if (np.diff(steps) != 1).any() else 0
         raise S.DatasetError(f"episode {eid}: steps are not contiguous from 0 (around step "
                              f"{int(steps[i])}); duplicated or missing rows")
-    frames = S.frames_from_arrow(batch[S.FRAME], f"episode {eid} (rows = steps)")  # (N, 210, 160, 3)
-    actions = batch[S.ACTION].to_numpy().astype(np.int64)
+    try:
+        frames = S.frames_from_arrow(batch[S.FRAME])  # (N, 210, 160, 3), arrival order
+    except S.DatasetError:  # decode again in step order, so that the error names the step
+        S.frames_from_arrow(batch[S.FRAME].take(order), f"episode {eid} (rows = steps)")
+        raise
+    actions = batch[S.ACTION].to_numpy()[order].astype(np.int64)
     _check_actions(actions, batch[S.ENV_ID][0].as_py(), batch[S.ENV_CONFIG][0].as_py(), f"episode {eid}")
     starts = np.arange(0, len(steps) - length + 1, stride)  # (W,)
     per = max(1, _WINDOW_BYTES // (length * frames[0].nbytes))
     for c in range(0, len(starts), per):
         idx = starts[c:c + per, None] + np.arange(length)  # (W, L) row indices
-        yield {"frames": frames[idx],  # (W, L, 210, 160, 3)
+        yield {"frames": frames[order[idx]],  # (W, L, 210, 160, 3)
                "actions": actions[idx],  # (W, L)
                "episode_id": np.full(len(idx), eid, dtype=object),
                "start_step": steps[idx[:, 0]].astype(np.int64)}
