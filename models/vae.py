@@ -81,7 +81,25 @@ class CausalConv3d(nn.Module):
         """x: (B, C, T, H, W) -> (B, C', T, H, W)."""
         if self.time_pad:
             x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0), mode="replicate")  # (B, C, T+kt-1, H, W)
-        return self.conv(x)
+            return self.conv(x)
+        return frame_conv(self.conv, x)
+
+
+def frame_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A Conv3d of temporal extent 1 run as a 2D convolution over the B*T frames (same weights):
+    GPU libraries have much faster kernels for 2D than for 3D convolutions.
+    x: (B, C, T, H, W) -> (B, C', T, H', W')."""
+    T = x.shape[2]
+    w = conv.weight[:, :, 0]  # (C', C, kh, kw)
+    y = F.conv2d(rearrange(x, "B C T H W -> (B T) C H W"), w, conv.bias, conv.stride[1:], conv.padding[1:])
+    return rearrange(y, "(B T) C H W -> B C T H W", T=T)
+
+
+class FrameConv3d(nn.Conv3d):
+    """nn.Conv3d with kernel (1, k, k): computed by `frame_conv`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frame_conv(self, x)
 
 
 class FrameGroupNorm(nn.GroupNorm):
@@ -101,7 +119,7 @@ class ResBlock(nn.Module):
         self.conv1 = CausalConv3d(cin, cout, k)
         self.norm2 = FrameGroupNorm(min(cfg.norm_groups, cout), cout)
         self.conv2 = CausalConv3d(cout, cout, k)
-        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = FrameConv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C', T, H, W)
@@ -122,10 +140,10 @@ class Encoder(nn.Module):
                 blocks.append(ResBlock(cin, cfg.channels(level), cfg))
                 cin = cfg.channels(level)
             if level < cfg.num_downsamples:  # strided in space only: no temporal extent, so causal
-                blocks.append(nn.Conv3d(cin, cin, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))
+                blocks.append(FrameConv3d(cin, cin, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))
         self.blocks = nn.Sequential(*blocks)
         f = cfg.temporal_downsample
-        self.time_down = nn.Conv3d(cin * f, cin, 1)  # a group of f frames, folded into channels
+        self.time_down = FrameConv3d(cin * f, cin, 1)  # a group of f frames, folded into channels
         self.mid = ResBlock(cin, cin, cfg)
         self.norm_out = FrameGroupNorm(min(cfg.norm_groups, cin), cin)
         self.conv_out = CausalConv3d(cin, 2 * cfg.latent_channels, k)
@@ -148,7 +166,7 @@ class Decoder(nn.Module):
         cin = cfg.channels(cfg.num_downsamples)
         self.conv_in = CausalConv3d(cfg.latent_channels, cin, k)
         self.mid = ResBlock(cin, cin, cfg)
-        self.time_up = nn.Conv3d(cin, cin * f, 1)  # one latent frame -> a group of f frames
+        self.time_up = FrameConv3d(cin, cin * f, 1)  # one latent frame -> a group of f frames
         blocks: list[nn.Module] = []
         for level in reversed(range(cfg.num_downsamples + 1)):
             for _ in range(cfg.num_res_blocks):
@@ -156,7 +174,7 @@ class Decoder(nn.Module):
                 cin = cfg.channels(level)
             if level > 0:
                 blocks.append(nn.Upsample(scale_factor=(1, 2, 2), mode="nearest"))
-                blocks.append(nn.Conv3d(cin, cin, (1, 3, 3), padding=(0, 1, 1)))
+                blocks.append(FrameConv3d(cin, cin, (1, 3, 3), padding=(0, 1, 1)))
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = FrameGroupNorm(min(cfg.norm_groups, cin), cin)
         self.conv_out = CausalConv3d(cin, cfg.in_channels * p * p, k)

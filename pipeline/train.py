@@ -68,6 +68,30 @@ def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int
     return window_dataset(episodes, length=length, stride=stride, split=split, num_partitions=partitions)
 
 
+def frame_dataset(data_root: str, game: str, split: str):
+    """Ray Dataset of the rows (frames, actions, episode and step) of one split of one game (every
+    game when `game` is empty): what the "device" loader reads into each worker's memory."""
+    from ray.data.expressions import col
+
+    from workers.clips import read_episodes
+    from workers.frame_store import STORE_COLUMNS
+    from workers.schema import GAME, SPLIT
+
+    ds = read_episodes(data_root, columns=[*STORE_COLUMNS, GAME, SPLIT])
+    ds = ds.filter(expr=col(SPLIT) == split)
+    if game:
+        ds = ds.filter(expr=col(GAME) == game)
+    return ds.select_columns(STORE_COLUMNS)
+
+
+def training_dataset(cfg, length: int, stride: int):
+    """What the job's workers read: rows for the "device" loader, windows for "stream"."""
+    if cfg.data_loader == "device":
+        return frame_dataset(cfg.data_root, cfg.game, "train")
+    ds = clip_dataset(cfg.data_root, cfg.game, "train", length, stride)
+    return ds.select_columns(["frames", "actions"])  # tensors only: iter_torch_batches rejects strings
+
+
 # -- running a TorchTrainer -------------------------------------------------------------------------
 class MetricsFollower(threading.Thread):
     """Logs the lines appended to a metric JSONL to MLflow while training runs."""
@@ -160,8 +184,7 @@ def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path
     cfg = _absolute(cfg)
     _ensure_ray()
     build_vae(cfg)  # a bad preset fails here, before any worker starts
-    ds = clip_dataset(cfg.data_root, cfg.game, "train", cfg.clip_length, cfg.clip_stride)
-    ds = ds.select_columns(["frames", "actions"])  # tensors only: iter_torch_batches rejects strings
+    ds = training_dataset(cfg, cfg.clip_length, cfg.clip_stride)
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "vae"}) as tracker:
         tracker.log_params(cfg)
         result = fit(vae_loop, cfg, ds, tracker)
@@ -175,15 +198,25 @@ def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path
 
 
 @torch.no_grad()
-def measure_latent_scale(vae_path: str, data_root: str, game: str, length: int, stride: int,
-                         num_clips: int = 64) -> float:
-    """1 / std of the VAE's latent means over a sample of training clips (unit-variance latents
-    suit the rectified flow's N(0, I) noise)."""
-    vae = load_vae(vae_path)
-    ds = clip_dataset(data_root, game, "train", length, stride)
-    frames = torch.from_numpy(np.asarray(ds.limit(num_clips).take_batch(num_clips)["frames"]))
-    mean, _ = vae.encode(pixels_to_model(frames))
-    std = float(mean.float().std())
+def measure_latent_scale(vae_path: str, data_root: str, game: str, length: int, num_clips: int = 32) -> float:
+    """1 / std of the VAE's latent means over up to `num_clips` clips of `length` consecutive steps
+    from the first training rows read (unit-variance latents suit the rectified flow's N(0, I)
+    noise). Reads rows, not Ray Data windows: no shuffle of the whole dataset for 64 clips."""
+    from workers.frame_store import FrameStore
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(vae_path, device)
+    rows = frame_dataset(data_root, game, "train").limit(max(num_clips * length * 4, 1024))
+    store = FrameStore.from_batches(rows.iter_batches(batch_size=1024, batch_format="pyarrow"),
+                                    torch.device("cpu"), source=f"{data_root} (latent scale)")
+    starts = store.starts(length)
+    if len(starts) == 0:
+        raise ValueError(f"no {length} consecutive training steps of {game or 'any game'} in the first "
+                         f"{len(store)} rows of {data_root}")
+    pick = starts[torch.linspace(0, len(starts) - 1, min(num_clips, len(starts))).long()]
+    frames = store.values[store.order[pick[:, None] + torch.arange(length)]]  # (k, L, H, W, 3)
+    mean = torch.cat([vae.encode(pixels_to_model(f.to(device)))[0].float() for f in frames.split(8)])
+    std = float(mean.std())
     if not np.isfinite(std) or std <= 0:
         raise ValueError(f"latent std over {len(frames)} clips is {std}: is the VAE at {vae_path} trained?")
     return 1.0 / std
@@ -201,12 +234,11 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
         if saved.exists():
             scale = json.loads(saved.read_text())["latent_scale"]
         else:
-            scale = measure_latent_scale(cfg.vae_path, cfg.data_root, cfg.game, cfg.clip_length, cfg.clip_stride)
+            scale = measure_latent_scale(cfg.vae_path, cfg.data_root, cfg.game, cfg.clip_length)
             saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps({"latent_scale": scale, "vae_path": cfg.vae_path}))
         cfg = dataclasses.replace(cfg, latent_scale=scale)
-    ds = clip_dataset(cfg.data_root, cfg.game, "train", cfg.clip_length, cfg.clip_stride)
-    ds = ds.select_columns(["frames", "actions"])
+    ds = training_dataset(cfg, cfg.clip_length, cfg.clip_stride)
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "dit"}) as tracker:
         tracker.log_params(cfg)
         result = fit(dit_loop, cfg, ds, tracker)

@@ -85,6 +85,14 @@ class TrainSettings:
     """bf16 autocast on GPU (ignored on CPU)."""
     compile: bool = False
     """torch.compile the network."""
+    data_loader: str = "device"
+    """How a worker gets its training windows. "device": it reads its shard of frames once through
+    Ray Data into its device's memory and draws random windows there (workers/frame_store.py; no
+    per-step host work, no epoch-boundary reshuffle); "stream": Ray Data cuts the windows
+    (workers/clips.py:window_dataset) and streams them epoch after epoch, for data that does not
+    fit in the workers' memory."""
+    max_store_gib: float = 48.0
+    """"device" loader: the most frame bytes one worker may hold (it fails naming this setting)."""
     max_train_s: float = 0.0
     """Wall-clock budget of this run's loop in seconds (0 = none): past it the loop checkpoints and
     ends early, and the exported model is the one at that step."""
@@ -92,6 +100,13 @@ class TrainSettings:
     """Tests only: the last rank exits hard once at this step, to exercise FailureConfig."""
     nan_at_step: int = -1
     """Tests only: the loss becomes NaN at this step, to exercise the non-finite guard."""
+
+    def __post_init__(self) -> None:
+        if self.data_loader not in DATA_LOADERS:
+            raise ValueError(f"{type(self).__name__}.data_loader={self.data_loader!r}; expected one of {DATA_LOADERS}")
+
+
+DATA_LOADERS = ("device", "stream")
 
 
 def config_from_dict(cls: type, values: dict[str, Any]):
@@ -347,3 +362,19 @@ def out_of_time(cfg: TrainSettings, t_start: float, device: torch.device) -> boo
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
     return bool(late.item())
+
+
+def load_frame_store(cfg: TrainSettings, device: torch.device, log: JsonlLog):
+    """The "device" loader: this worker's shard of frames, read once into `device` memory."""
+    import ray.train
+
+    from workers.frame_store import FrameStore, shard_batches
+
+    rank, _ = rank_and_world()
+    t0 = time.time()
+    store = FrameStore.from_batches(shard_batches(ray.train.get_dataset_shard("train")), device,
+                                    max_bytes=cfg.max_store_gib * 2**30, source=f"rank {rank}'s training shard")
+    log.write({"event": "frame_store", "rows": len(store), "episodes": len(store.episode_ids),
+               "gib": round(store.values.numel() * store.values.element_size() / 2**30, 3),
+               "load_s": round(time.time() - t0, 1)})
+    return store

@@ -3,8 +3,9 @@
 Each sample is a window of L = n_cond + horizon frames with its actions. Pixels uint8
 (B, L, 210, 160, 3) -> [-1, 1] (B, L, 3, H, W) -> frozen VAE encoder mean x latent_scale ->
 rectified-flow loss, noise and loss on the latent frames that hold future frames only
-(frame_mask), condition latents clean. Encoding runs on the fly: the VAE encoder costs a fraction
-of a DiT step, and it keeps a single data path for every VAE setting.
+(frame_mask), condition latents clean. With the "device" loader and a frame-wise VAE the latents
+of the worker's whole shard are computed once before training; otherwise the VAE encodes each
+batch's windows.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from models.action_encoder import action_positions
 from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.stdit import STDiT, STDiT_models
 from workers.clips import split_sample
+from workers.frame_store import window_generator
 from workers.train_common import (
-    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, restore,
+    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_frame_store, restore,
     make_optimizer, make_scheduler, out_of_time, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
 )
@@ -71,6 +73,7 @@ class TrainDiTConfig(TrainSettings):
     """Peak AdamW learning rate."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.action_mode not in ACTION_MODES:
             raise ValueError(f"TrainDiTConfig.action_mode={self.action_mode!r}; expected one of {ACTION_MODES}")
         if self.dit_preset not in STDiT_models:
@@ -125,7 +128,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                              action_dropout=cfg.action_dropout))
     log = JsonlLog(metrics_path(cfg.run_dir, cfg.name), active=rank == 0)
     log.write({"event": "start", "step": step, "world_size": world})
-    batches = infinite_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, ("frames", "actions"))
+    # Training windows: (pixels or latents (B, L, ...), actions (B, L)) for a window length L.
+    framewise = vae.cfg.temporal_kernel == 1 and vae.frames_per_latent == 1
+    if cfg.data_loader == "device":
+        store, gen = load_frame_store(cfg, device, log), None
+        if framewise:  # each frame's latent once, instead of a VAE pass per step
+            t0 = time.time()
+            with autocast(device, cfg.bf16):
+                store.encode_frames(lambda f: vae.encode(pixels_to_model(f))[0])
+            log.write({"event": "latents", "rows": len(store), "shape": list(store.values.shape[1:]),
+                       "encode_s": round(time.time() - t0, 1)})
+
+        def next_windows(step: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal gen
+            gen = window_generator(device, cfg.seed, rank, step, gen)
+            return store.sample(cfg.batch_size, L, gen)
+    else:
+        framewise = False
+        batches = infinite_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, ("frames", "actions"))
+
+        def next_windows(step: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = next(batches)
+            frames = batch["frames"].to(device, non_blocking=True)  # (B, n+horizon, H, W, 3) uint8
+            if frames.shape[1] != cfg.clip_length:
+                raise ValueError(f"training windows have {frames.shape[1]} frames, expected "
+                                 f"n_cond+horizon={cfg.clip_length}")
+            return frames[:, :L], batch["actions"][:, :L].to(device)
 
     # The generation length of each step: one draw per step from a generator seeded by the step,
     # so every DDP rank (and a resumed run) picks the same T.
@@ -139,23 +167,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_since, reported_step = 0, -1
     while step < cfg.steps:
         maybe_crash(cfg, step)
-        batch = next(batches)
-        frames = batch["frames"].to(device, non_blocking=True)  # (B, n+horizon, H, W, 3) uint8
-        if frames.shape[1] != cfg.clip_length:
-            raise ValueError(f"training windows have {frames.shape[1]} frames, expected "
-                             f"n_cond+horizon={cfg.clip_length}")
         pick.manual_seed(cfg.seed * 1_000_003 + step)
         T = horizons[int(torch.randint(len(horizons), (1,), generator=pick))]
         L = cfg.n_cond + T
-        frames = frames[:, :L]  # (B, L, H, W, 3)
-        _, _, actions = split_sample(frames, batch["actions"][:, :L].to(device).long(), cfg.n_cond, T,
-                                     cfg.action_mode)  # (B, A)
+        values, window_actions = next_windows(step, L)  # (B, L, ...), (B, L)
+        _, _, actions = split_sample(values, window_actions.long(), cfg.n_cond, T, cfg.action_mode)  # (B, A)
         positions = action_positions(actions.shape[1], cfg.n_cond, cfg.action_mode, device=device)
         frame_mask = torch.arange(L, device=device) >= cfg.n_cond  # (L,) True = generated
-        B = frames.shape[0]
-        with torch.no_grad(), autocast(device, cfg.bf16):
-            mean, _ = vae.encode(pixels_to_model(frames))  # (B, T', C, h, w)
-        x0 = mean.float() * cfg.latent_scale
+        B = values.shape[0]
+        if framewise:
+            x0 = values * cfg.latent_scale  # (B, L, C, h, w) cached latent means
+        else:
+            with torch.no_grad(), autocast(device, cfg.bf16):
+                mean, _ = vae.encode(pixels_to_model(values))  # (B, T', C, h, w)
+            x0 = mean.float() * cfg.latent_scale
         lat_mask = vae.latent_frame_mask(frame_mask.expand(B, L))  # (B, T')
         with autocast(device, cfg.bf16):
             loss = flow.loss(model, x0, lat_mask, actions=actions, action_positions=positions)

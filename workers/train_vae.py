@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from models.vae import VAE_models, VideoVAE, vae_loss
+from workers.frame_store import window_generator
 from workers.train_common import (
-    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, restore,
+    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_frame_store, restore,
     make_optimizer, make_scheduler, out_of_time, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
 )
@@ -34,6 +35,9 @@ class TrainVAEConfig(TrainSettings):
     """Channels of the latent."""
     temporal_downsample: int = 1
     """Frames per latent frame (1, 2 or 4); the DiT's n_cond must be a multiple of it."""
+    temporal_kernel: int = 3
+    """Temporal extent of the VAE's causal convolutions; 1 (with temporal_downsample 1) makes a
+    frame-wise VAE, whose latents the DiT job computes once for its whole shard."""
     clip_length: int = 8
     """Frames per training clip."""
     clip_stride: int = 4
@@ -50,7 +54,8 @@ def build_vae(cfg: TrainVAEConfig) -> VideoVAE:
     if cfg.vae_preset not in VAE_models:
         raise ValueError(f"TrainVAEConfig.vae_preset={cfg.vae_preset!r}; presets: {sorted(VAE_models)}")
     return VAE_models[cfg.vae_preset](latent_channels=cfg.latent_channels,
-                                 temporal_downsample=cfg.temporal_downsample)
+                                      temporal_downsample=cfg.temporal_downsample,
+                                      temporal_kernel=cfg.temporal_kernel)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -72,7 +77,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = torch.compile(model)
     log = JsonlLog(metrics_path(cfg.run_dir, cfg.name), active=rank == 0)
     log.write({"event": "start", "step": step, "world_size": world})
-    batches = infinite_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, ("frames",))
+    if cfg.data_loader == "device":
+        store, gen = load_frame_store(cfg, device, log), None
+
+        def next_frames(step: int) -> torch.Tensor:
+            nonlocal gen
+            gen = window_generator(device, cfg.seed, rank, step, gen)
+            return store.sample(cfg.batch_size, cfg.clip_length, gen)[0]  # (B, L, H, W, 3)
+    else:
+        batches = infinite_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, ("frames",))
+
+        def next_frames(step: int) -> torch.Tensor:
+            return next(batches)["frames"].to(device, non_blocking=True)  # (B, L, H, W, 3)
 
     def checkpoint(d):
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
@@ -81,7 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_since, reported_step = 0, -1
     while step < cfg.steps:
         maybe_crash(cfg, step)
-        x = pixels_to_model(next(batches)["frames"].to(device, non_blocking=True))  # (B, T, 3, H, W)
+        x = pixels_to_model(next_frames(step))  # (B, T, 3, H, W)
         with autocast(device, cfg.bf16):
             recon, mean, logvar = model(x)
         # The loss in float32: a bf16 mean over ~10^6 pixels loses the small reconstruction errors.
