@@ -4,7 +4,8 @@
 # training-throughput, collection and multi-frame-vs-single-step benchmarks.
 #   . scripts/device_env.sh && bash scripts/gpu_run.sh /tmp/gpurun [Breakout]
 # Everything lands under $1; `bash scripts/gpu_run.sh $1 pack` makes $1/results.tar.gz of the
-# small files (logs, metrics, tables, figures) while or after it runs.
+# small files (logs, metrics, tables, figures) while or after it runs; `... $1 wait 540` waits up
+# to 540 s for the run to end first.
 set -uo pipefail
 out=${1:-/tmp/gpurun}
 mkdir -p "$out"
@@ -13,6 +14,12 @@ if [ "${2:-}" = pack ]; then
     --exclude='data' --exclude='dit-*' --exclude='vae/checkpoint*' stages eval models/*/world_model.json \
     models/*/vae.json *.metrics.jsonl *.csv *.log progress 2>/dev/null
   ls -la results.tar.gz; exit 0
+fi
+if [ "${2:-}" = wait ]; then  # wait up to $3 s for the run to finish, then pack what is there
+  end=$(( $(date +%s) + ${3:-540} ))
+  while [ "$(date +%s)" -lt "$end" ] && ! grep -q "all done" "$out/progress" 2>/dev/null; do sleep 5; done
+  cat "$out/progress"; tail -n 4 "$out/job.log"
+  exec bash "$0" "$out" pack
 fi
 game=${2:-Breakout}
 start=$(date +%s)
