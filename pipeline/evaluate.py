@@ -6,7 +6,9 @@
 For each game: windows of n + max(horizons) frames from the test split (episodes never seen in
 training), rolled out once to the longest horizon through Ray Data (`workers.evaluate.ScoreWindows`),
 scored per frame at native 210x160 beside the copy-last-frame baseline. Horizons past the model's
-trained length are chained chunks. Outputs, under `<run_dir>/eval/<name>/` and in one MLflow run:
+trained length are chained chunks. A shorter horizon that the model was trained to generate gets
+its own rollout of that many frames (column `rollout` = "direct", as in the paper's Table 2); any
+other is scored on the first frames of the long rollout ("prefix"). Outputs, under `<run_dir>/eval/<name>/` and in one MLflow run:
 
 - `tables/generation_length.json`: game x generation length x method, MSE/PSNR/LPIPS mean and std
   over windows (the layout of the paper's Table 2; Tables 3 and 4 are the same rows across runs
@@ -87,8 +89,10 @@ def _flat(d: dict[str, Any], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in d.items()}
 
 
-def score_game(cfg: EvalConfig, game: str, n_cond: int) -> tuple[dict[str, np.ndarray], Any]:
-    """Per-window per-frame scores of one game, computed by a Ray Data actor."""
+def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...] = ()
+               ) -> tuple[dict[str, np.ndarray], Any]:
+    """Per-window per-frame scores of one game, computed by a Ray Data actor; every horizon shorter
+    than the longest that the model was trained to generate (`trained`) also gets its own rollout."""
     H = max(cfg.horizons)
     # Materialised once: scoring and the figures read the same windows.
     ds = clip_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride).limit(cfg.max_windows).materialize()
@@ -97,7 +101,8 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int) -> tuple[dict[str, np.nd
         num_gpus=1 if cfg.use_gpu else 0,
         fn_constructor_kwargs={"model_path": cfg.model_path, "horizon": H, "lpips": cfg.lpips,
                                "sample_steps": cfg.sample_steps or None, "seed": cfg.seed,
-                               "device": "cuda" if cfg.use_gpu else "cpu"})
+                               "device": "cuda" if cfg.use_gpu else "cpu",
+                               "direct": tuple(h for h in cfg.horizons if h in trained and h < H)})
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         raise ValueError(f"no test windows of {n_cond + H} frames for game {game!r} under {cfg.data_root}")
@@ -154,7 +159,7 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
         tracker.log_params({"eval": dataclasses.asdict(cfg)})
         tracker.set_tags({"model_path": cfg.model_path})
         for game in games:
-            scores, ds = score_game(cfg, game, world_model.n_cond)
+            scores, ds = score_game(cfg, game, world_model.n_cond, world_model.trained_horizons)
             np.savez_compressed(out_dir / f"{game}_scores.npz", **{k.replace("/", "__"): v for k, v in scores.items()})
             scores = {k: v for k, v in scores.items() if "/" in k}  # drop the window ids
             for row in horizon_table(scores, tuple(sorted(cfg.horizons))):

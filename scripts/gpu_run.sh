@@ -10,9 +10,8 @@ set -uo pipefail
 out=${1:-/tmp/gpurun}
 mkdir -p "$out"
 if [ "${2:-}" = pack ]; then
-  cd "$out" && tar -czf results.tar.gz --exclude='*.pt' --exclude='*.parquet' --exclude='mlartifacts' \
-    --exclude='data' --exclude='dit-*' --exclude='vae/checkpoint*' stages eval models/*/world_model.json \
-    models/*/vae.json *.metrics.jsonl *.csv *.log progress 2>/dev/null
+  cd "$out" && tar -czf results.tar.gz --exclude='*.pt' --exclude='*.parquet' --exclude='*.npz' \
+    stages eval figures models/*/world_model.json models/*/vae.json *.metrics.jsonl *.csv *.log progress 2>/dev/null
   ls -la results.tar.gz; exit 0
 fi
 if [ "${2:-}" = wait ]; then  # wait up to $3 s for the run to finish, then pack what is there
@@ -40,13 +39,13 @@ python -m benchmarks.bench_train --presets S --batch-sizes 32 --compile eager co
   --spatial-downsample 4 --latent-channels 8 --patch-size 1 4 4 --profile \
   --out "$out/bench_train.csv" > "$out/bench_train.log" 2>&1
 mark "bench_train exit $?"
+python -m benchmarks.bench_multistep --multi-frame "$wm" --data-root "$out/data" --game "$game" \
+  --horizons 4 8 16 --max-windows 128 --batch-size 32 --out "$out/bench_multistep.csv" > "$out/bench_multistep.log" 2>&1
+mark "bench_multistep exit $?"
 # Collection on the 16 cores: PPO inference on the CPU, then on GPU shares (14 runners x 1/14).
 for gpus in 0.07 0; do
   python benchmarks/bench_collect.py --games Breakout Pong --steps 28000 --steps-per-round 1000 \
     --num-env-runners 14 --gpus-per-env-runner $gpus > "$out/bench_collect_gpu$gpus.log" 2>&1
   mark "bench_collect gpus=$gpus exit $?"
 done
-python -m benchmarks.bench_multistep --multi-frame "$wm" --data-root "$out/data" --game "$game" \
-  --horizons 4 8 16 --max-windows 128 --batch-size 32 --out "$out/bench_multistep.csv" > "$out/bench_multistep.log" 2>&1
-mark "bench_multistep exit $?"
 mark "all done"

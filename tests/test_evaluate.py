@@ -67,6 +67,32 @@ def test_copy_last_row_equals_independent_computation(windows):
     assert per_frame[("model", 1)]["mse"] == pytest.approx(model_mse[:, 0].mean(), rel=1e-6)
 
 
+def test_trained_lengths_are_scored_on_their_own_rollouts(windows):
+    """Generation length h that the model was trained for is scored on a rollout of h frames (the
+    paper's Table 2), not on the first h frames of the longest rollout; other lengths say so."""
+    frames, actions = windows
+    torch.manual_seed(0)
+    vae = VAE_models["tiny"]().eval()
+    dit = STDiT_models["tiny"](in_channels=vae.cfg.latent_channels).eval()
+    wm = WorldModel(vae, dit, latent_scale=1.0, n_cond=N_COND, horizon=3, action_mode="future",
+                    sampler=EulerSamplerConfig(num_steps=2), trained_horizons=(1, 3))
+    f, a = torch.from_numpy(frames), torch.from_numpy(actions)
+    scores, pred = score_windows(wm, f, a, 3, None, torch.Generator().manual_seed(0), direct=(1, 2, 3))
+    assert set(k.split("/")[0] for k in scores) == {"model", "copy_last", "model_T1", "model_T2"}
+    # the direct rollout of 1 frame is an independent generation: recompute it
+    g = torch.Generator().manual_seed(0)
+    wm.predict(f[:, :N_COND], window_actions(a, N_COND, 3, "future"), 3, generator=g)  # the long rollout first
+    one = wm.predict(f[:, :N_COND], window_actions(a, N_COND, 1, "future"), 1, generator=g)
+    truth = frames[:, N_COND:N_COND + 1].astype(np.float64)
+    np.testing.assert_allclose(scores["model_T1/mse"],
+                               ((one.numpy().astype(np.float64) - truth) ** 2).mean(axis=(2, 3, 4)), rtol=1e-5)
+    rows = {(r["method"], r["generation_length"]): r for r in horizon_table(scores, (1, 2, 3))}
+    assert rows[("model", 1)]["rollout"] == "direct" and rows[("model", 3)]["rollout"] == "prefix"
+    assert rows[("model", 1)]["mse"] == pytest.approx(scores["model_T1/mse"].mean(), rel=1e-9)
+    assert rows[("model", 3)]["mse"] == pytest.approx(scores["model/mse"].mean(), rel=1e-9)
+    assert rows[("copy_last", 1)]["rollout"] == "prefix"
+
+
 def test_lpips_scores_are_real_and_zero_on_identical(windows):
     from models.lpips import LPIPS
 
@@ -205,6 +231,11 @@ def test_evaluate_driver_tables_figures_and_copy_last(trained, data_root):
         assert row["mse"] == pytest.approx(mse[:, :h].mean(axis=1).mean(), rel=1e-6)
         assert row["lpips"] >= 0 and row["psnr"] > 0
     assert set(t2.method) == {"model", "copy_last"} and set(t2.game) == {GAME}
+    # lengths the model was trained to generate, shorter than the longest, get their own rollout
+    trained_lengths = set(json.loads((wm_path / "world_model.json").read_text())["trained_horizons"])
+    for h in horizons:
+        row = t2[(t2.method == "model") & (t2.generation_length == h)].iloc[0]
+        assert row["rollout"] == ("direct" if h in trained_lengths and h < max(horizons) else "prefix")
 
     client = MlflowClient(local_tracking_uri(run_dir))
     run = _run(client, "eval")

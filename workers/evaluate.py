@@ -3,8 +3,10 @@
 A window holds L = n + H frames and the action taken at each. The model rolls out H frames from the
 first n (chaining chunks past its trained length); every generated frame is scored against the true
 one at native 210x160 (MSE on 0-255, PSNR, LPIPS), and so is the last condition frame repeated
-(copy-last). One rollout to the longest horizon serves every shorter one: the score over a horizon
-h is the mean over the first h frames.
+(copy-last). One rollout to the longest horizon gives the per-frame scores. The score of a
+generation length h is the mean over h frames: of its own rollout of h frames when `direct`
+names h (a length the model was trained to generate in one chunk: the paper's Table 2 setting),
+else of the first h frames of the long rollout.
 
 `score_windows` works on arrays; `ScoreWindows` is the same as a Ray Data `map_batches` class, so
 evaluation runs where the data is and scales with the cluster.
@@ -44,12 +46,13 @@ def _scores(pred: Tensor, truth: Tensor, lpips_model) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, horizon: int,
-                  lpips_model=None, generator: torch.Generator | None = None
+                  lpips_model=None, generator: torch.Generator | None = None, direct: tuple[int, ...] = ()
                   ) -> tuple[dict[str, np.ndarray], Tensor]:
     """frames: uint8 (B, n+H', 210, 160, 3) with H' >= horizon; actions: int64 (B, n+H').
 
-    Returns ({"model/mse": (B, horizon), "copy_last/mse": ..., psnr, lpips when given}, the
-    generated frames uint8 (B, horizon, 210, 160, 3))."""
+    Returns ({"model/mse": (B, horizon), "copy_last/mse": ..., psnr, lpips when given, and
+    "model_T{h}/mse": (B, h) ... for each h < horizon in `direct`, from a rollout of h frames},
+    the generated frames uint8 (B, horizon, 210, 160, 3))."""
     n = world_model.n_cond
     if frames.shape[1] < n + horizon or actions.shape[:2] != frames.shape[:2]:
         raise ValueError(f"windows of {frames.shape[1]} frames / actions {tuple(actions.shape)} cannot "
@@ -61,6 +64,12 @@ def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, hori
     for method, guess in (("model", pred), ("copy_last", copy_last_prediction(cond, horizon))):
         for k, v in _scores(guess, truth, lpips_model).items():
             out[f"{method}/{k}"] = v
+    for h in sorted(set(direct)):
+        if h < horizon:
+            pred_h = world_model.predict(cond, window_actions(actions, n, h, world_model.action_mode), h,
+                                         generator=generator)  # (B, h, ...)
+            for k, v in _scores(pred_h, truth[:, :h], lpips_model).items():
+                out[f"model_T{h}/{k}"] = v
     return out, pred
 
 
@@ -70,9 +79,9 @@ class ScoreWindows:
     `episode_id`/`start_step` when the batch carries them."""
 
     def __init__(self, model_path: str, horizon: int, *, lpips: bool = True, sample_steps: int | None = None,
-                 seed: int = 0, device: str = "cpu"):
+                 seed: int = 0, device: str = "cpu", direct: tuple[int, ...] = ()):
         self.world_model = load_world_model(model_path, device, sample_steps=sample_steps)
-        self.horizon = horizon
+        self.horizon, self.direct = horizon, tuple(direct)
         self.lpips_model = None
         if lpips:
             from models.lpips import LPIPS
@@ -84,7 +93,7 @@ class ScoreWindows:
         frames = torch.from_numpy(np.ascontiguousarray(np.stack(batch["frames"])))
         actions = torch.from_numpy(np.stack(batch["actions"]).astype(np.int64))
         scores, _ = score_windows(self.world_model, frames, actions, self.horizon, self.lpips_model,
-                                  self.generator)
+                                  self.generator, self.direct)
         if "episode_id" in batch:
             scores["episode_id"] = np.asarray(batch["episode_id"]).astype(str)
         if "start_step" in batch:
@@ -93,14 +102,18 @@ class ScoreWindows:
 
 
 def horizon_table(scores: dict[str, np.ndarray], horizons: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Per-window per-frame scores -> rows {method, generation_length, metric mean/std over windows}:
-    a window's score over horizon h is the mean of its first h frames."""
+    """Per-window per-frame scores -> rows {method, generation_length, rollout, metric mean/std over
+    windows}: a window's score over generation length h is the mean over the h frames of the
+    model's own h-frame rollout where scores hold one ("model_T{h}/..."; rollout "direct"), else
+    over the first h frames of the long rollout (rollout "prefix")."""
     rows = []
     for method in METHODS:
         for h in horizons:
-            row: dict[str, Any] = {"method": method, "generation_length": h}
+            own = method == "model" and f"model_T{h}/mse" in scores
+            row: dict[str, Any] = {"method": method, "generation_length": h,
+                                   "rollout": "direct" if own else "prefix"}
             for metric in METRICS:
-                key = f"{method}/{metric}"
+                key = f"model_T{h}/{metric}" if own else f"{method}/{metric}"
                 if key not in scores:
                     continue
                 per_window = scores[key][:, :h].mean(axis=1)  # (N,)

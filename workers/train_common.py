@@ -179,7 +179,9 @@ def make_optimizer(model: nn.Module, cfg: TrainSettings) -> torch.optim.AdamW:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    # One fused kernel for the whole update on GPU, instead of several per parameter tensor.
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
