@@ -5,7 +5,7 @@
 
 `ray.init()` joins the cluster that `ray job submit` (or RAY_ADDRESS) points at, or starts a local
 one. A preset picks the scale: `smoke` (minutes on 2 CPU cores; what CI runs), `gpu` (one GPU box,
-about 25 minutes end to end), `paper` (1M steps per game, the large model; a GPU cluster).
+about 20 minutes end to end), `paper` (1M steps per game, the large model; a GPU cluster).
 
 Every stage writes `<out>/stages/<stage>.json` when it completes (its outputs and the settings it
 ran with); a rerun reuses completed stages unless `--force` names them (or `all`). A failing stage
