@@ -5,7 +5,8 @@
 
 For each game: windows of n + max(horizons) frames from the test split (episodes never seen in
 training), rolled out once to the longest horizon through Ray Data (`workers.evaluate.ScoreWindows`),
-scored per frame at native 210x160 beside the copy-last-frame baseline. Horizons past the model's
+scored per frame at native 210x160 beside the copy-last-frame baseline and the VAE's reconstruction
+of the true frames (method `vae_recon`, the floor under the model's error). Horizons past the model's
 trained length are chained chunks. A shorter horizon that the model was trained to generate gets
 its own rollout of that many frames (column `rollout` = "direct", as in the paper's Table 2); any
 other is scored on the first frames of the long rollout ("prefix"). Outputs, under `<run_dir>/eval/<name>/` and in one MLflow run:
@@ -66,6 +67,9 @@ class EvalConfig:
     """Windows per model call."""
     lpips: bool = True
     """Score LPIPS (AlexNet v0.1 at 210x160) besides MSE and PSNR."""
+    vae_recon: bool = True
+    """Also score the VAE's reconstruction of the true future frames (method "vae_recon"): the
+    floor under the model's error, which says how much of it the VAE accounts for."""
     sample_steps: int = 0
     """Euler steps; 0 = the model's own setting."""
     seed: int = 0
@@ -102,7 +106,8 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
         fn_constructor_kwargs={"model_path": cfg.model_path, "horizon": H, "lpips": cfg.lpips,
                                "sample_steps": cfg.sample_steps or None, "seed": cfg.seed,
                                "device": "cuda" if cfg.use_gpu else "cpu",
-                               "direct": tuple(h for h in cfg.horizons if h in trained and h < H)})
+                               "direct": tuple(h for h in cfg.horizons if h in trained and h < H),
+                               "vae_recon": cfg.vae_recon})
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         raise ValueError(f"no test windows of {n_cond + H} frames for game {game!r} under {cfg.data_root}")

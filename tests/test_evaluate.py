@@ -15,6 +15,7 @@ from models.stdit import STDiT_models
 from models.vae import VAE_models
 from workers.evaluate import PSNR_MAX, frame_table, horizon_table, score_windows, window_actions
 from workers.world_model import WorldModel, load_world_model, save_world_model, world_model_meta
+from workers.train_common import model_to_pixels, pixels_to_model
 
 N_COND = 4
 
@@ -91,6 +92,25 @@ def test_trained_lengths_are_scored_on_their_own_rollouts(windows):
     assert rows[("model", 1)]["mse"] == pytest.approx(scores["model_T1/mse"].mean(), rel=1e-9)
     assert rows[("model", 3)]["mse"] == pytest.approx(scores["model/mse"].mean(), rel=1e-9)
     assert rows[("copy_last", 1)]["rollout"] == "prefix"
+    assert ("vae_recon", 1) not in rows  # not asked for
+
+
+def test_vae_reconstruction_floor_is_scored_on_the_true_frames(windows):
+    frames, actions = windows
+    wm = _world_model(horizon=2)
+    f, a = torch.from_numpy(frames), torch.from_numpy(actions)
+    scores, _ = score_windows(wm, f, a, 3, None, torch.Generator().manual_seed(0), vae_recon=True)
+    truth = f[:, N_COND:N_COND + 3]
+    with torch.no_grad():
+        mean, _ = wm.vae.encode(pixels_to_model(truth))
+        recon = model_to_pixels(wm.vae.decode(mean, 3, (210, 160)))  # independent encode-decode
+    want = ((recon.double() - truth.double()) ** 2).mean(dim=(2, 3, 4)).numpy()  # (B, 3)
+    np.testing.assert_allclose(scores["vae_recon/mse"], want, rtol=1e-6)
+    assert (scores["vae_recon/mse"] > 0).all()  # an untrained VAE is not the identity
+    rows = {(r["method"], r["generation_length"]): r for r in horizon_table(scores, (1, 3))}
+    assert rows[("vae_recon", 3)]["mse"] == pytest.approx(want.mean(), rel=1e-6)
+    per_frame = {(r["method"], r["frame"]) for r in frame_table(scores)}
+    assert ("vae_recon", 3) in per_frame
 
 
 def test_lpips_scores_are_real_and_zero_on_identical(windows):
@@ -230,7 +250,7 @@ def test_evaluate_driver_tables_figures_and_copy_last(trained, data_root):
         assert row["num_windows"] == len(w)
         assert row["mse"] == pytest.approx(mse[:, :h].mean(axis=1).mean(), rel=1e-6)
         assert row["lpips"] >= 0 and row["psnr"] > 0
-    assert set(t2.method) == {"model", "copy_last"} and set(t2.game) == {GAME}
+    assert set(t2.method) == {"model", "copy_last", "vae_recon"} and set(t2.game) == {GAME}
     # lengths the model was trained to generate, shorter than the longest, get their own rollout
     trained_lengths = set(json.loads((wm_path / "world_model.json").read_text())["trained_horizons"])
     for h in horizons:
@@ -240,7 +260,7 @@ def test_evaluate_driver_tables_figures_and_copy_last(trained, data_root):
     client = MlflowClient(local_tracking_uri(run_dir))
     run = _run(client, "eval")
     back = load_table(local_tracking_uri(run_dir), run.info.run_id, "tables/generation_length.json")
-    assert len(back) == 2 * len(horizons) and set(back.columns) >= {"mse", "psnr", "lpips", "mse_std"}
+    assert len(back) == 3 * len(horizons) and set(back.columns) >= {"mse", "psnr", "lpips", "mse_std"}
     pf = load_table(local_tracking_uri(run_dir), run.info.run_id, "tables/per_frame.json")
     assert sorted(pf[pf.method == "model"].frame) == [1, 2, 3]
     assert run.data.metrics[f"eval/{GAME}/copy_last/mse_h3"] == pytest.approx(mse.mean(axis=1).mean(), rel=1e-6)

@@ -23,7 +23,9 @@ from torch import Tensor
 from models.metrics import copy_last_prediction, score_frames
 from workers.world_model import WorldModel, load_world_model
 
-METHODS = ("model", "copy_last")
+METHODS = ("model", "copy_last", "vae_recon")
+"""Rows of the tables: the world model, the copy-last-frame baseline, and (when scored) the VAE's
+reconstruction of the true future frames, the floor under the model's error."""
 METRICS = ("mse", "psnr", "lpips")
 PSNR_MAX = 100.0
 """PSNR of a frame identical to the truth (MSE 0) is reported as this many dB instead of +inf, so that
@@ -46,12 +48,13 @@ def _scores(pred: Tensor, truth: Tensor, lpips_model) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, horizon: int,
-                  lpips_model=None, generator: torch.Generator | None = None, direct: tuple[int, ...] = ()
-                  ) -> tuple[dict[str, np.ndarray], Tensor]:
+                  lpips_model=None, generator: torch.Generator | None = None, direct: tuple[int, ...] = (),
+                  vae_recon: bool = False) -> tuple[dict[str, np.ndarray], Tensor]:
     """frames: uint8 (B, n+H', 210, 160, 3) with H' >= horizon; actions: int64 (B, n+H').
 
     Returns ({"model/mse": (B, horizon), "copy_last/mse": ..., psnr, lpips when given, and
-    "model_T{h}/mse": (B, h) ... for each h < horizon in `direct`, from a rollout of h frames},
+    "model_T{h}/mse": (B, h) ... for each h < horizon in `direct`, from a rollout of h frames,
+    and "vae_recon/mse" ... with `vae_recon`: the VAE's encode-decode of the true frames},
     the generated frames uint8 (B, horizon, 210, 160, 3))."""
     n = world_model.n_cond
     if frames.shape[1] < n + horizon or actions.shape[:2] != frames.shape[:2]:
@@ -61,7 +64,10 @@ def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, hori
     acts = window_actions(actions, n, horizon, world_model.action_mode)
     pred = world_model.predict(cond, acts, horizon, generator=generator)  # (B, H, ...) uint8
     out = {}
-    for method, guess in (("model", pred), ("copy_last", copy_last_prediction(cond, horizon))):
+    guesses = [("model", pred), ("copy_last", copy_last_prediction(cond, horizon))]
+    if vae_recon:
+        guesses.append(("vae_recon", world_model.reconstruct(truth)))
+    for method, guess in guesses:
         for k, v in _scores(guess, truth, lpips_model).items():
             out[f"{method}/{k}"] = v
     for h in sorted(set(direct)):
@@ -79,9 +85,9 @@ class ScoreWindows:
     `episode_id`/`start_step` when the batch carries them."""
 
     def __init__(self, model_path: str, horizon: int, *, lpips: bool = True, sample_steps: int | None = None,
-                 seed: int = 0, device: str = "cpu", direct: tuple[int, ...] = ()):
+                 seed: int = 0, device: str = "cpu", direct: tuple[int, ...] = (), vae_recon: bool = False):
         self.world_model = load_world_model(model_path, device, sample_steps=sample_steps)
-        self.horizon, self.direct = horizon, tuple(direct)
+        self.horizon, self.direct, self.vae_recon = horizon, tuple(direct), vae_recon
         self.lpips_model = None
         if lpips:
             from models.lpips import LPIPS
@@ -93,7 +99,7 @@ class ScoreWindows:
         frames = torch.from_numpy(np.ascontiguousarray(np.stack(batch["frames"])))
         actions = torch.from_numpy(np.stack(batch["actions"]).astype(np.int64))
         scores, _ = score_windows(self.world_model, frames, actions, self.horizon, self.lpips_model,
-                                  self.generator, self.direct)
+                                  self.generator, self.direct, self.vae_recon)
         if "episode_id" in batch:
             scores["episode_id"] = np.asarray(batch["episode_id"]).astype(str)
         if "start_step" in batch:
@@ -107,7 +113,7 @@ def horizon_table(scores: dict[str, np.ndarray], horizons: tuple[int, ...]) -> l
     model's own h-frame rollout where scores hold one ("model_T{h}/..."; rollout "direct"), else
     over the first h frames of the long rollout (rollout "prefix")."""
     rows = []
-    for method in METHODS:
+    for method in (m for m in METHODS if f"{m}/mse" in scores):
         for h in horizons:
             own = method == "model" and f"model_T{h}/mse" in scores
             row: dict[str, Any] = {"method": method, "generation_length": h,
@@ -127,7 +133,7 @@ def horizon_table(scores: dict[str, np.ndarray], horizons: tuple[int, ...]) -> l
 def frame_table(scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """Per-window per-frame scores -> rows {method, frame (1-based), metric mean/std over windows}."""
     rows = []
-    for method in METHODS:
+    for method in (m for m in METHODS if f"{m}/mse" in scores):
         H = scores[f"{method}/mse"].shape[1]
         for k in range(H):
             row: dict[str, Any] = {"method": method, "frame": k + 1}

@@ -88,6 +88,14 @@ class WorldModel:
         return horizon if self.action_mode == "future" else self.n_cond - 1 + horizon
 
     @torch.no_grad()
+    def reconstruct(self, frames: Tensor) -> Tensor:
+        """uint8 (B, T, H, W, 3) -> the VAE's reconstruction, uint8 (B, T, H, W, 3) on the CPU: the
+        floor under any generated frame's error."""
+        B, T, H, W, _ = frames.shape
+        mean, _ = self.vae.encode(pixels_to_model(frames.to(self.device)))
+        return model_to_pixels(self.vae.decode(mean, T, (H, W))).cpu()
+
+    @torch.no_grad()
     def encode(self, frames: Tensor) -> Tensor:
         """uint8 (B, T, H, W, 3) -> scaled latent means (B, T', C, h, w)."""
         mean, _ = self.vae.encode(pixels_to_model(frames.to(self.device)))
