@@ -149,7 +149,9 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
         assert (out / "stages" / f"{stage}.json").is_file(), f"stage {stage} left no marker"
     assert list((out / "data" / "episodes").glob("game=Breakout/run=smoke/*.parquet"))
     eval_csv = (out / "eval" / "eval-Breakout" / "generation_length.csv").read_text().splitlines()
-    assert eval_csv[0].startswith("game,method,generation_length") and len(eval_csv) == 1 + 2 * 3
+    # model, copy-last and the VAE's reconstruction, at generation lengths 1, 2 and 4
+    assert eval_csv[0].startswith("game,method,generation_length") and len(eval_csv) == 1 + 3 * 3
+    assert {line.split(",")[1] for line in eval_csv[1:]} == {"model", "copy_last", "vae_recon"}
     table3 = (out / "sweeps" / "sweep-table3" / "table3.md").read_text()
     assert "past_future" in table3 and "copy_last" in table3 and "±" in table3
 
