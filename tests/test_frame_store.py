@@ -66,7 +66,7 @@ def test_bad_rows_are_named(ray_local, tmp_path):
     # a frame of the wrong size
     small = S.frames_to_arrow(np.zeros((t.num_rows, 84, 84, 3), np.uint8))
     pq.write_table(t.set_column(t.schema.get_field_index(S.FRAME), S.FRAME, small), f)
-    with pytest.raises(S.DatasetError, match=r"row 0 holds 21168 bytes"):
+    with pytest.raises(S.DatasetError, match=r"episode e step [0-4]: column 'frame' holds 21168 bytes"):
         _store(tmp_path)
     # the same rows twice (a second copy of the file)
     pq.write_table(t, f)

@@ -139,10 +139,12 @@ class FrameStore:
                 i = int(np.flatnonzero(bad)[0])
                 raise S.DatasetError(f"{source}: episode {eids[i]} step {int(b[S.STEP][i].as_py())}: action "
                                      f"{int(act[i])} is outside {env_keys[i][0]}'s action space [0, {int(limit[i])})")
+            step = b[S.STEP].to_numpy(zero_copy_only=False).astype(np.int64)
             try:
                 fr = S.frames_from_arrow(b[S.FRAME], source)
             except S.DatasetError as e:
-                raise S.DatasetError(f"{e} (episode {eids[0]}..{eids[-1]} of that batch)") from None
+                _name_bad_frame(b[S.FRAME], eids, step, source)
+                raise S.DatasetError(f"{e} (episodes {eids[0]}..{eids[-1]} of that batch)") from None
             total += fr.nbytes
             if total > max_bytes:
                 raise MemoryError(f"{source}: more than {max_bytes / 2**30:.1f} GiB of frames for one worker "
@@ -153,7 +155,7 @@ class FrameStore:
             frames.append(t.to(device) if device.type != "cpu" else t.clone())
             actions.append(torch.from_numpy(act))
             episodes.append(torch.from_numpy(ep))
-            steps.append(torch.from_numpy(b[S.STEP].to_numpy(zero_copy_only=False).astype(np.int64)))
+            steps.append(torch.from_numpy(step))
         if not frames:
             raise RuntimeError(f"{source}: no rows (is the split empty for this game?)")
         values = torch.cat(frames) if len(frames) > 1 else frames[0]
@@ -165,6 +167,23 @@ class FrameStore:
             raise S.DatasetError(f"{source}: episode {name} has step {dup[1]} twice; duplicated rows")
         store.episode_ids = list(codes)
         return store
+
+
+def _name_bad_frame(col, eids: list, step: np.ndarray, source: str) -> None:
+    """Raise naming the episode and step of the first frame value of the wrong size (binary
+    layouts; other layouts keep frames_from_arrow's message)."""
+    import pyarrow.compute as pc
+
+    try:
+        lengths = pc.binary_length(col).to_numpy(zero_copy_only=False)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, TypeError):
+        return
+    bad = np.flatnonzero(lengths != S.FRAME_BYTES)
+    if len(bad):
+        i = int(bad[0])
+        raise S.DatasetError(f"{source}: episode {eids[i]} step {int(step[i])}: column {S.FRAME!r} holds "
+                             f"{int(lengths[i])} bytes, expected a uint8 frame of shape {S.FRAME_SHAPE} "
+                             f"({S.FRAME_BYTES} bytes)")
 
 
 def shard_batches(shard, batch_size: int = 512) -> Iterable[pa.Table]:
