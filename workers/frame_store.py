@@ -42,9 +42,10 @@ class FrameStore:
     """Frames (or latents) of a set of episodes on one device, with their actions, ordered by
     (episode, step) through `order`."""
 
-    def __init__(self, values: Tensor, actions: Tensor, episode: Tensor, step: Tensor):
+    def __init__(self, values: Tensor, actions: Tensor, episode: Tensor, step: Tensor,
+                 episode_ids: list[str] | None = None):
         """values: (N, ...) frames or latents, actions/episode/step: (N,) int64 on values.device,
-        in any row order."""
+        in any row order; episode_ids[code] names the episode of code `code`."""
         n = len(values)
         if not (len(actions) == len(episode) == len(step) == n):
             raise ValueError(f"FrameStore: {n} values but {len(actions)} actions, {len(episode)} "
@@ -56,6 +57,7 @@ class FrameStore:
         self.episode = episode.to(device)[self.order]  # (N,) sorted
         self.step = step.to(device)[self.order]  # (N,) sorted
         self.actions = actions.to(device)  # (N,) by row, gathered through order
+        self.episode_ids = list(episode_ids) if episode_ids is not None else []
         self._starts: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
@@ -160,12 +162,11 @@ class FrameStore:
             raise RuntimeError(f"{source}: no rows (is the split empty for this game?)")
         values = torch.cat(frames) if len(frames) > 1 else frames[0]
         del frames
-        store = cls(values, torch.cat(actions), torch.cat(episodes), torch.cat(steps))
+        store = cls(values, torch.cat(actions), torch.cat(episodes), torch.cat(steps), list(codes))
         dup = store.duplicates()
         if dup is not None:
-            name = next(k for k, v in codes.items() if v == dup[0])
-            raise S.DatasetError(f"{source}: episode {name} has step {dup[1]} twice; duplicated rows")
-        store.episode_ids = list(codes)
+            raise S.DatasetError(f"{source}: episode {store.episode_ids[dup[0]]} has step {dup[1]} twice; "
+                                 "duplicated rows")
         return store
 
 
