@@ -198,7 +198,7 @@ def main(cfg: BenchMultistepConfig, windows: tuple[np.ndarray, np.ndarray] | Non
     columns = ["method", "horizon", "chunks", "sample_steps", "frames_per_s", "gpu_busy_pct"]
     for m in metrics:
         columns += [m, f"{m}_std"]
-    print(markdown_table(rows, columns + ["num_windows"]))
+    print(markdown_table(rows, columns + ["psnr_of_mean_mse", "num_windows"]))
     for line in verdict(rows, *models, metrics):
         print(line)
     if cfg.out:

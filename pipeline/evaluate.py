@@ -170,7 +170,7 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
             for row in horizon_table(scores, tuple(sorted(cfg.horizons))):
                 lengths.append({"game": game, **row, **model_cols})
                 tracker.log_metrics({f"eval/{game}/{row['method']}/{m}_h{row['generation_length']}": row[m]
-                                     for m in METRICS if m in row}, step=0)
+                                     for m in (*METRICS, "psnr_of_mean_mse") if m in row}, step=0)
             for row in frame_table(scores):
                 per_frame.append({"game": game, **row})
             draw_figures(cfg, world_model, ds, game, out_dir, tracker)

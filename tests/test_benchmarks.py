@@ -139,7 +139,8 @@ def test_multistep_two_saved_models(tmp_path, capsys):
                           windows=(frames, actions))
     printed = capsys.readouterr().out
     _table_header(printed, ["method", "horizon", "chunks", "sample_steps", "frames_per_s", "gpu_busy_pct",
-                            "mse", "mse_std", "psnr", "psnr_std", "lpips", "lpips_std", "num_windows"])
+                            "mse", "mse_std", "psnr", "psnr_std", "lpips", "lpips_std", "psnr_of_mean_mse",
+                            "num_windows"])
     methods = [(r["method"], r["horizon"]) for r in rows]
     assert methods == [("multi-frame T=4", 4), ("multi-frame T=4", 8), ("single-step T=1", 4),
                        ("single-step T=1", 8), ("copy-last", 4), ("copy-last", 8)]

@@ -63,9 +63,16 @@ def test_copy_last_row_equals_independent_computation(windows):
         assert rows[("copy_last", h)]["mse"] == pytest.approx(per_window.mean(), rel=1e-6)
         assert rows[("copy_last", h)]["mse_std"] == pytest.approx(per_window.std(), rel=1e-6, abs=1e-9)
         assert rows[("copy_last", h)]["num_windows"] == 3
+        # The paper's convention: PSNR of the mean MSE, not the mean of per-window PSNRs.
+        assert rows[("copy_last", h)]["psnr_of_mean_mse"] == pytest.approx(
+            10 * np.log10(255.0**2 / per_window.mean()), rel=1e-6)
     per_frame = {(r["method"], r["frame"]): r for r in frame_table(scores)}
     assert per_frame[("copy_last", 3)]["mse"] == pytest.approx(mse[:, 2].mean(), rel=1e-6)
     assert per_frame[("model", 1)]["mse"] == pytest.approx(model_mse[:, 0].mean(), rel=1e-6)
+    assert per_frame[("model", 1)]["psnr_of_mean_mse"] == pytest.approx(
+        10 * np.log10(255.0**2 / model_mse[:, 0].mean()), rel=1e-6)
+    # Mean of per-window PSNRs >= PSNR of the mean MSE (Jensen): the two columns are not the same.
+    assert rows[("model", 3)]["psnr"] >= rows[("model", 3)]["psnr_of_mean_mse"] - 1e-9
 
 
 def test_trained_lengths_are_scored_on_their_own_rollouts(windows):
