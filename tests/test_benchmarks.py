@@ -16,7 +16,7 @@ import pytest
 import torch
 from ale_windows import ale_windows
 
-from benchmarks.bench_generate import BenchGenerateConfig
+from benchmarks.bench_generate import BenchGenerateConfig, compiled, random_world_model
 from benchmarks.bench_generate import main as generate_main
 from benchmarks.bench_multistep import BenchMultistepConfig, verdict
 from benchmarks.bench_multistep import main as multistep_main
@@ -118,6 +118,25 @@ def test_generate_random_model(capsys, tmp_path):
     for r in rows:
         assert r["frames_per_s"] == pytest.approx(r["batch"] * 4 / (r["ms_per_call"] / 1e3))
     assert (tmp_path / "gen.json").read_text().count('"frames_per_s"') == 2
+
+
+def test_generate_cudagraphs_mode_predicts_what_eager_does():
+    """The compiled world model of the "cudagraphs" mode (torch.compile, mode="reduce-overhead"; on
+    the CPU it compiles without graphs) generates the eager model's frames from the same noise."""
+    cfg = BenchGenerateConfig(dit_preset="tiny", vae_preset="tiny", height=32, width=32, device="cpu")
+    torch.manual_seed(0)
+    eager = random_world_model(cfg, torch.device("cpu"))
+    for p in eager.dit.parameters():  # the output layer starts at zero: give the DiT a non-zero velocity
+        p.data.normal_(0, 0.05)
+    fast = compiled(eager, "cudagraphs")
+    cond = torch.randint(0, 256, (2, 4, 32, 32, 3), dtype=torch.uint8)
+    actions = torch.randint(0, 18, (2, 4))
+    a = eager.predict(cond, actions, 4, generator=torch.Generator().manual_seed(1))
+    b = fast.predict(cond, actions, 4, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 4, 32, 32, 3) and a.float().std() > 0
+    assert (a.int() - b.int()).abs().max() <= 1  # same frames, up to a rounding step of fused kernels
+    with pytest.raises(ValueError, match="unknown"):
+        BenchGenerateConfig(compile=("graphs",))
 
 
 # -- bench_multistep ------------------------------------------------------------------------------------
