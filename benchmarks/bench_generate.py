@@ -44,6 +44,10 @@ class BenchGenerateConfig:
     spatial_downsample: int = 4
     temporal_downsample: int = 1
     latent_channels: int = 4
+    temporal_kernel: int = 3
+    """Temporal extent of the random VAE's convolutions (1 = frame-wise, as the `gpu` preset trains)."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """(t, h, w) patch of the random ST-DiT (the `gpu` preset trains (1, 4, 4))."""
     n_cond: int = 4
     """Condition frames of the random model."""
     horizon: int = 4
@@ -86,8 +90,10 @@ def random_world_model(cfg: BenchGenerateConfig, device: torch.device) -> WorldM
     """Untrained world model of the configured presets (the DiT's zero-initialised output layer
     predicts zero velocity, so sampling is well defined; the cost is that of a trained model)."""
     vae = VAE_models[cfg.vae_preset](spatial_downsample=cfg.spatial_downsample,
-                                     temporal_downsample=cfg.temporal_downsample, latent_channels=cfg.latent_channels)
-    dit = STDiT_models[cfg.dit_preset](in_channels=cfg.latent_channels, num_actions=cfg.num_actions)
+                                     temporal_downsample=cfg.temporal_downsample, latent_channels=cfg.latent_channels,
+                                     temporal_kernel=cfg.temporal_kernel)
+    dit = STDiT_models[cfg.dit_preset](in_channels=cfg.latent_channels, num_actions=cfg.num_actions,
+                                       patch_size=tuple(cfg.patch_size))
     return WorldModel(vae.requires_grad_(False), dit.requires_grad_(False), latent_scale=1.0, n_cond=cfg.n_cond,
                       horizon=cfg.horizon, action_mode=cfg.action_mode).to(device)
 
