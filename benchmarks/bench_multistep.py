@@ -176,7 +176,7 @@ def main(cfg: BenchMultistepConfig, windows: tuple[np.ndarray, np.ndarray] | Non
         table = {r["generation_length"]: r for r in horizon_table(scores, tuple(cfg.horizons)) if r["method"] == "model"}
         for h in cfg.horizons:
             fps, busy = time_rollout(wm, frames, actions, h, cfg, device)
-            row = {"method": name, "horizon": h, "chunks": -(-h // wm.horizon), "sample_steps": steps,
+            row = {"method": name, "horizon": h, "chunks": -(-h // (wm.chunk or wm.horizon)), "sample_steps": steps,
                    "frames_per_s": fps, "gpu_busy_pct": busy}
             row.update({k: v for k, v in table[h].items() if k not in ("method", "generation_length")})
             rows.append(row)

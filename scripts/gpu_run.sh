@@ -74,6 +74,7 @@ train_bench() {  # $1: GPU
 bench=${BENCH:-1}
 bpids=()
 if [ "$bench" != 0 ] && [ "${#spare[@]}" -ge 1 ]; then
+  sleep "${BENCH_DELAY:-120}"  # past the collection stage, whose CPU load would slow the host side
   if [ "${#spare[@]}" -ge 2 ]; then
     gen_bench "${spare[0]}" "" & bpids+=($!)
     train_bench "${spare[1]}" & bpids+=($!)

@@ -140,10 +140,11 @@ def test_generate_cudagraphs_mode_predicts_what_eager_does():
 
 
 # -- bench_multistep ------------------------------------------------------------------------------------
-def _save_model(path, horizon: int) -> str:
+def _save_model(path, horizon: int, trained_horizons: tuple[int, ...] = ()) -> str:
     torch.manual_seed(horizon)
     vae, dit = VAE_models["tiny"](), STDiT_models["tiny"]()
-    meta = world_model_meta(dit, latent_scale=1.0, n_cond=4, horizon=horizon, action_mode="future", sample_steps=1)
+    meta = world_model_meta(dit, latent_scale=1.0, n_cond=4, horizon=horizon, action_mode="future", sample_steps=1,
+                            trained_horizons=trained_horizons)
     return str(save_world_model(path, vae, dit, meta))
 
 
@@ -170,6 +171,18 @@ def test_multistep_two_saved_models(tmp_path, capsys):
     assert "the 3x target" in printed and "horizon 8:" in printed
     with open(out) as fh:
         assert len(list(csv.DictReader(fh))) == 6
+
+
+def test_multistep_one_model_trained_for_both_lengths(tmp_path):
+    """One model trained for T in {1, 4} (the pipeline's): the single-step rows roll it out one
+    frame per chunk, and say so."""
+    wm = _save_model(tmp_path / "t14", 4, trained_horizons=(1, 4))
+    frames, actions = _ale_windows(num=2, length=4 + 8)
+    rows = multistep_main(BenchMultistepConfig(multi_frame=wm, horizons=(4, 8), batch_size=2, timing_iters=1,
+                                               lpips=False, device="cpu"), windows=(frames, actions))
+    chunks = {(r["method"], r["horizon"]): r.get("chunks") for r in rows}
+    assert chunks[("multi-frame T=4", 4)] == 1 and chunks[("multi-frame T=4", 8)] == 2
+    assert chunks[("single-step T=1", 4)] == 4 and chunks[("single-step T=1", 8)] == 8
 
 
 def test_verdict_reads_speed_and_every_metric():
