@@ -114,32 +114,57 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
     return {k: np.concatenate([np.stack(p[k]) for p in parts]) for k in parts[0]}, ds
 
 
-def draw_figures(cfg: EvalConfig, world_model, ds, game: str, out_dir: Path, tracker: Tracker) -> None:
+def figure_rollouts(model_path: str, sample_steps: int | None, device: str, frames: np.ndarray, actions: np.ndarray,
+                    horizon: int, action_sequences: tuple[str, ...], seed: int
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The figures' generated frames, computed where scoring runs (a Ray task with the scoring
+    actor's resources: on the GPU when evaluation uses one, never on the driver's CPU).
+
+    frames: uint8 (B, n + horizon, H, W, 3) and actions (B, n + horizon) of the strip windows ->
+    (the rollouts uint8 (B, horizon, H, W, 3), {sequence: uint8 (len, H, W, 3)} rolled out from
+    the first window's condition frames with each action sequence)."""
+    wm = load_world_model(model_path, device, sample_steps=sample_steps)
+    f, a = torch.from_numpy(frames), torch.from_numpy(actions)
+    g = torch.Generator(device=device).manual_seed(seed)
+    _, pred = score_windows(wm, f, a, horizon, None, g)
+    n, rollouts = wm.n_cond, {}
+    for seq in action_sequences:
+        future = torch.tensor([int(c) for c in seq], dtype=torch.int64)[None]  # (1, T)
+        acts = future if wm.action_mode == "future" else torch.cat(
+            [window_actions(a[:1], n, len(seq), "past_future")[:, : n - 1], future], dim=1)
+        rollouts[seq] = wm.predict(f[:1, :n], acts, len(seq), generator=g)[0].numpy()
+    return pred.numpy(), rollouts
+
+
+def draw_figures(cfg: EvalConfig, n_cond: int, ds, game: str, out_dir: Path, tracker: Tracker) -> None:
     """Frame strips and GIFs of the first windows, and action strips from the first window."""
-    H = max(cfg.horizons)
+    import ray
+
+    H, n = max(cfg.horizons), n_cond
     batch = ds.take_batch(cfg.figure_windows)
-    frames = torch.from_numpy(np.stack(batch["frames"]))
-    actions = torch.from_numpy(np.stack(batch["actions"]).astype(np.int64))
-    n = world_model.n_cond
-    g = torch.Generator().manual_seed(cfg.seed)
-    _, pred = score_windows(world_model, frames, actions, H, None, g)
+    frames = np.ascontiguousarray(np.stack(batch["frames"]))
+    actions = np.stack(batch["actions"]).astype(np.int64)
+    task = ray.remote(figure_rollouts).options(num_cpus=cfg.num_cpus, num_gpus=1 if cfg.use_gpu else 0)
+    pred, rollouts = ray.get(task.remote(cfg.model_path, cfg.sample_steps or None, "cuda" if cfg.use_gpu else "cpu",
+                                         frames, actions, H, tuple(cfg.action_sequences), cfg.seed))
     for i in range(len(frames)):
-        fig = figures.frame_strip(frames[i, :n].numpy(), pred[i].numpy(), frames[i, n:n + H].numpy(),
+        fig = figures.frame_strip(frames[i, :n], pred[i], frames[i, n:n + H],
                                   title=f"{game}: condition | generated / truth")
         tracker.log_figure(fig, f"figures/{game}/strip_{i}.png")
-        gif = figures.rollout_gif(out_dir / f"{game}_rollout_{i}.gif", pred[i].numpy(),
-                                  frames[i, n:n + H].numpy(), cond=frames[i, :n].numpy())
+        gif = figures.rollout_gif(out_dir / f"{game}_rollout_{i}.gif", pred[i], frames[i, n:n + H], cond=frames[i, :n])
         tracker.log_artifact(gif, f"figures/{game}")
-    if not cfg.action_sequences:
-        return
-    rollouts = {}
-    for seq in cfg.action_sequences:
-        future = torch.tensor([int(c) for c in seq], dtype=torch.int64)[None]  # (1, T)
-        acts = future if world_model.action_mode == "future" else torch.cat(
-            [window_actions(actions[:1], n, len(seq), "past_future")[:, : n - 1], future], dim=1)
-        rollouts[seq] = world_model.predict(frames[:1, :n], acts, len(seq), generator=g)[0].numpy()
-    fig = figures.action_strips(frames[0, :n].numpy(), rollouts, title=f"{game}: same condition, different actions")
-    tracker.log_figure(fig, f"figures/{game}/actions.png")
+    if rollouts:
+        fig = figures.action_strips(frames[0, :n], rollouts, title=f"{game}: same condition, different actions")
+        tracker.log_figure(fig, f"figures/{game}/actions.png")
+
+
+def write_tables(out_dir: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """`<name>.csv` for each table, each replaced whole (a killed evaluation leaves the last
+    complete version, never a half-written file)."""
+    for name, df in tables.items():
+        tmp = out_dir / f".{name}.csv.tmp"
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, out_dir / f"{name}.csv")
 
 
 def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
@@ -173,10 +198,11 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
                                      for m in (*METRICS, "psnr_of_mean_mse") if m in row}, step=0)
             for row in frame_table(scores):
                 per_frame.append({"game": game, **row})
-            draw_figures(cfg, world_model, ds, game, out_dir, tracker)
-        tables = {"generation_length": pd.DataFrame(lengths), "per_frame": pd.DataFrame(per_frame)}
+            # The scores are on disk before any figure is drawn: figures never cost a table.
+            tables = {"generation_length": pd.DataFrame(lengths), "per_frame": pd.DataFrame(per_frame)}
+            write_tables(out_dir, tables)
+            draw_figures(cfg, world_model.n_cond, ds, game, out_dir, tracker)
         for name, df in tables.items():
-            df.to_csv(out_dir / f"{name}.csv", index=False)
             tracker.log_table(df, f"tables/{name}.json")
         for metric in METRICS:
             if metric in tables["per_frame"]:

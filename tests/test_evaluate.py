@@ -277,3 +277,42 @@ def test_evaluate_driver_tables_figures_and_copy_last(trained, data_root):
             f"figures/{GAME}/{GAME}_rollout_0.gif"} <= figs
     top = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"figures/mse_vs_horizon.png", "figures/psnr_vs_horizon.png", "figures/lpips_vs_horizon.png"} <= top
+
+
+def test_tables_are_written_before_the_figures(trained, data_root, monkeypatch, tmp_path):
+    """Scores reach disk before any figure is drawn: a figure step that dies (a lost node, a
+    machine taken back) costs the figures, not the tables. The figures' rollouts run as a Ray task
+    with the scoring resources, not on the driver."""
+    import pandas as pd
+
+    import pipeline.evaluate as ev
+
+    run_dir, wm_path, _ = trained
+
+    def dying_task(*args, **kwargs):
+        raise RuntimeError("node lost while drawing figures")
+
+    monkeypatch.setattr(ev, "figure_rollouts", dying_task)
+    cfg = ev.EvalConfig(run_dir=str(tmp_path), model_path=str(wm_path), data_root=data_root, games=(GAME,),
+                        horizons=(1, 2), stride=16, max_windows=4, batch_size=4, figure_windows=1,
+                        action_sequences=("00",), name="dies")
+    with pytest.raises(Exception, match="node lost while drawing figures"):
+        ev.main(cfg)
+    t = pd.read_csv(tmp_path / "eval" / "dies" / "generation_length.csv")
+    assert set(t.method) == {"model", "copy_last", "vae_recon"} and sorted(set(t.generation_length)) == [1, 2]
+    assert (t.num_windows == 4).all() and t.mse.notna().all()
+    assert not list((tmp_path / "eval" / "dies").glob(".*.tmp"))
+
+
+def test_figure_rollouts_match_the_world_model(trained):
+    """The figures' task generates what the world model generates from the same noise."""
+    from pipeline.evaluate import figure_rollouts
+
+    _, wm_path, _ = trained
+    wm = load_world_model(str(wm_path))
+    frames, actions = ale_windows(num=2, length=N_COND + 2, seed=5)
+    pred, rollouts = figure_rollouts(str(wm_path), None, "cpu", frames, actions.astype(np.int64), 2, ("01", "2"), 7)
+    g = torch.Generator().manual_seed(7)
+    _, want = score_windows(wm, torch.from_numpy(frames), torch.from_numpy(actions.astype(np.int64)), 2, None, g)
+    np.testing.assert_array_equal(pred, want.numpy())
+    assert rollouts["01"].shape == (2, 210, 160, 3) and rollouts["2"].shape == (1, 210, 160, 3)
