@@ -16,7 +16,7 @@ set -uo pipefail
 out=${1:-/tmp/gpurun}
 mkdir -p "$out"
 if [ "${2:-}" = pack ]; then
-  cd "$out" && tar -czf results.tar.gz --exclude='*.pt' --exclude='*.parquet' --exclude='*.npz' \
+  cd "$out" && tar -czf results.tar.gz --exclude='*.pt' --exclude='*.parquet' \
     */stages */eval */figures */models/*/world_model.json */models/*/vae.json */*.metrics.jsonl \
     */data/runs/*.json *.csv *.log progress 2>/dev/null
   ls -la results.tar.gz; exit 0

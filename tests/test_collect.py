@@ -101,16 +101,38 @@ def test_ppo_trains_and_records_from_checkpoint(ray_local, tmp_path):
     from pipeline.collect import CollectConfig, main
     from workers.rollout import AgentConfig, train_ppo
 
+    import torch
+
     agent = AgentConfig(dim=64, train_steps=128, train_batch_size=128, minibatch_size=64,
-                        num_epochs=1)
+                        num_epochs=1, learner_device="auto", learner_threads=1)
+    threads, lines = torch.get_num_threads(), []
     ckpt = train_ppo("ALE/Pong-v5", agent, str(tmp_path / "ckpt" / "Pong"), num_env_runners=1,
-                     cpus_per_env_runner=0.5)
+                     cpus_per_env_runner=0.5, log=lines.append)
     assert os.path.isdir(os.path.join(ckpt, "learner_group"))
+    # "auto" trains where this process can: here, no GPU, so the CPU, on the capped threads only.
+    assert lines[0] == "[train ALE/Pong-v5] PPO learner on cpu, 1 CPU threads" and "iter=1" in lines[1]
+    assert torch.get_num_threads() == threads  # the cap ends with training
     m = main(CollectConfig(data_root=str(tmp_path / "data"), run_id="ppo", games=("Pong",),
                            policy="ppo", checkpoint=str(tmp_path / "ckpt" / "{game}"),
                            steps_per_game=60, num_env_runners=1, agent=agent))
     assert m["games"]["Pong"]["checkpoint"] == ckpt
     assert validate_dataset(str(tmp_path / "data"))["rows"] == m["games"]["Pong"]["rows"] >= 60
+
+
+def test_agent_learner_device_is_checked():
+    import torch
+
+    from workers.rollout import AgentConfig
+
+    with pytest.raises(ValueError, match="learner_device='tpu'"):
+        AgentConfig(learner_device="tpu")
+    with pytest.raises(ValueError, match="learner_threads=-1"):
+        AgentConfig(learner_threads=-1)
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert AgentConfig(learner_device="auto").resolved_learner_device() == want
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no GPU"):
+            AgentConfig(learner_device="cuda").resolved_learner_device()
 
 
 def test_rerun_replaces_and_corruption_is_named(tiny_dataset, tmp_path):

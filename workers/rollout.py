@@ -52,12 +52,36 @@ class AgentConfig:
     train_repeat_action_probability: float = 0.25
     """sticky actions while training (ALE v5 default: a more robust agent); recording uses 0"""
     seed: int = 0
+    learner_device: str = "cpu"
+    """Where PPO's learner (the local one, in the collecting process) trains: "cpu", "cuda", or
+    "auto" (cuda when that process sees a GPU)."""
+    learner_threads: int = 0
+    """torch CPU threads of the collecting process while PPO trains; 0 = torch's default (one per
+    core). Several collections on one host each default to every core and then run far slower
+    than one: cap it there."""
+
+    def __post_init__(self) -> None:
+        if self.learner_device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"AgentConfig.learner_device={self.learner_device!r}; expected 'cpu', 'cuda' or 'auto'")
+        if self.learner_threads < 0:
+            raise ValueError(f"AgentConfig.learner_threads={self.learner_threads} must be >= 0")
+
+    def resolved_learner_device(self) -> str:
+        """"cpu" or "cuda" for this process; "cuda" without a visible GPU is an error."""
+        import torch
+
+        if self.learner_device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.learner_device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("AgentConfig.learner_device='cuda' but this process sees no GPU "
+                             "(use 'auto' to fall back to the CPU)")
+        return self.learner_device
 
 
 def ppo_config(env_id: str, agent: AgentConfig, settings: EnvSettings, *, num_env_runners: int,
                cpus_per_env_runner: float, num_envs_per_env_runner: int = 1,
                rollout_fragment_length: int | str = "auto", record: dict | None = None,
-               gpus_per_env_runner: float = 0.0):
+               gpus_per_env_runner: float = 0.0, learner_gpus: int = 0):
     """One PPOConfig builder chain for training (record=None) and recording (record=dict of
     run_id, seed, test_fraction). Several envs per runner batch the policy's forward pass and
     RLlib's per-step connector work over the envs."""
@@ -77,7 +101,7 @@ def ppo_config(env_id: str, agent: AgentConfig, settings: EnvSettings, *, num_en
                      num_cpus_per_env_runner=cpus_per_env_runner,
                      num_gpus_per_env_runner=gpus_per_env_runner,
                      rollout_fragment_length=rollout_fragment_length)
-        .learners(num_learners=0)
+        .learners(num_learners=0, num_gpus_per_learner=learner_gpus)  # the local learner, on GPU 0 if 1
         .training(train_batch_size_per_learner=agent.train_batch_size,
                   minibatch_size=agent.minibatch_size, num_epochs=agent.num_epochs, lr=agent.lr,
                   vf_loss_coeff=0.5, entropy_coeff=0.01, clip_param=0.1, grad_clip=0.5,
@@ -92,9 +116,21 @@ def ppo_config(env_id: str, agent: AgentConfig, settings: EnvSettings, *, num_en
 def train_ppo(env_id: str, agent: AgentConfig, checkpoint_dir: str, *, num_env_runners: int,
               cpus_per_env_runner: float, log=print) -> str:
     """Train PPO for `agent.train_steps` env steps; save and return the checkpoint directory."""
+    import torch
+
     settings = EnvSettings(repeat_action_probability=agent.train_repeat_action_probability)
-    algo = ppo_config(env_id, agent, settings, num_env_runners=num_env_runners,
-                      cpus_per_env_runner=cpus_per_env_runner).build_algo()
+    device = agent.resolved_learner_device()
+    threads = torch.get_num_threads()
+    if agent.learner_threads:
+        torch.set_num_threads(agent.learner_threads)
+    log(f"[train {env_id}] PPO learner on {device}, {torch.get_num_threads()} CPU threads")
+    try:
+        algo = ppo_config(env_id, agent, settings, num_env_runners=num_env_runners,
+                          cpus_per_env_runner=cpus_per_env_runner,
+                          learner_gpus=1 if device == "cuda" else 0).build_algo()
+    except BaseException:
+        torch.set_num_threads(threads)
+        raise
     try:
         t0, steps, it = time.time(), 0, 0
         while steps < agent.train_steps:
@@ -108,6 +144,7 @@ def train_ppo(env_id: str, agent: AgentConfig, checkpoint_dir: str, *, num_env_r
         algo.save_to_path(checkpoint_dir)
     finally:
         algo.stop()
+        torch.set_num_threads(threads)
     return checkpoint_dir
 
 
