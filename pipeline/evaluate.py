@@ -75,10 +75,14 @@ class EvalConfig:
     seed: int = 0
     """Seed of the sampler's noise."""
     figure_windows: int = 2
-    """Windows drawn as frame strips and GIFs per game."""
+    """Windows drawn as frame strips and GIFs per game; 0 = no figures (nor action strips)."""
     action_sequences: tuple[str, ...] = ("0000", "2222", "3333", "3222")
     """Action sequences of the action/inertia strips (digits are the game's action ids; Breakout:
     0 NOOP, 1 FIRE, 2 RIGHT, 3 LEFT)."""
+    windows_of: str = ""
+    """Scores file (`<game>_scores.npz`) of an earlier evaluation on the same data: score exactly its
+    windows (by episode_id and start_step) instead of the first `max_windows`, so that two models
+    are compared on the same held-out windows. Needs one game."""
     num_cpus: float = 1.0
     """CPUs of the scoring actor."""
     use_gpu: bool = False
@@ -87,6 +91,20 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.horizons or min(self.horizons) < 1:
             raise ValueError(f"EvalConfig.horizons must be positive ints, got {self.horizons}")
+        if self.windows_of and len(self.games) != 1:
+            raise ValueError(f"EvalConfig.windows_of={self.windows_of!r} names one game's windows: give exactly "
+                             f"one game, got {self.games}")
+
+
+def window_keys(scores_file: str) -> set[tuple[str, int]]:
+    """(episode_id, start_step) of every window scored in an evaluation's `<game>_scores.npz`."""
+    path = Path(scores_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"EvalConfig.windows_of: no scores file at {path}")
+    with np.load(path, allow_pickle=False) as z:
+        if "episode_id" not in z or "start_step" not in z:
+            raise ValueError(f"EvalConfig.windows_of: {path} has no episode_id/start_step arrays")
+        return {(str(e), int(s)) for e, s in zip(z["episode_id"], z["start_step"])}
 
 
 def _flat(d: dict[str, Any], prefix: str) -> dict[str, float]:
@@ -98,8 +116,16 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
     """Per-window per-frame scores of one game, computed by a Ray Data actor; every horizon shorter
     than the longest that the model was trained to generate (`trained`) also gets its own rollout."""
     H = max(cfg.horizons)
-    # Materialised once: scoring and the figures read the same windows.
-    ds = clip_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride).limit(cfg.max_windows).materialize()
+    ds = clip_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride)
+    if cfg.windows_of:
+        keys = window_keys(cfg.windows_of)
+        ds = ds.filter(lambda row: (str(row["episode_id"]), int(row["start_step"])) in keys)
+    else:
+        ds = ds.limit(cfg.max_windows)
+    ds = ds.materialize()  # once: scoring and the figures read the same windows
+    if cfg.windows_of and ds.count() != len(keys):
+        raise ValueError(f"EvalConfig.windows_of: {ds.count()} of the {len(keys)} windows of {cfg.windows_of} are in "
+                         f"{cfg.data_root} ({game}, length {n_cond + H}, stride {cfg.stride}): same data and settings?")
     scored = ds.map_batches(
         ScoreWindows, batch_size=cfg.batch_size, concurrency=1, num_cpus=cfg.num_cpus,
         num_gpus=1 if cfg.use_gpu else 0,
@@ -201,7 +227,8 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
             # The scores are on disk before any figure is drawn: figures never cost a table.
             tables = {"generation_length": pd.DataFrame(lengths), "per_frame": pd.DataFrame(per_frame)}
             write_tables(out_dir, tables)
-            draw_figures(cfg, world_model.n_cond, ds, game, out_dir, tracker)
+            if cfg.figure_windows > 0:
+                draw_figures(cfg, world_model.n_cond, ds, game, out_dir, tracker)
         for name, df in tables.items():
             tracker.log_table(df, f"tables/{name}.json")
         for metric in METRICS:

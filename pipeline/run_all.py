@@ -93,7 +93,7 @@ def gpu() -> Preset:
         vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "temporal_kernel": 1, "steps": 50_000, "max_train_s": 240,
              "batch_size": 16, "clip_length": 4, "lr": 4e-4, "warmup_steps": 200, "checkpoint_every": 1000,
              "log_every": 50},
-        dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 100_000, "max_train_s": 480,
+        dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 100_000, "max_train_s": 480, "snapshot_s": (240,),
              "batch_size": 32, "horizon": 4, "horizon_choices": (1, 2, 4), "sample_steps": 8, "lr": 3e-4,
              "warmup_steps": 300, "checkpoint_every": 2000, "log_every": 50},
         evaluate={"horizons": (1, 2, 4, 8, 16), "max_windows": 256, "stride": 8, "batch_size": 32,

@@ -44,7 +44,7 @@ from pipeline.tracking import Tracker  # noqa: E402
 from workers.train_common import (  # noqa: E402
     NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, pixels_to_model,
 )
-from workers.train_dit import TrainDiTConfig, build_dit  # noqa: E402
+from workers.train_dit import TrainDiTConfig, build_dit, snapshot_name, snapshot_path  # noqa: E402
 from workers.train_dit import train_loop_per_worker as dit_loop  # noqa: E402
 from workers.train_vae import TrainVAEConfig, build_vae  # noqa: E402
 from workers.train_vae import train_loop_per_worker as vae_loop  # noqa: E402
@@ -246,13 +246,26 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
         vae = load_vae(cfg.vae_path)
         dit = build_dit(cfg, vae.cfg.latent_channels)
         dit.load_state_dict(state["ema"])
-        meta = world_model_meta(dit, latent_scale=cfg.latent_scale, n_cond=cfg.n_cond, horizon=cfg.horizon,
-                                action_mode=cfg.action_mode, sample_steps=cfg.sample_steps,
-                                trained_horizons=cfg.trained_horizons,
-                                extra={"game": cfg.game, "train_config": dataclasses.asdict(cfg)})
-        out = save_world_model(Path(cfg.run_dir) / "models" / cfg.name, vae, dit, meta)
+        extra = {"game": cfg.game, "train_config": dataclasses.asdict(cfg)}
+
+        def meta(**more):
+            return world_model_meta(dit, latent_scale=cfg.latent_scale, n_cond=cfg.n_cond, horizon=cfg.horizon,
+                                    action_mode=cfg.action_mode, sample_steps=cfg.sample_steps,
+                                    trained_horizons=cfg.trained_horizons, extra={**extra, **more})
+
+        out = save_world_model(Path(cfg.run_dir) / "models" / cfg.name, vae, dit, meta(train_step=state["step"]))
         tracker.log_artifact(out, "world_model")
         tracker.set_tags({"train/final_step": str(state["step"])})
+        for at in cfg.snapshot_s:  # the same run's EMA weights after `at` seconds of training
+            path = snapshot_path(cfg.run_dir, cfg.name, at)
+            if not path.exists():  # the run ended before `at` seconds
+                continue
+            snap = torch.load(path, map_location="cpu", weights_only=True)
+            dit.load_state_dict(snap["ema"])
+            save_world_model(Path(cfg.run_dir) / "models" / snapshot_name(cfg.name, at), vae, dit,
+                             meta(train_step=snap["step"], snapshot={"at_s": at, "step": snap["step"],
+                                                                     "elapsed_s": snap["elapsed_s"]}))
+            tracker.set_tags({f"train/snapshot_at{at:g}s_step": str(snap["step"])})
     return out
 
 

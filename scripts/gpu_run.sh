@@ -91,6 +91,22 @@ done
 unset CUDA_VISIBLE_DEVICES
 kill $smi 2>/dev/null
 if [ "$bench" = 0 ]; then mark "all done"; exit 0; fi
+# The same runs after half their DiT budget (snapshot_s of the gpu preset), scored on the final
+# model's held-out windows, one GPU each, at once: error against training time, measured.
+spids=()
+for i in "${!games[@]}"; do
+  g=${games[$i]}
+  snap=$(ls -d "$out/$g"/models/dit-"$g"-at*s 2>/dev/null | head -n 1)
+  windows="$out/$g/eval/eval-$g/${g}_scores.npz"  # the final model's windows, scored again
+  { [ -z "$snap" ] || [ ! -f "$windows" ]; } && continue
+  CUDA_VISIBLE_DEVICES=$(( ngpu > 0 ? i % ngpu : 0 )) python pipeline/evaluate.py --run_dir "$out/$g" \
+    --model_path "$snap" --data_root "$out/$g/data" --games "$g" --horizons 1,2,4,8,16 --stride 8 \
+    --windows_of "$windows" --batch_size 32 --num_cpus 4 --use_gpu "$([ "$ngpu" -gt 0 ] && echo true || echo false)" \
+    --name "eval-$(basename "$snap")" --figure_windows 0 > "$out/eval_snapshot_$g.log" 2>&1 &
+  spids+=($!)
+done
+for p in "${spids[@]}"; do wait "$p"; done
+mark "snapshot evaluations done"
 # Multi-frame against single-step on each game's model, one GPU each, at once.
 mpids=()
 for i in "${!games[@]}"; do

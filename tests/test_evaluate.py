@@ -4,6 +4,7 @@ real (small, untrained) world model; then the full driver through Ray Data and M
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,7 +198,8 @@ def trained(data_root, tmp_path_factory):
     common = dict(run_dir=run_dir, data_root=data_root, game=GAME, steps=4, batch_size=2,
                   num_workers=2, cpus_per_worker=0.5, warmup_steps=1, log_every=1, checkpoint_every=2)
     vae_path = train_vae_main(TrainVAEConfig(**common, clip_length=4, clip_stride=8))
-    dit_cfg = TrainDiTConfig(**common, vae_path=str(vae_path), horizon=2, clip_stride=4, sample_steps=2)
+    dit_cfg = TrainDiTConfig(**common, vae_path=str(vae_path), horizon=2, clip_stride=4, sample_steps=2,
+                             snapshot_s=(0.0, 3600.0))
     return run_dir, train_dit_main(dit_cfg), dit_cfg
 
 
@@ -230,6 +232,22 @@ def test_training_runs_are_in_mlflow_with_a_loadable_model(trained, tmp_path):
     frames, actions = ale_windows(num=1, length=N_COND + 3, seed=3)
     out = wm.predict(torch.from_numpy(frames[:, :N_COND]), torch.from_numpy(actions[:, 3:6]), 3)
     assert out.shape == (1, 3, 210, 160, 3) and out.dtype == torch.uint8
+
+
+def test_snapshots_export_the_same_run_with_less_training(trained):
+    """snapshot_s: the EMA weights at 0 s of training (the first step) are exported as their own
+    world model beside the final one; a snapshot time the run never reached exports nothing."""
+    run_dir, wm_path, _ = trained
+    snap_dir = Path(run_dir) / "models" / "dit-at0s"
+    meta = json.loads((snap_dir / "world_model.json").read_text())
+    final = json.loads((wm_path / "world_model.json").read_text())
+    assert meta["snapshot"]["at_s"] == 0.0 and meta["snapshot"]["step"] == meta["train_step"] == 1
+    assert final["train_step"] == 4 and "snapshot" not in final
+    assert not (Path(run_dir) / "models" / "dit-at3600s").exists()
+    early, late = load_world_model(str(snap_dir)), load_world_model(str(wm_path))
+    diffs = [float((a - b).abs().max()) for a, b in zip(early.dit.parameters(), late.dit.parameters())]
+    assert max(diffs) > 0  # three more optimiser steps moved the average
+    assert early.latent_scale == late.latent_scale and early.trained_horizons == late.trained_horizons
 
 
 def test_evaluate_driver_tables_figures_and_copy_last(trained, data_root):
@@ -316,3 +334,27 @@ def test_figure_rollouts_match_the_world_model(trained):
     _, want = score_windows(wm, torch.from_numpy(frames), torch.from_numpy(actions.astype(np.int64)), 2, None, g)
     np.testing.assert_array_equal(pred, want.numpy())
     assert rollouts["01"].shape == (2, 210, 160, 3) and rollouts["2"].shape == (1, 210, 160, 3)
+
+
+def test_second_evaluation_scores_the_same_windows(trained, data_root, tmp_path):
+    """windows_of: a later evaluation (another model, say a snapshot) scores exactly the windows an
+    earlier one scored, by episode and start step, whatever order Ray Data reads them in."""
+    import pipeline.evaluate as ev
+
+    _, wm_path, _ = trained
+    base = dict(run_dir=str(tmp_path), model_path=str(wm_path), data_root=data_root, games=(GAME,),
+                horizons=(1, 2), stride=16, batch_size=4, figure_windows=0, lpips=False, vae_recon=False)
+    first = ev.main(ev.EvalConfig(**base, max_windows=3, name="first"))["generation_length"]
+    scores = tmp_path / "eval" / "first" / f"{GAME}_scores.npz"
+    keys = ev.window_keys(str(scores))
+    assert len(keys) == 3
+    again = ev.main(ev.EvalConfig(**base, max_windows=1, name="again", windows_of=str(scores)))["generation_length"]
+    assert ev.window_keys(str(tmp_path / "eval" / "again" / f"{GAME}_scores.npz")) == keys
+    for h in (1, 2):
+        a = first[(first.method == "copy_last") & (first.generation_length == h)].iloc[0]
+        b = again[(again.method == "copy_last") & (again.generation_length == h)].iloc[0]
+        assert b["num_windows"] == 3 and b["mse"] == pytest.approx(a["mse"], rel=1e-9)
+    with pytest.raises(ValueError, match="exactly one game"):
+        ev.EvalConfig(**{**base, "games": (GAME, "Pong")}, windows_of=str(scores))
+    with pytest.raises(FileNotFoundError, match="no scores file"):
+        ev.window_keys(str(tmp_path / "missing.npz"))

@@ -10,8 +10,10 @@ batch's windows.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,9 +73,15 @@ class TrainDiTConfig(TrainSettings):
     """Euler steps the exported world model samples with."""
     lr: float = 1e-4
     """Peak AdamW learning rate."""
+    snapshot_s: tuple[float, ...] = ()
+    """Seconds of training at which rank 0 also keeps the EMA weights; the driver exports each as
+    the world model `models/<name>-at<s>s` beside the final one. Evaluating it says what the same
+    run scores with less training: the measured slope of error against training time."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if any(s < 0 for s in self.snapshot_s):
+            raise ValueError(f"TrainDiTConfig.snapshot_s={self.snapshot_s} must be seconds >= 0")
         if self.action_mode not in ACTION_MODES:
             raise ValueError(f"TrainDiTConfig.action_mode={self.action_mode!r}; expected one of {ACTION_MODES}")
         if self.dit_preset not in STDiT_models:
@@ -95,6 +103,16 @@ class TrainDiTConfig(TrainSettings):
     @property
     def trained_horizons(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.horizon_choices))) or (self.horizon,)
+
+
+def snapshot_path(run_dir: str | Path, name: str, at_s: float) -> Path:
+    """Where the EMA weights kept at `at_s` seconds of training of run `name` live."""
+    return Path(run_dir) / "snapshots" / name / f"at{at_s:g}s.pt"
+
+
+def snapshot_name(name: str, at_s: float) -> str:
+    """The exported world model's name of the snapshot at `at_s` seconds."""
+    return f"{name}-at{at_s:g}s"
 
 
 def build_dit(cfg: TrainDiTConfig, latent_channels: int) -> STDiT:
@@ -165,6 +183,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     t_start = t_last = time.time()
     steps_since, reported_step = 0, -1
+    # Snapshots still to take (a restarted run keeps the ones its earlier attempt wrote).
+    pending = sorted(s for s in cfg.snapshot_s if not snapshot_path(cfg.run_dir, cfg.name, s).exists())
     while step < cfg.steps:
         maybe_crash(cfg, step)
         pick.manual_seed(cfg.seed * 1_000_003 + step)
@@ -198,6 +218,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       "train/steps_per_s": steps_since / max(now - t_last, 1e-9)})
             log.write({"step": step, **m})
             t_last, steps_since = now, 0
+        if pending and rank == 0 and step % cfg.log_every == 0:
+            elapsed = time.time() - t_start
+            while pending and elapsed >= pending[0]:
+                at = pending.pop(0)
+                path = snapshot_path(cfg.run_dir, cfg.name, at)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save({"ema": ema.model.state_dict(), "step": step, "elapsed_s": elapsed}, tmp)
+                os.replace(tmp, path)  # whole or absent
+                log.write({"event": "snapshot", "at_s": at, "step": step, "elapsed_s": round(elapsed, 1)})
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
             reported_step = step
