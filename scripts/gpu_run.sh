@@ -61,7 +61,7 @@ done
 gen_bench() {  # $1: GPU; $2: world model or empty (random weights of the gpu preset's shapes)
   local src=(--dit-preset S --vae-preset small --latent-channels 8 --temporal-kernel 1 --patch-size 1 4 4)
   [ -n "$2" ] && src=(--world-model "$2")
-  CUDA_VISIBLE_DEVICES=$1 python -m benchmarks.bench_generate "${src[@]}" --batch-sizes 1 64 256 --sample-steps 8 \
+  CUDA_VISIBLE_DEVICES=$1 python -m benchmarks.bench_generate "${src[@]}" --batch-sizes 1 64 256 --sample-steps 4 8 \
     --compile eager compile cudagraphs --profile --out "$out/bench_generate.csv" > "$out/bench_generate.log" 2>&1
   mark "bench_generate exit $?"
 }
@@ -103,6 +103,12 @@ for i in "${!games[@]}"; do
     --model_path "$snap" --data_root "$out/$g/data" --games "$g" --horizons 1,2,4,8,16 --stride 8 \
     --windows_of "$windows" --batch_size 32 --num_cpus 4 --use_gpu "$([ "$ngpu" -gt 0 ] && echo true || echo false)" \
     --name "eval-$(basename "$snap")" --figure_windows 0 > "$out/eval_snapshot_$g.log" 2>&1 &
+  spids+=($!)
+  # The final model with half the Euler steps on the same windows: what the faster sampler costs.
+  CUDA_VISIBLE_DEVICES=$(( ngpu > 0 ? i % ngpu : 0 )) python pipeline/evaluate.py --run_dir "$out/$g" \
+    --model_path "$out/$g/models/dit-$g" --data_root "$out/$g/data" --games "$g" --horizons 1,2,4,8,16 --stride 8 \
+    --windows_of "$windows" --batch_size 32 --num_cpus 4 --use_gpu "$([ "$ngpu" -gt 0 ] && echo true || echo false)" \
+    --sample_steps 4 --name "eval-$g-k4" --figure_windows 0 > "$out/eval_k4_$g.log" 2>&1 &
   spids+=($!)
 done
 for p in "${spids[@]}"; do wait "$p"; done
