@@ -6,9 +6,10 @@
 # Each game's pipeline writes under $1/<game>/. Several games run at once on one Ray head that
 # holds every GPU of the machine (each training job and evaluation takes one GPU), so a 2-GPU
 # machine does two games in the time of one. GPUs beyond one per game run the generation and
-# training benchmarks (random weights of the gpu preset's shapes) while the pipelines run; then
-# each game's model gets the multi-frame-vs-single-step benchmark. COLLECT_BENCH=0 skips the
-# collection benchmarks at the end.
+# training benchmarks (random weights of the gpu preset's shapes) while the pipelines run. Then,
+# per game and on its own GPU: its DiT snapshot at 240 s and its final DiT at 4 Euler steps are
+# scored on the final model's windows, and the multi-frame-vs-single-step benchmark runs.
+# COLLECT_BENCH=0 skips the collection benchmarks at the end.
 # `bash scripts/gpu_run.sh $1 pack` makes $1/results.tar.gz of the small files (logs, metrics,
 # tables, figures) while or after it runs; `... $1 wait 540` waits up to 540 s for the run to end
 # first. PRESET (default gpu) and BENCH=0 (skip the benchmarks) are for trying it on a CPU machine.
