@@ -162,6 +162,16 @@ def figure_rollouts(model_path: str, sample_steps: int | None, device: str, fram
     return pred.numpy(), rollouts
 
 
+def scoring_task(fn, cfg: EvalConfig):
+    """`fn` as a Ray task with the scoring actor's CPUs and GPU. It is scheduled on the cluster, not
+    inside the caller's placement group: a Tune trial's placement group (which captures its child
+    tasks) holds only the trial's own small bundle."""
+    import ray
+
+    return ray.remote(fn).options(num_cpus=cfg.num_cpus, num_gpus=1 if cfg.use_gpu else 0,
+                                  scheduling_strategy="DEFAULT")
+
+
 def draw_figures(cfg: EvalConfig, n_cond: int, ds, game: str, out_dir: Path, tracker: Tracker) -> None:
     """Frame strips and GIFs of the first windows, and action strips from the first window."""
     import ray
@@ -170,8 +180,7 @@ def draw_figures(cfg: EvalConfig, n_cond: int, ds, game: str, out_dir: Path, tra
     batch = ds.take_batch(cfg.figure_windows)
     frames = np.ascontiguousarray(np.stack(batch["frames"]))
     actions = np.stack(batch["actions"]).astype(np.int64)
-    task = ray.remote(figure_rollouts).options(num_cpus=cfg.num_cpus, num_gpus=1 if cfg.use_gpu else 0)
-    pred, rollouts = ray.get(task.remote(cfg.model_path, cfg.sample_steps or None, "cuda" if cfg.use_gpu else "cpu",
+    pred, rollouts = ray.get(scoring_task(figure_rollouts, cfg).remote(cfg.model_path, cfg.sample_steps or None, "cuda" if cfg.use_gpu else "cpu",
                                          frames, actions, H, tuple(cfg.action_sequences), cfg.seed))
     for i in range(len(frames)):
         fig = figures.frame_strip(frames[i, :n], pred[i], frames[i, n:n + H],

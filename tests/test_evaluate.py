@@ -358,3 +358,30 @@ def test_second_evaluation_scores_the_same_windows(trained, data_root, tmp_path)
         ev.EvalConfig(**{**base, "games": (GAME, "Pong")}, windows_of=str(scores))
     with pytest.raises(FileNotFoundError, match="no scores file"):
         ev.window_keys(str(tmp_path / "missing.npz"))
+
+
+def test_scoring_task_runs_from_inside_a_trials_placement_group(ray_local):
+    """A sweep trial evaluates inside a Tune placement group that captures child tasks and holds a
+    0.01-CPU bundle; the figures' task (0.5 CPU here) must still schedule, on the cluster."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from pipeline.evaluate import EvalConfig, scoring_task
+
+    cfg = EvalConfig(num_cpus=0.5)
+
+    def twice(x):  # defined here: pickled by value, as the workers cannot import tests/
+        return 2 * x
+
+    @ray.remote(num_cpus=0.01)
+    def trial():
+        return ray.get(scoring_task(twice, cfg).remote(21))
+
+    pg = placement_group([{"CPU": 0.01}])
+    ray.get(pg.ready())
+    try:
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+        assert ray.get(trial.options(scheduling_strategy=strategy).remote(), timeout=120) == 42
+    finally:
+        remove_placement_group(pg)
