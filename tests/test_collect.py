@@ -119,6 +119,22 @@ def test_ppo_trains_and_records_from_checkpoint(ray_local, tmp_path):
     assert validate_dataset(str(tmp_path / "data"))["rows"] == m["games"]["Pong"]["rows"] >= 60
 
 
+def test_auto_learner_falls_back_to_the_cpu_when_the_gpu_learner_cannot_build(ray_local, tmp_path, monkeypatch):
+    """learner_device="auto" on a process that believes it has a GPU but cannot build RLlib's GPU
+    learner (here: no CUDA device at all) trains on the CPU and says so, instead of failing."""
+    from workers.rollout import AgentConfig, train_ppo
+
+    monkeypatch.setattr(AgentConfig, "resolved_learner_device", lambda self: "cuda")
+    agent = AgentConfig(dim=64, train_steps=128, train_batch_size=128, minibatch_size=64, num_epochs=1,
+                        learner_device="auto")
+    lines = []
+    ckpt = train_ppo("ALE/Pong-v5", agent, str(tmp_path / "ckpt"), num_env_runners=1, cpus_per_env_runner=0.5,
+                     log=lines.append)
+    assert os.path.isdir(os.path.join(ckpt, "learner_group"))
+    assert any("PPO learner on cuda failed" in x and x.endswith("training on the CPU") for x in lines), lines
+    assert any("iter=1" in x for x in lines)
+
+
 def test_agent_learner_device_is_checked():
     import torch
 

@@ -124,10 +124,21 @@ def train_ppo(env_id: str, agent: AgentConfig, checkpoint_dir: str, *, num_env_r
     if agent.learner_threads:
         torch.set_num_threads(agent.learner_threads)
     log(f"[train {env_id}] PPO learner on {device}, {torch.get_num_threads()} CPU threads")
-    try:
-        algo = ppo_config(env_id, agent, settings, num_env_runners=num_env_runners,
+
+    def build(dev: str):
+        return ppo_config(env_id, agent, settings, num_env_runners=num_env_runners,
                           cpus_per_env_runner=cpus_per_env_runner,
-                          learner_gpus=1 if device == "cuda" else 0).build_algo()
+                          learner_gpus=1 if dev == "cuda" else 0).build_algo()
+
+    try:
+        try:
+            algo = build(device)
+        except Exception as e:  # "auto" means the GPU where it works: fall back, say so
+            if device != "cuda" or agent.learner_device != "auto":
+                raise
+            log(f"[train {env_id}] PPO learner on cuda failed ({type(e).__name__}: {str(e)[:200]}); "
+                f"training on the CPU")
+            algo = build("cpu")
     except BaseException:
         torch.set_num_threads(threads)
         raise
