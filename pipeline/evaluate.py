@@ -15,6 +15,8 @@ other is scored on the first frames of the long rollout ("prefix"). Outputs, und
   over windows (the layout of the paper's Table 2; Tables 3 and 4 are the same rows across runs
   that differ in action_mode / action_encoder, which are columns here);
 - `tables/per_frame.json`: the same per generated frame;
+- `tables/vs_paper.json`: where the paper reports the setting (`pipeline/paper.py`), its cells beside
+  ours and copy-last's;
 - metrics `eval/<game>/<method>/<metric>_h<h>` (MLflow forbids '@' in names); figures: frame strips, action strips, GIFs, and
   each metric against horizon.
 """
@@ -36,7 +38,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import figures  # noqa: E402
+from pipeline import figures, paper  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 from pipeline.train import _ensure_ray, clip_dataset, parse_config, pop_tracking_uri  # noqa: E402
 from workers.evaluate import METRICS, ScoreWindows, frame_table, horizon_table, score_windows, window_actions  # noqa: E402
@@ -238,6 +240,10 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
             write_tables(out_dir, tables)
             if cfg.figure_windows > 0:
                 draw_figures(cfg, world_model.n_cond, ds, game, out_dir, tracker)
+        comparison = paper.vs_paper(tables["generation_length"])
+        if len(comparison):  # settings the paper reports: its cells beside ours
+            tables["vs_paper"] = comparison
+            write_tables(out_dir, {"vs_paper": comparison})
         for name, df in tables.items():
             tracker.log_table(df, f"tables/{name}.json")
         for metric in METRICS:

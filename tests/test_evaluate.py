@@ -286,6 +286,10 @@ def test_evaluate_driver_tables_figures_and_copy_last(trained, data_root):
     run = _run(client, "eval")
     back = load_table(local_tracking_uri(run_dir), run.info.run_id, "tables/generation_length.json")
     assert len(back) == 3 * len(horizons) and set(back.columns) >= {"mse", "psnr", "lpips", "mse_std"}
+    # the paper reports this setting (Table 2: future actions, learned embedding) at T = 1 and 2
+    vp = load_table(local_tracking_uri(run_dir), run.info.run_id, "tables/vs_paper.json")
+    assert sorted(vp.generation_length) == [1, 2] and set(vp.game) == {GAME}
+    assert list(tables["vs_paper"].paper_mse) == list(vp.paper_mse) and (vp.paper_mse > 0).all()
     pf = load_table(local_tracking_uri(run_dir), run.info.run_id, "tables/per_frame.json")
     assert sorted(pf[pf.method == "model"].frame) == [1, 2, 3]
     assert run.data.metrics[f"eval/{GAME}/copy_last/mse_h3"] == pytest.approx(mse.mean(axis=1).mean(), rel=1e-6)
