@@ -176,3 +176,25 @@ def test_init_ray_starts_a_local_cluster_instead_of_joining_a_dead_one(tmp_path)
         assert "CPUS 1.0" in res.stdout
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_dit_variant_is_the_presets_dit_with_fields_replaced(tmp_path):
+    """scripts/dit_variant.py: the preset's DiT settings, the named fields replaced, pointed at the
+    run's data and VAE; a run without a trained VAE is refused by name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dit_variant", Path(__file__).parents[1] / "scripts" / "dit_variant.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(FileNotFoundError, match="no trained VAE"):
+        mod.variant_config("gpu", str(tmp_path), "Breakout", "v", {})
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    (tmp_path / "models" / "vae" / "vae.json").write_text("{}")
+    cfg = mod.variant_config("gpu", str(tmp_path), "Breakout", "dit-Breakout-T4only", {"horizon_choices": []})
+    base = run_all.PRESETS["gpu"]().dit
+    assert cfg.horizon_choices == () and cfg.trained_horizons == (4,)
+    assert (cfg.dit_preset, cfg.max_train_s, cfg.batch_size) == (base["dit_preset"], base["max_train_s"], base["batch_size"])
+    assert cfg.name == "dit-Breakout-T4only" and cfg.data_root == str(tmp_path / "data")
+    assert cfg.vae_path == str(tmp_path / "models" / "vae")
+    with pytest.raises(TypeError, match="unknown TrainDiTConfig settings"):
+        mod.variant_config("gpu", str(tmp_path), "Breakout", "v", {"horizon_choice": []})
