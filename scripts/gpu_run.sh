@@ -59,13 +59,17 @@ for g in "${games[@]}"; do
     grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E" > "$out/$g.job.log" &
   pids+=($!)
 done
+# The preset's evaluation settings, which the pipeline's own evaluation used (windows_of needs them).
+read -r eval_horizons eval_stride eval_batch eval_cpus <<< "$(python -c "from pipeline.run_all import PRESETS
+e = PRESETS['$preset']().evaluate
+print(','.join(map(str, e['horizons'])), e['stride'], e.get('batch_size', 8), e.get('num_cpus', 1))")"
 evaluate_on() {  # $1 game, $2 world model, $3 eval name, extra flags...: scored on the final model's windows
   local g=$1 model=$2 name=$3; shift 3
   local windows="$out/$g/eval/eval-$g/${g}_scores.npz"
   [ -d "$model" ] && [ -f "$windows" ] || { mark "$name: skipped (no model or no windows)"; return; }
   python pipeline/evaluate.py --run_dir "$out/$g" --model_path "$model" --data_root "$out/$g/data" --games "$g" \
-    --horizons 1,2,4,8,16 --stride 8 --windows_of "$windows" --batch_size 32 --num_cpus 4 --use_gpu "$gpu_flag" \
-    --name "$name" --figure_windows 0 "$@" > "$out/$name.log" 2>&1
+    --horizons "$eval_horizons" --stride "$eval_stride" --windows_of "$windows" --batch_size "$eval_batch" \
+    --num_cpus "$eval_cpus" --use_gpu "$gpu_flag" --name "$name" --figure_windows 0 "$@" > "$out/$name.log" 2>&1
   mark "$name exit $?"
 }
 vpid=
