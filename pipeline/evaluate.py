@@ -182,7 +182,8 @@ def draw_figures(cfg: EvalConfig, n_cond: int, ds, game: str, out_dir: Path, tra
     batch = ds.take_batch(cfg.figure_windows)
     frames = np.ascontiguousarray(np.stack(batch["frames"]))
     actions = np.stack(batch["actions"]).astype(np.int64)
-    pred, rollouts = ray.get(scoring_task(figure_rollouts, cfg).remote(cfg.model_path, cfg.sample_steps or None, "cuda" if cfg.use_gpu else "cpu",
+    task = scoring_task(figure_rollouts, cfg)
+    pred, rollouts = ray.get(task.remote(cfg.model_path, cfg.sample_steps or None, "cuda" if cfg.use_gpu else "cpu",
                                          frames, actions, H, tuple(cfg.action_sequences), cfg.seed))
     for i in range(len(frames)):
         fig = figures.frame_strip(frames[i, :n], pred[i], frames[i, n:n + H],
