@@ -109,10 +109,6 @@ def window_keys(scores_file: str) -> set[tuple[str, int]]:
         return {(str(e), int(s)) for e, s in zip(z["episode_id"], z["start_step"])}
 
 
-def _flat(d: dict[str, Any], prefix: str) -> dict[str, float]:
-    return {f"{prefix}{k}": v for k, v in d.items()}
-
-
 def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...] = ()
                ) -> tuple[dict[str, np.ndarray], Any]:
     """Per-window per-frame scores of one game, computed by a Ray Data actor; every horizon shorter
