@@ -5,15 +5,16 @@
 #   . scripts/device_env.sh && bash scripts/gpu_run.sh /tmp/gpurun [Breakout | "Pong DemonAttack"]
 # Each game's pipeline writes under $1/<game>/. Several games run at once on one Ray head that
 # holds every GPU of the machine (each training job and evaluation takes one GPU), so a 4-GPU
-# machine does three games in the time of one. A GPU beyond one per game trains a variant of the
-# first game's DiT meanwhile (T = 4 alone, scripts/dit_variant.py; LEVER=0 skips it). Then, per
-# game, on the final model's held-out windows: its DiT snapshot at 240 s and its final DiT at 4
-# Euler steps are scored (and the variant); then the multi-frame-vs-single-step benchmark per game
-# and the generation benchmark, one GPU each; then the collection benchmark (COLLECT_BENCH=0 skips).
+# machine does three games in the time of one. With LEVER=1 a GPU beyond one per game trains a
+# variant of the first game's DiT meanwhile (T = 4 alone, scripts/dit_variant.py; run 4 measured it
+# worse than the pipeline's DiT). Then, per game, on the final model's held-out windows: its DiT
+# snapshot (snapshot_s of the preset) is scored (and the variant); then, with BENCH=1, the
+# multi-frame-vs-single-step benchmark per game and the generation benchmark, one GPU each, and the
+# collection benchmark (COLLECT_BENCH=0 skips it).
 # `bash scripts/gpu_run.sh $1 pack` makes $1/results.tar.gz of the small files (logs, metrics,
 # tables, figures, scores) while or after it runs; `... $1 wait 540` waits up to 540 s for the run
-# to end first. PRESET (default gpu), BENCH=0 (skip the benchmarks) and LEVER=1 (the variant without
-# a spare GPU) are for trying it on a CPU machine.
+# to end first. PRESET (default gpu) and LEVER=1 without a spare GPU are for trying it on a CPU
+# machine.
 set -uo pipefail
 out=${1:-/tmp/gpurun}
 mkdir -p "$out"
@@ -44,9 +45,8 @@ if [ "$ngpu" -gt 0 ] && [ "$ngames" -gt "$ngpu" ]; then
 fi
 g0=${games[0]}
 # A GPU beyond one per game trains a variant of the first game's DiT beside its pipeline: the
-# preset's DiT on T = 4 alone (the pipeline's trains T = 1, 2 and 4 in one model). LEVER=0 skips it.
-lever=0
-if [ "${LEVER:-1}" = 1 ] && { [ "$ngpu" -gt "$ngames" ] || [ "${LEVER:-}" = 1 ]; }; then lever=1; fi
+# preset's DiT on T = 4 alone (the pipeline's trains T = 1, 2 and 4 in one model). LEVER=1 asks for it.
+lever=${LEVER:-0}
 if [ "$ngames" -gt 1 ] || [ "$lever" = 1 ]; then  # one head for all jobs: Ray hands each its own GPU
   ray start --head --num-cpus "$(nproc)" --num-gpus "$ngpu" --include-dashboard false \
     --disable-usage-stats > "$out/ray_head.log" 2>&1 && export RAY_ADDRESS=auto
@@ -96,20 +96,19 @@ for i in "${!pids[@]}"; do
   if grep -q '\[run_all\] finished' "$out/${games[$i]}.job.log"; then mark "pipeline ${games[$i]} ok"
   else mark "pipeline ${games[$i]} FAILED"; fi
 done
-# Per game, on the final model's own windows: the same run's DiT after 240 of its 480 s
-# (snapshot_s of the gpu preset) and the final DiT with 4 Euler steps instead of 8. Error against
-# training time and against sampler cost, measured. All at once; Ray hands out the GPUs.
+# Per game, on the final model's own windows: the same run's DiT at its snapshot (snapshot_s of the
+# preset): error against training time, measured. All at once; Ray hands out the GPUs.
 epids=()
 for g in "${games[@]}"; do
   snap=$(ls -d "$out/$g"/models/dit-"$g"-at*s 2>/dev/null | head -n 1)
   [ -n "$snap" ] && { evaluate_on "$g" "$snap" "eval-$(basename "$snap")" & epids+=($!); }
-  evaluate_on "$g" "$out/$g/models/dit-$g" "eval-$g-k4" --sample_steps 4 & epids+=($!)
 done
 for p in "${epids[@]}" $vpid; do wait "$p"; done
 [ -n "${RAY_ADDRESS:-}" ] && ray stop > /dev/null 2>&1 && unset RAY_ADDRESS
 kill $smi 2>/dev/null
-if [ "${BENCH:-1}" = 0 ]; then mark "all done"; exit 0; fi
-# Multi-frame against single-step on each game's model, and generation speed, one GPU each, at once.
+if [ "${BENCH:-0}" != 1 ]; then mark "all done"; exit 0; fi
+# Multi-frame against single-step on each game's model, and generation then training speed, one GPU
+# each, at once.
 bpids=()
 for i in "${!games[@]}"; do
   g=${games[$i]}
@@ -123,6 +122,11 @@ done
     --world-model "$out/$g0/models/dit-$g0" --batch-sizes 1 64 256 --sample-steps 4 8 --compile eager cudagraphs \
     --out "$out/bench_generate.csv" > "$out/bench_generate.log" 2>&1
   mark "bench_generate exit $?"
+  # DiT training throughput of the S and B presets on the run's latent shape (S alone so far).
+  CUDA_VISIBLE_DEVICES=$(( ngpu > 0 ? ngames % ngpu : 0 )) python -m benchmarks.bench_train --presets S B \
+    --batch-sizes 32 --compile eager compile --warmup 3 --steps 15 --spatial-downsample 4 --latent-channels 8 \
+    --patch-size 1 4 4 --out "$out/bench_train.csv" > "$out/bench_train.log" 2>&1
+  mark "bench_train exit $?"
 ) &
 bpids+=($!)
 for i in "${!bpids[@]}"; do wait "${bpids[$i]}"; done
