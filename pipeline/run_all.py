@@ -5,7 +5,9 @@
 
 `ray.init()` joins the cluster that `ray job submit` (or RAY_ADDRESS) points at, or starts a local
 one. A preset picks the scale: `smoke` (minutes on 2 CPU cores; what CI runs), `gpu` (one GPU box,
-about 20 minutes end to end), `paper` (1M steps per game, the large model; a GPU cluster).
+about 25 minutes end to end), `paper` (1M steps per game, the large model; a GPU cluster).
+`--set section.field=value` replaces single settings of the preset, e.g. `--set
+vae.latent_channels=16 dit.max_train_s=600`.
 
 Every stage writes `<out>/stages/<stage>.json` when it completes (its outputs and the settings it
 ran with); a rerun reuses completed stages unless `--force` names them (or `all`). A failing stage
@@ -122,6 +124,40 @@ def paper() -> Preset:
 PRESETS: dict[str, Callable[[], Preset]] = {"smoke": smoke, "gpu": gpu, "paper": paper}
 
 
+def _section_configs() -> dict[str, type]:
+    return {"collect": collect.CollectConfig, "collect.agent": AgentConfig, "vae": TrainVAEConfig,
+            "dit": TrainDiTConfig, "evaluate": evaluate.EvalConfig}
+
+
+def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
+    """The preset with `section.field=value` settings replaced (`--set`): section is collect,
+    collect.agent, vae, dit or evaluate; value is JSON (`16`, `[1, 2]`, `true`), else a string.
+    An unknown section or field fails here, naming it, before anything runs."""
+    sections = _section_configs()
+    parts = {name: dict(getattr(preset, name)) for name in ("collect", "vae", "dit", "evaluate")}
+    parts["collect"]["agent"] = dict(parts["collect"].get("agent", {}))
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        section, _, field = key.strip().rpartition(".")
+        if not eq or not section or not field:
+            raise SystemExit(f"--set {item!r}: expected section.field=value, e.g. vae.latent_channels=16")
+        if section not in sections:
+            raise SystemExit(f"--set {item!r}: unknown section {section!r}; sections are {sorted(sections)}")
+        names = {f.name for f in dataclasses.fields(sections[section])}
+        if field not in names:
+            raise SystemExit(f"--set {item!r}: {sections[section].__name__} has no field {field!r}; "
+                             f"fields are {sorted(names)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = parts["collect"]["agent"] if section == "collect.agent" else parts[section]
+        target[field] = value
+    if not parts["collect"]["agent"]:
+        del parts["collect"]["agent"]
+    return dataclasses.replace(preset, **parts)
+
+
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, cause: BaseException):
         super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
@@ -132,8 +168,10 @@ def _marker(out: Path, stage: str) -> Path:
     return out / "stages" / f"{stage}.json"
 
 
-def _run_stage(out: Path, stage: str, force: set[str], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Runs `fn` unless the stage completed before (and is not forced); records its outputs."""
+def _run_stage(out: Path, stage: str, force: set[str], fn: Callable[[], dict[str, Any]],
+               settings: Any = None) -> dict[str, Any]:
+    """Runs `fn` unless the stage completed before (and is not forced); records its outputs and
+    the preset settings it ran with."""
     marker = _marker(out, stage)
     if marker.exists() and stage not in force:
         done = json.loads(marker.read_text())
@@ -146,7 +184,7 @@ def _run_stage(out: Path, stage: str, force: set[str], fn: Callable[[], dict[str
     except BaseException as exc:  # noqa: BLE001 - re-raised with the stage named
         traceback.print_exc()
         raise StageFailed(stage, exc) from exc
-    result = {**result, "wall_s": round(time.time() - t0, 1)}
+    result = {**result, "wall_s": round(time.time() - t0, 1), "settings": settings}
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))
@@ -156,14 +194,16 @@ def _run_stage(out: Path, stage: str, force: set[str], fn: Callable[[], dict[str
 
 
 def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), stages: tuple[str, ...] = STAGES,
-         tracking_uri: str | None = None, games: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """Run the stages of a preset; `games` replaces the preset's games (the DiT trains on the first)."""
+         tracking_uri: str | None = None, games: tuple[str, ...] = (),
+         sets: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Run the stages of a preset; `games` replaces the preset's games (the DiT trains on the first)
+    and `sets` replaces single settings (`with_overrides`)."""
     if preset_name not in PRESETS:
         raise SystemExit(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
     unknown = (set(force) - {"all"} | set(stages)) - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
-    preset = PRESETS[preset_name]()
+    preset = with_overrides(PRESETS[preset_name](), sets)
     if games:
         from workers.atari import game_name, resolve_env_id
 
@@ -173,7 +213,7 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     force_set = set(STAGES) if "all" in force else set(force)
     data_root = str(out_dir / "data")
     game = preset.games[0]
-    print(f"[run_all] preset={preset_name} out={out_dir}", flush=True)
+    print(f"[run_all] preset={preset_name} out={out_dir}" + (f" set={list(sets)}" if sets else ""), flush=True)
 
     import ray
 
@@ -232,7 +272,9 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
             if marker.exists():
                 results[stage] = json.loads(marker.read_text())
             continue
-        results[stage] = _run_stage(out_dir, stage, force_set, fn)
+        settings = {"collect": preset.collect, "vae": preset.vae, "dit": preset.dit,
+                    "evaluate": preset.evaluate, "sweep": preset.sweeps}[stage]
+        results[stage] = _run_stage(out_dir, stage, force_set, fn, settings)
     print(f"[run_all] finished; outputs under {out_dir}; MLflow store: "
           f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///' + str(out_dir / 'mlflow.db')}",
           flush=True)
@@ -249,13 +291,16 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "(the DiT trains on the first)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI, "
                                                         "else a sqlite store in --out)")
+    p.add_argument("--set", nargs="*", default=[], dest="sets", metavar="SECTION.FIELD=VALUE",
+                   help="replace a preset setting, e.g. vae.latent_channels=16 dit.max_train_s=600 "
+                        "collect.agent.train_steps=8000 (sections: collect, collect.agent, vae, dit, evaluate)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     a = _parse()
     try:
-        main(a.preset, a.out, tuple(a.force), tuple(a.stages), a.tracking_uri, tuple(a.games))
+        main(a.preset, a.out, tuple(a.force), tuple(a.stages), a.tracking_uri, tuple(a.games), tuple(a.sets))
     except StageFailed as exc:
         print(f"[run_all] ERROR: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -5,8 +5,8 @@ settings with some fields replaced, under a name of its own beside the run's mod
         --name dit-Breakout-T4only --set '{"horizon_choices": []}'
 
 It reads `<run-dir>/data` and `<run-dir>/models/vae`, writes `<run-dir>/models/<name>` (and its
-MLflow run in the run directory's store), and prints that path. `gpu_run.sh` uses it to measure a
-lever of the DiT (here: training only the longest generation length) beside the pipeline's model.
+MLflow run in the run directory's store), and prints that path. GPU run 4 used it to measure a
+lever of the DiT (training only the longest generation length) beside the pipeline's model.
 """
 
 from __future__ import annotations

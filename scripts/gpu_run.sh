@@ -5,16 +5,16 @@
 #   . scripts/device_env.sh && bash scripts/gpu_run.sh /tmp/gpurun [Breakout | "Pong DemonAttack"]
 # Each game's pipeline writes under $1/<game>/. Several games run at once on one Ray head that
 # holds every GPU of the machine (each training job and evaluation takes one GPU), so a 4-GPU
-# machine does three games in the time of one. With LEVER=1 a GPU beyond one per game trains a
-# variant of the first game's DiT meanwhile (T = 4 alone, scripts/dit_variant.py; run 4 measured it
-# worse than the pipeline's DiT). Then, per game, on the final model's held-out windows: its DiT
-# snapshot (snapshot_s of the preset) is scored (and the variant); then, with BENCH=1, the
+# machine does three games in the time of one. VARIANT="<game> <tag> <section.field=value>..."
+# (the game one of those run) trains that game's VAE and DiT again meanwhile, on the same data
+# with those settings replaced (`run_all.py --set`), under $1/<game>-<tag>/: with a GPU to spare,
+# a lever measured in the same time. Then, per game, on the final model's held-out windows: its DiT
+# snapshot (snapshot_s of the preset) is scored, and the variant; then, with BENCH=1, the
 # multi-frame-vs-single-step benchmark per game and the generation benchmark, one GPU each, and the
 # collection benchmark (COLLECT_BENCH=0 skips it).
 # `bash scripts/gpu_run.sh $1 pack` makes $1/results.tar.gz of the small files (logs, metrics,
 # tables, figures, scores) while or after it runs; `... $1 wait 540` waits up to 540 s for the run
-# to end first. PRESET (default gpu) and LEVER=1 without a spare GPU are for trying it on a CPU
-# machine.
+# to end first. PRESET (default gpu) is for trying it on a CPU machine.
 set -uo pipefail
 out=${1:-/tmp/gpurun}
 mkdir -p "$out"
@@ -44,15 +44,19 @@ if [ "$ngpu" -gt 0 ] && [ "$ngames" -gt "$ngpu" ]; then
   echo "gpu_run.sh: $ngames games but $ngpu GPUs: name at most one game per GPU" >&2; exit 2
 fi
 g0=${games[0]}
-# A GPU beyond one per game trains a variant of the first game's DiT beside its pipeline: the
-# preset's DiT on T = 4 alone (the pipeline's trains T = 1, 2 and 4 in one model). LEVER=1 asks for it.
-lever=${LEVER:-0}
-if [ "$ngames" -gt 1 ] || [ "$lever" = 1 ]; then  # one head for all jobs: Ray hands each its own GPU
+read -r -a variant <<< "${VARIANT:-}"  # game, tag, settings...
+if [ "${#variant[@]}" -gt 0 ]; then
+  if [ "${#variant[@]}" -lt 3 ] || [[ ! " ${games[*]} " =~ " ${variant[0]} " ]]; then
+    echo "gpu_run.sh: VARIANT='${VARIANT}': expected '<game> <tag> <section.field=value>...' for a game of this run" >&2
+    exit 2
+  fi
+fi
+if [ "$ngames" -gt 1 ] || [ "${#variant[@]}" -gt 0 ]; then  # one head for all jobs: Ray hands each its own GPU
   ray start --head --num-cpus "$(nproc)" --num-gpus "$ngpu" --include-dashboard false \
     --disable-usage-stats > "$out/ray_head.log" 2>&1 && export RAY_ADDRESS=auto
 fi
 gpu_flag=$([ "$ngpu" -gt 0 ] && echo true || echo false)
-mark "pipeline start (${games[*]}, preset $preset, $ngpu GPUs, DiT variant: $lever)"
+mark "pipeline start (${games[*]}, preset $preset, $ngpu GPUs, variant: ${VARIANT:-none})"
 pids=()
 for g in "${games[@]}"; do
   python pipeline/run_all.py --preset "$preset" --games "$g" --out "$out/$g" --stages collect vae dit evaluate 2>&1 | \
@@ -73,21 +77,24 @@ evaluate_on() {  # $1 game, $2 world model, $3 eval name, extra flags...: scored
   mark "$name exit $?"
 }
 vpid=
-if [ "$lever" = 1 ]; then
+if [ "${#variant[@]}" -gt 0 ]; then
   (
-    until [ -f "$out/$g0/stages/vae.json" ]; do  # the variant needs the pipeline's data and VAE
-      kill -0 "${pids[0]}" 2>/dev/null || { mark "variant: the $g0 pipeline ended without a VAE"; exit 1; }
+    vg=${variant[0]} vdir="$out/${variant[0]}-${variant[1]}"
+    for i in "${!games[@]}"; do [ "${games[$i]}" = "$vg" ] && vpipe=${pids[$i]}; done
+    until [ -f "$out/$vg/stages/collect.json" ]; do  # the variant trains on that pipeline's data
+      kill -0 "$vpipe" 2>/dev/null || { mark "variant: the $vg pipeline ended without data"; exit 1; }
       sleep 5
     done
-    mark "variant: training dit-$g0-T4only"
-    python scripts/dit_variant.py --preset "$preset" --run-dir "$out/$g0" --game "$g0" --name "dit-$g0-T4only" \
-      --set '{"horizon_choices": []}' > "$out/variant_train.log" 2>&1
-    mark "variant: trained, exit $?"
-    until [ -f "$out/$g0/eval/eval-$g0/${g0}_scores.npz" ]; do
-      kill -0 "${pids[0]}" 2>/dev/null || break
+    mkdir -p "$vdir/stages" && ln -sfn "$out/$vg/data" "$vdir/data" && cp "$out/$vg/stages/collect.json" "$vdir/stages/"
+    mark "variant ${variant[1]}: training $vg's VAE and DiT with ${variant[*]:2}"
+    python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages vae dit --set "${variant[@]:2}" 2>&1 | \
+      grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E" > "$vdir.job.log"
+    mark "variant ${variant[1]}: trained, exit $?"
+    until [ -f "$out/$vg/eval/eval-$vg/${vg}_scores.npz" ]; do
+      kill -0 "$vpipe" 2>/dev/null || break
       sleep 5
     done
-    evaluate_on "$g0" "$out/$g0/models/dit-$g0-T4only" "eval-$g0-T4only"
+    evaluate_on "$vg" "$vdir/models/dit-$vg" "eval-$vg-${variant[1]}"
   ) &
   vpid=$!
 fi

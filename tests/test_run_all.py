@@ -51,6 +51,29 @@ def test_completed_stage_is_reused_and_a_failing_stage_is_named(tmp_path):
         run_all._run_stage(tmp_path, "dit", set(), boom)
     assert not (tmp_path / "stages" / "dit.json").exists()  # a failed stage is not marked done
     assert json.loads((tmp_path / "stages" / "vae.json").read_text())["vae_path"] == "/z"
+    run_all._run_stage(tmp_path, "dit", set(), lambda: {"model_path": "/m"}, {"max_train_s": 720})
+    assert json.loads((tmp_path / "stages" / "dit.json").read_text())["settings"] == {"max_train_s": 720}
+
+
+def test_set_replaces_single_preset_settings_and_names_bad_ones():
+    base = run_all.PRESETS["gpu"]()
+    p = run_all.with_overrides(base, ("vae.latent_channels=16", "dit.horizon_choices=[1, 4]",
+                                      "collect.agent.train_steps=8000", "evaluate.name=eval-c16",
+                                      "dit.bf16=false"))
+    assert p.vae["latent_channels"] == 16 and base.vae["latent_channels"] == 8  # the preset is not mutated
+    assert p.vae["max_train_s"] == base.vae["max_train_s"]
+    assert config_from_dict(TrainDiTConfig, p.dit).horizon_choices == (1, 4) and p.dit["bf16"] is False
+    assert p.collect["agent"]["train_steps"] == 8000
+    assert p.collect["agent"]["learner_device"] == base.collect["agent"]["learner_device"]
+    assert p.evaluate["name"] == "eval-c16"  # not JSON: taken as a string
+    with pytest.raises(SystemExit, match="TrainVAEConfig has no field 'latent_chanels'"):
+        run_all.with_overrides(base, ("vae.latent_chanels=16",))
+    with pytest.raises(SystemExit, match="unknown section 'model'"):
+        run_all.with_overrides(base, ("model.width=512",))
+    with pytest.raises(SystemExit, match="expected section.field=value"):
+        run_all.with_overrides(base, ("vae.latent_channels",))
+    with pytest.raises(SystemExit, match="AgentConfig has no field 'steps'"):
+        run_all.with_overrides(base, ("collect.agent.steps=5",))
 
 
 def test_unknown_preset_and_stage_are_rejected():
