@@ -9,7 +9,8 @@
 # (the game one of those run) trains that game's VAE and DiT again meanwhile, on the same data
 # with those settings replaced (`run_all.py --set`), under $1/<game>-<tag>/: with a GPU to spare,
 # a lever measured in the same time. Then, per game, on the final model's held-out windows: its DiT
-# snapshot (snapshot_s of the preset) is scored, and the variant; then, with BENCH=1, the
+# snapshot (snapshot_s of the preset) is scored, the final DiT with the Euler steps of EXTRA_STEPS
+# (default "1 2"; "" for none), and the variant; then, with BENCH=1, the
 # multi-frame-vs-single-step benchmark per game and the generation benchmark, one GPU each, and the
 # collection benchmark (COLLECT_BENCH=0 skips it).
 # `bash scripts/gpu_run.sh $1 pack` makes $1/results.tar.gz of the small files (logs, metrics,
@@ -104,11 +105,15 @@ for i in "${!pids[@]}"; do
   else mark "pipeline ${games[$i]} FAILED"; fi
 done
 # Per game, on the final model's own windows: the same run's DiT at its snapshot (snapshot_s of the
-# preset): error against training time, measured. All at once; Ray hands out the GPUs.
+# preset), error against training time; and the final DiT with each number of Euler steps in
+# EXTRA_STEPS (default "1 2"), error against sampler cost. All at once; Ray hands out the GPUs.
 epids=()
 for g in "${games[@]}"; do
   snap=$(ls -d "$out/$g"/models/dit-"$g"-at*s 2>/dev/null | head -n 1)
   [ -n "$snap" ] && { evaluate_on "$g" "$snap" "eval-$(basename "$snap")" & epids+=($!); }
+  for k in ${EXTRA_STEPS-1 2}; do
+    evaluate_on "$g" "$out/$g/models/dit-$g" "eval-$g-k$k" --sample_steps "$k" & epids+=($!)
+  done
 done
 for p in "${epids[@]}" $vpid; do wait "$p"; done
 [ -n "${RAY_ADDRESS:-}" ] && ray stop > /dev/null 2>&1 && unset RAY_ADDRESS
