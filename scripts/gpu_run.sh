@@ -15,7 +15,8 @@
 # collection benchmark (COLLECT_BENCH=0 skips it).
 # `bash scripts/gpu_run.sh $1 pack` makes $1/results.tar.gz of the small files (logs, metrics,
 # tables, figures, scores) while or after it runs; `... $1 wait 540` waits up to 540 s for the run
-# to end first. PRESET (default gpu) is for trying it on a CPU machine.
+# to end first; `python scripts/run_summary.py $1` (here or on the unpacked results) prints the
+# tables of docs/results.md. PRESET (default gpu) is for trying it on a CPU machine.
 set -uo pipefail
 out=${1:-/tmp/gpurun}
 mkdir -p "$out"

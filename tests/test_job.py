@@ -189,6 +189,23 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     parent_metrics = {m["key"] for m in parent["data"].get("metrics", [])}
     assert "sweep/action_mode:past_future/horizon:2/mse" in parent_metrics
     assert not (out / "mlflow_pending.jsonl").exists(), "MLflow calls failed during the job"
+    _check_summary(out)
+
+
+def _check_summary(out: Path) -> None:
+    """scripts/run_summary.py reads the run back: its Table 2 rows carry the evaluation's cells."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("run_summary", REPO / "scripts" / "run_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.summarise([str(out)])
+    vs = pd.read_csv(out / "eval" / "eval-Breakout" / "vs_paper.csv")
+    for _, r in vs.iterrows():
+        assert f"| Breakout | {r.generation_length} | {r.mse:.2f} / {r.paper_mse:.2f} / {r.copy_last_mse:.2f} |" in text
+    assert "| VAE |" in text and " steps (" in text and "| eval-Breakout |" in text
 
 
 @pytest.mark.timeout(3000)
