@@ -43,14 +43,14 @@ smi=$!
 ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
 ngames=${#games[@]}
 if [ "$ngpu" -gt 0 ] && [ "$ngames" -gt "$ngpu" ]; then
-  echo "gpu_run.sh: $ngames games but $ngpu GPUs: name at most one game per GPU" >&2; exit 2
+  echo "gpu_run.sh: $ngames games but $ngpu GPUs: name at most one game per GPU" >&2; kill $smi 2>/dev/null; exit 2
 fi
 g0=${games[0]}
 read -r -a variant <<< "${VARIANT:-}"  # game, tag, settings...
 if [ "${#variant[@]}" -gt 0 ]; then
   if [ "${#variant[@]}" -lt 3 ] || [[ ! " ${games[*]} " =~ " ${variant[0]} " ]]; then
     echo "gpu_run.sh: VARIANT='${VARIANT}': expected '<game> <tag> <section.field=value>...' for a game of this run" >&2
-    exit 2
+    kill $smi 2>/dev/null; exit 2
   fi
 fi
 if [ "$ngames" -gt 1 ] || [ "${#variant[@]}" -gt 0 ]; then  # one head for all jobs: Ray hands each its own GPU

@@ -221,3 +221,18 @@ def test_dit_variant_is_the_presets_dit_with_fields_replaced(tmp_path):
     assert cfg.vae_path == str(tmp_path / "models" / "vae")
     with pytest.raises(TypeError, match="unknown TrainDiTConfig settings"):
         mod.variant_config("gpu", str(tmp_path), "Breakout", "v", {"horizon_choice": []})
+
+
+@pytest.mark.parametrize("variant, why", [
+    ("Breakout c16 vae.latent_channels=16", "a game this run does not play"),
+    ("Pong c16", "no settings"),
+])
+def test_gpu_run_rejects_a_variant_it_cannot_run_before_starting_anything(tmp_path, variant, why):
+    import subprocess
+
+    out = tmp_path / "run"
+    res = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "gpu_run.sh"), str(out), "Pong"],
+                         env={**os.environ, "VARIANT": variant}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, why
+    assert f"VARIANT='{variant}'" in res.stderr and "<game> <tag> <section.field=value>" in res.stderr
+    assert not (out / "Pong").exists()  # no pipeline started
