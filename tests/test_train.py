@@ -97,6 +97,34 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, windows_ds):
         assert name in TrainVAEConfig.__dataclass_fields__
 
 
+def test_lr_factor_warms_up_then_cools_down_over_the_last_share_of_the_run():
+    from workers.train_common import lr_factor
+
+    cfg = TrainVAEConfig(steps=10, warmup_steps=2, lr_cooldown=0.5)
+    assert [round(lr_factor(s, cfg), 3) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
+    # with a time budget, the elapsed share counts when it is further than the steps' share
+    assert lr_factor(1, cfg, time_frac=0.9) == pytest.approx(0.2)
+    assert lr_factor(1, cfg, time_frac=1.0) == 0.0
+    assert lr_factor(9, TrainVAEConfig(steps=10, warmup_steps=1)) == 1.0  # no cooldown: constant
+
+
+def test_time_budget_stops_both_ranks_at_one_step_and_the_lr_cools_down(tmp_path, windows_ds):
+    """max_train_s with two DDP ranks (the GPU presets' budgets): the ranks agree when to stop (no
+    rank left waiting in a collective) and on the cooldown's time share (one learning rate)."""
+    cfg = _cfg(tmp_path, steps=100_000, max_train_s=8.0, lr_cooldown=0.5, checkpoint_every=100_000)
+    result, _ = _fit(cfg, windows_ds)
+    lines = read_metrics(metrics_path(tmp_path, "vae"))
+    rows = [r for r in lines if "train/lr" in r]
+    budget = [json.loads(x) for x in metrics_path(tmp_path, "vae").read_text().splitlines()
+              if '"time_budget"' in x]
+    assert len(budget) == 1 and budget[0]["step"] == rows[-1]["step"] < cfg.steps
+    assert torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)["step"] == rows[-1]["step"]
+    lrs = [r["train/lr"] for r in rows]
+    assert lrs[0] == pytest.approx(cfg.lr)  # before any clock check: the peak rate
+    assert all(b <= a for a, b in zip(lrs, lrs[1:])), lrs  # the cooldown only ever lowers it
+    assert lrs[-1] < 0.25 * cfg.lr, lrs  # and it ends near 0 as the budget runs out
+
+
 def test_unknown_setting_is_an_error():
     from workers.train_common import config_from_dict
 

@@ -60,7 +60,12 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     warmup_steps: int = 100
-    """Linear learning-rate warmup from 0, then constant."""
+    """Linear learning-rate warmup from 0, then constant (until the cooldown, if any)."""
+    lr_cooldown: float = 0.0
+    """Fraction of the run, at its end, over which the learning rate falls linearly to 0 (0 = no
+    cooldown). The run's progress is step / steps, or with `max_train_s` the elapsed share of the
+    budget if that is further, agreed by every rank every `log_every` steps (so all ranks step with
+    the same rate). A restarted attempt's clock starts again, as its budget does."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still checked)."""
     ema_decay: float = 0.999
@@ -184,9 +189,22 @@ def make_optimizer(model: nn.Module, cfg: TrainSettings) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
-    warm = max(cfg.warmup_steps, 1)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+def lr_factor(step: int, cfg: TrainSettings, time_frac: float = 0.0) -> float:
+    """The learning rate's multiple of `cfg.lr` at optimiser step `step`: linear warmup, then 1,
+    then the linear cooldown to 0 over the last `lr_cooldown` of the run (progress: the further of
+    step / steps and `time_frac`, the elapsed share of the time budget)."""
+    factor = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_cooldown > 0:
+        progress = max(step / max(cfg.steps, 1), time_frac)
+        factor *= min(1.0, max(0.0, (1.0 - progress) / cfg.lr_cooldown))
+    return factor
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainSettings,
+                   clock: "RunClock | None" = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor` per step; the time share comes from `clock` (ranks agree on it)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, cfg, clock.time_frac if clock is not None else 0.0))
 
 
 class EMA:
@@ -355,15 +373,28 @@ def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: Tr
     return True, float(norm)
 
 
-def out_of_time(cfg: TrainSettings, t_start: float, device: torch.device) -> bool:
-    """Whether the run's wall-clock budget is spent, agreed by every rank (the slowest decides),
-    so that no rank stops while the others wait in a collective."""
-    if cfg.max_train_s <= 0:
-        return False
-    late = torch.tensor([float(time.time() - t_start > cfg.max_train_s)], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
-    return bool(late.item())
+class RunClock:
+    """The run's wall clock against `max_train_s`, read by every rank at the same steps: `check()`
+    takes the largest elapsed time over the ranks (the slowest decides), so that no rank stops
+    while the others wait in a collective, and every rank's learning-rate cooldown sees the same
+    `time_frac`."""
+
+    def __init__(self, cfg: TrainSettings, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.t_start = time.time()
+        self.time_frac = 0.0
+        """Elapsed share of the budget at the last check (0 without a budget), at most 1."""
+
+    def check(self) -> bool:
+        """Whether the budget is spent (a collective: call it on every rank at the same step)."""
+        if self.cfg.max_train_s <= 0:
+            return False
+        elapsed = torch.tensor([time.time() - self.t_start], dtype=torch.float64, device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        seconds = float(elapsed.item())
+        self.time_frac = min(1.0, seconds / self.cfg.max_train_s)
+        return seconds > self.cfg.max_train_s
 
 
 def load_frame_store(cfg: TrainSettings, device: torch.device, log: JsonlLog):

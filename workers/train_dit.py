@@ -25,7 +25,7 @@ from workers.clips import split_sample
 from workers.frame_store import window_generator
 from workers.train_common import (
     EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_frame_store, restore,
-    make_optimizer, make_scheduler, out_of_time, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
+    make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
 )
 from workers.world_model import ACTION_MODES, load_vae
@@ -137,7 +137,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dit = build_dit(cfg, vae.cfg.latent_channels).to(device)
     ema = EMA(dit, cfg.ema_decay)
     opt = make_optimizer(dit, cfg)
-    sched = make_scheduler(opt, cfg)
+    clock = RunClock(cfg, device)
+    sched = make_scheduler(opt, cfg, clock)
     step = restore(device, dit, ema, opt, sched)  # a resumed run, or a FailureConfig restart
     model = ray.train.torch.prepare_model(dit)
     if cfg.compile:
@@ -181,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def checkpoint(d):
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
 
-    t_start = t_last = time.time()
+    clock.t_start = t_last = time.time()
     steps_since, reported_step = 0, -1
     # Snapshots still to take (a restarted run keeps the ones its earlier attempt wrote).
     pending = sorted(s for s in cfg.snapshot_s if not snapshot_path(cfg.run_dir, cfg.name, s).exists())
@@ -219,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.write({"step": step, **m})
             t_last, steps_since = now, 0
         if pending and rank == 0 and step % cfg.log_every == 0:
-            elapsed = time.time() - t_start
+            elapsed = time.time() - clock.t_start
             while pending and elapsed >= pending[0]:
                 at = pending.pop(0)
                 path = snapshot_path(cfg.run_dir, cfg.name, at)
@@ -231,7 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
             reported_step = step
-        if step % cfg.log_every == 0 and out_of_time(cfg, t_start, device):
+        if step % cfg.log_every == 0 and clock.check():
             log.write({"event": "time_budget", "step": step, "message": f"max_train_s={cfg.max_train_s} spent at step {step}"})
             break
     if reported_step != step:  # stopped by the time budget, or restarted after the last step

@@ -18,7 +18,7 @@ from models.vae import VAE_models, VideoVAE, vae_loss
 from workers.frame_store import window_generator
 from workers.train_common import (
     EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_frame_store, restore,
-    make_optimizer, make_scheduler, out_of_time, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
+    make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
 )
 
@@ -70,7 +70,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     vae = build_vae(cfg).to(device)
     ema = EMA(vae, cfg.ema_decay)
     opt = make_optimizer(vae, cfg)
-    sched = make_scheduler(opt, cfg)
+    clock = RunClock(cfg, device)
+    sched = make_scheduler(opt, cfg, clock)
     step = restore(device, vae, ema, opt, sched)  # a resumed run, or a FailureConfig restart
     model = ray.train.torch.prepare_model(vae)  # DDP over the workers (gloo on CPU, NCCL on GPU)
     if cfg.compile:
@@ -93,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def checkpoint(d):
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
 
-    t_start = t_last = time.time()
+    clock.t_start = t_last = time.time()
     steps_since, reported_step = 0, -1
     while step < cfg.steps:
         maybe_crash(cfg, step)
@@ -121,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
             reported_step = step
-        if step % cfg.log_every == 0 and out_of_time(cfg, t_start, device):
+        if step % cfg.log_every == 0 and clock.check():
             log.write({"event": "time_budget", "step": step, "message": f"max_train_s={cfg.max_train_s} spent at step {step}"})
             break
     if reported_step != step:  # stopped by the time budget, or restarted after the last step
