@@ -143,7 +143,7 @@ def main(args) -> None:
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     agent = AgentConfig(dim=84, train_steps=128, train_batch_size=128, minibatch_size=64,
-                        num_epochs=1)
+                        num_epochs=1, inference_dtype=args.inference_dtype)
     rows = []
     raw_before = {e: raw_steps_per_s(e, args.steps, args.num_env_runners) for e in env_ids}
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,6 +169,7 @@ def main(args) -> None:
             rows.append((game, g["steps_per_s"], g["steady_steps_per_s"], raw, g["runner_seconds"],
                          g["bytes_per_frame"], codec_bytes_per_frame(files)))
     where = f" on {args.gpus_per_env_runner:g} GPU per runner" if args.gpus_per_env_runner else ""
+    where += f", {args.inference_dtype} inference" if args.policy == "ppo" else ""
     print(f"\n{args.policy} policy{where}, {args.num_env_runners} processes ({args.num_envs_per_env_runner} "
           f"envs each when recording), {args.steps} recorded steps per game, {os.cpu_count()} CPU cores")
     print("| game | recorded steps/s: all / steady | raw ALE steps/s (before/after) | recorded/raw: "
@@ -214,4 +215,6 @@ if __name__ == "__main__":
     p.add_argument("--gpus-per-env-runner", type=float, default=0.0,
                    help="GPU share per recording runner (policy inference on the GPU)")
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--inference-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the recording runners' policy forward pass (AgentConfig.inference_dtype)")
     main(p.parse_args())

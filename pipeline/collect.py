@@ -98,10 +98,11 @@ def _write_json_atomic(path: str, obj) -> None:
 
 
 def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None,
-                 out_dir: str) -> tuple[float, dict]:
+                 out_dir: str) -> tuple[float, dict, float | None, list[str]]:
     """Record `steps_per_game` rows of one game into `out_dir` (one Parquet file per runner and
-    round); returns the seconds spent sampling, compressing and writing (start-up excluded), and
-    the runners' seconds per phase (policy, env, drain, write), summed over runners."""
+    round); returns the seconds spent sampling, compressing and writing (start-up excluded), the
+    runners' seconds per phase (policy, env, drain, write) summed over runners, the steady rate
+    (rounds after the first), and the dtypes the runners' policies ran in."""
     import ray
 
     # Runners write their own files, so no CPU has to stay free for write tasks; on a small
@@ -151,7 +152,7 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None,
                   + " ".join(f"{k}={v:.1f}" for k, v in phases.items()), flush=True)
         end = time.time()
         steady = (steps - first_round[1]) / (end - first_round[0]) if steps > first_round[1] else None
-        return end - t0, phases, steady
+        return end - t0, phases, steady, sorted({s["policy_dtype"] for s in stats})
     finally:
         algo.stop()
 
@@ -211,13 +212,13 @@ def main(cfg: CollectConfig) -> dict:
                         num_env_runners=cfg.num_env_runners,
                         cpus_per_env_runner=cfg.cpus_per_env_runner)
             out_dir = os.path.join(staging, f"game={game}", f"run={cfg.run_id}")
-            seconds, phases, steady = _record_game(cfg, env_id, checkpoint, out_dir)
+            seconds, phases, steady, dtypes = _record_game(cfg, env_id, checkpoint, out_dir)
             summary = _summarise(out_dir)
             # steps_per_s: every recorded row over the whole recording, first resets included
             # (each sub-env's seeded reset reloads the ROM, ~0.1 s); steady_steps_per_s: the
             # rounds after the first (None with a single round).
             manifest["games"][game] = dict(env_id=env_id, policy=cfg.policy, checkpoint=checkpoint,
-                                           record_seconds=seconds, runner_seconds=phases,
+                                           record_seconds=seconds, runner_seconds=phases, policy_dtype=dtypes,
                                            steps_per_s=summary["rows"] / seconds,
                                            steady_steps_per_s=steady, **summary)
         # Swap every game's run directory in by rename (atomic per game on one filesystem).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -117,6 +119,16 @@ def test_ppo_trains_and_records_from_checkpoint(ray_local, tmp_path):
                            steps_per_game=60, num_env_runners=1, agent=agent))
     assert m["games"]["Pong"]["checkpoint"] == ckpt
     assert validate_dataset(str(tmp_path / "data"))["rows"] == m["games"]["Pong"]["rows"] >= 60
+    assert m["games"]["Pong"]["policy_dtype"] == ["float32"]
+    # The same checkpoint recording with a bf16 forward pass (AgentConfig.inference_dtype).
+    bf16 = dataclasses.replace(agent, inference_dtype="bfloat16")
+    m = main(CollectConfig(data_root=str(tmp_path / "data_bf16"), run_id="ppo", games=("Pong",),
+                           policy="ppo", checkpoint=str(tmp_path / "ckpt" / "{game}"),
+                           steps_per_game=60, num_env_runners=1, agent=bf16))
+    assert m["games"]["Pong"]["policy_dtype"] == ["bfloat16"]
+    assert validate_dataset(str(tmp_path / "data_bf16"))["rows"] == m["games"]["Pong"]["rows"] >= 60
+    with pytest.raises(ValueError, match="inference_dtype='float16'"):
+        AgentConfig(inference_dtype="float16")
 
 
 def test_auto_learner_falls_back_to_the_cpu_when_the_gpu_learner_cannot_build(ray_local, tmp_path, monkeypatch):
