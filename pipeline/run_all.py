@@ -135,7 +135,6 @@ def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
     An unknown section or field fails here, naming it, before anything runs."""
     sections = _section_configs()
     parts = {name: dict(getattr(preset, name)) for name in ("collect", "vae", "dit", "evaluate")}
-    parts["collect"]["agent"] = dict(parts["collect"].get("agent", {}))
     for item in sets:
         key, eq, raw = item.partition("=")
         section, _, field = key.strip().rpartition(".")
@@ -151,10 +150,10 @@ def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        target = parts["collect"]["agent"] if section == "collect.agent" else parts[section]
-        target[field] = value
-    if not parts["collect"]["agent"]:
-        del parts["collect"]["agent"]
+        if section == "collect.agent":  # a copy: the preset's own dict stays as it was
+            parts["collect"]["agent"] = {**parts["collect"].get("agent", {}), field: value}
+        else:
+            parts[section][field] = value
     return dataclasses.replace(preset, **parts)
 
 
