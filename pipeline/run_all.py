@@ -87,7 +87,9 @@ def gpu() -> Preset:
     training frame once) and one DiT for generation lengths 1, 2 and 4 (12 min), sampled with 4
     Euler steps. GPU run 4 (docs/results.md) measured the choices: its DiT's error at T = 4 fell
     14-22 % from 240 s to 480 s of training, and 4 Euler steps scored as well as 8 at half the
-    generation cost. The snapshot at 480 s scores the same run with run 4's training time."""
+    generation cost. The snapshot at 480 s scores the same run with run 4's training time (constant
+    rate until then); both models' learning rates then fall linearly to 0 over the last 20 % of
+    their budgets."""
     gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
     return Preset(
         games=("Breakout",),
@@ -96,11 +98,11 @@ def gpu() -> Preset:
                  "agent": {"train_steps": 64_000, "train_batch_size": 8000, "minibatch_size": 500, "num_epochs": 2,
                            "learner_device": "auto", "learner_threads": 8}},
         vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "temporal_kernel": 1, "steps": 50_000, "max_train_s": 300,
-             "batch_size": 16, "clip_length": 4, "lr": 4e-4, "warmup_steps": 200, "checkpoint_every": 1000,
+             "batch_size": 16, "clip_length": 4, "lr": 4e-4, "warmup_steps": 200, "lr_cooldown": 0.2, "checkpoint_every": 1000,
              "log_every": 50},
         dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 100_000, "max_train_s": 720, "snapshot_s": (480,),
              "batch_size": 32, "horizon": 4, "horizon_choices": (1, 2, 4), "sample_steps": 4, "lr": 3e-4,
-             "warmup_steps": 300, "checkpoint_every": 2000, "log_every": 50},
+             "warmup_steps": 300, "lr_cooldown": 0.2, "checkpoint_every": 2000, "log_every": 50},
         evaluate={"horizons": (1, 2, 4, 8, 16), "max_windows": 256, "stride": 8, "batch_size": 32,
                   "num_cpus": 4, "use_gpu": True, "figure_windows": 2},
     )

@@ -10,7 +10,9 @@
 # with those settings replaced (`run_all.py --set`), under $1/<game>-<tag>/: with a GPU to spare,
 # a lever measured in the same time. Then, per game, on the final model's held-out windows: its DiT
 # snapshot (snapshot_s of the preset) is scored, the final DiT with the Euler steps of EXTRA_STEPS
-# (default "1 2"; "" for none), and the variant; then, with BENCH=1, the
+# (default "1 2"; "" for none), and the variant. Once the variant has trained, its GPU times DiT
+# training of the presets in TRAIN_BENCH (default "B"; "" for none) while the pipelines evaluate
+# (scripts/on_ray_gpu.py: Ray holds that GPU for it). Then, with BENCH=1, the
 # multi-frame-vs-single-step benchmark per game and the generation benchmark, one GPU each, and the
 # collection benchmark (COLLECT_BENCH=0 skips it).
 # `bash scripts/gpu_run.sh $1 pack` makes $1/results.tar.gz of the small files (logs, metrics,
@@ -92,6 +94,17 @@ if [ "${#variant[@]}" -gt 0 ]; then
     python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages vae dit --set "${variant[@]:2}" 2>&1 | \
       grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E" > "$vdir.job.log"
     mark "variant ${variant[1]}: trained, exit $?"
+    if [ -n "${TRAIN_BENCH-B}" ] && [ "$ngpu" -gt 0 ]; then
+      # DiT training throughput (bench_train, synthetic latents of the run's shape) of the presets
+      # in TRAIN_BENCH (default "B"; "" for none), eager and compiled, on a GPU Ray holds for it,
+      # while the pipelines evaluate.
+      read -r -a bench_presets <<< "${TRAIN_BENCH-B}"
+      python scripts/on_ray_gpu.py --log "$out/bench_train.log" --num-cpus 4 -- python -m benchmarks.bench_train \
+        --presets "${bench_presets[@]}" --batch-sizes 32 --compile eager compile --warmup 3 --steps 15 \
+        --spatial-downsample 4 --latent-channels 8 --patch-size 1 4 4 --profile --out "$out/bench_train.csv" \
+        >> "$out/progress.log" 2>&1
+      mark "bench_train (${bench_presets[*]}) exit $?"
+    fi
     until [ -f "$out/$vg/eval/eval-$vg/${vg}_scores.npz" ]; do
       kill -0 "$vpipe" 2>/dev/null || break
       sleep 5
@@ -135,11 +148,6 @@ done
     --world-model "$out/$g0/models/dit-$g0" --batch-sizes 1 64 256 --sample-steps 4 8 --compile eager cudagraphs \
     --out "$out/bench_generate.csv" > "$out/bench_generate.log" 2>&1
   mark "bench_generate exit $?"
-  # DiT training throughput of the S and B presets on the run's latent shape (S alone so far).
-  CUDA_VISIBLE_DEVICES=$(( ngpu > 0 ? ngames % ngpu : 0 )) python -m benchmarks.bench_train --presets S B \
-    --batch-sizes 32 --compile eager compile --warmup 3 --steps 15 --spatial-downsample 4 --latent-channels 8 \
-    --patch-size 1 4 4 --out "$out/bench_train.csv" > "$out/bench_train.log" 2>&1
-  mark "bench_train exit $?"
 ) &
 bpids+=($!)
 for i in "${!bpids[@]}"; do wait "${bpids[$i]}"; done

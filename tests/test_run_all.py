@@ -236,3 +236,23 @@ def test_gpu_run_rejects_a_variant_it_cannot_run_before_starting_anything(tmp_pa
     assert res.returncode == 2, why
     assert f"VARIANT='{variant}'" in res.stderr and "<game> <tag> <section.field=value>" in res.stderr
     assert not (out / "Pong").exists()  # no pipeline started
+
+
+def test_on_ray_gpu_runs_the_command_as_a_ray_task_and_returns_its_exit_status(tmp_path, capsys):
+    """gpu_run.sh times benchmarks through scripts/on_ray_gpu.py so that Ray, which schedules the
+    pipelines' GPU jobs, holds the benchmark's GPU too. Here with no GPU: the same task path."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("on_ray_gpu", Path(__file__).parents[1] / "scripts" / "on_ray_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    log = tmp_path / "cmd.log"
+    marker = tmp_path / "ran"
+    code = mod.main(["--log", str(log), "--num-gpus", "0", "--num-cpus", "1", "--address", "local", "--",
+                     sys.executable, "-c",
+                     f"import pathlib, sys; pathlib.Path({str(marker)!r}).write_text('x'); print('from the task'); sys.exit(3)"])
+    assert code == 3  # the command's status, not the task's
+    assert marker.exists() and "from the task" in log.read_text()
+    assert "exit 3" in capsys.readouterr().out
+    assert mod.main(["--log", str(log)]) == 2  # no command: usage, nothing run
