@@ -6,19 +6,21 @@
 # Each game's pipeline writes under $1/<game>/. Several games run at once on one Ray head that
 # holds every GPU of the machine (each training job and evaluation takes one GPU), so a 4-GPU
 # machine does three games in the time of one. VARIANT="<game> <tag> <section.field=value>..."
-# (the game one of those run) trains that game's VAE and DiT again meanwhile, on the same data
-# with those settings replaced (`run_all.py --set`), under $1/<game>-<tag>/: with a GPU to spare,
-# a lever measured in the same time. Then, per game, on the final model's held-out windows: its DiT
-# snapshot (snapshot_s of the preset) is scored, the final DiT with the Euler steps of EXTRA_STEPS
-# (default "1 2"; "" for none), and the variant. Once the variant has trained, its GPU times DiT
-# training of the presets in TRAIN_BENCH (default "B"; "" for none) while the pipelines evaluate
-# (scripts/on_ray_gpu.py: Ray holds that GPU for it). Then, with BENCH=1, the
+# (the game one of those run; several variants separated by ";", one spare GPU each) trains that
+# game's VAE and DiT again meanwhile, on the same data with those settings replaced
+# (`run_all.py --set`), under $1/<game>-<tag>/: with a GPU to spare, a lever measured in the same
+# time. Then, per game, on the final model's held-out windows: its DiT snapshot (snapshot_s of the
+# preset) is scored, the final DiT with the Euler steps of EXTRA_STEPS (default "1 2"; "" for
+# none), and each variant. Once the first variant has trained, its GPU times DiT training of the
+# presets in TRAIN_BENCH (default "L", TRAIN_BENCH_BATCH clips; "" for none) while the pipelines
+# evaluate (scripts/on_ray_gpu.py: Ray holds that GPU for it). Then, with BENCH=1, the
 # multi-frame-vs-single-step benchmark per game and the generation benchmark, one GPU each, and the
 # collection benchmark (COLLECT_BENCH=0 skips it).
 # `bash scripts/gpu_run.sh $1 pack` makes $1/results.tar.gz of the small files (logs, metrics,
 # tables, figures, scores) while or after it runs; `... $1 wait 540` waits up to 540 s for the run
 # to end first; `python scripts/run_summary.py $1` (here or on the unpacked results) prints the
-# tables of docs/results.md. PRESET (default gpu) is for trying it on a CPU machine.
+# tables of docs/results.md. PRESET (default gpu) and RAY_NUM_CPUS (default: the cores; more lets
+# several smoke jobs share a small CPU machine) are for trying it on a CPU machine.
 set -uo pipefail
 out=${1:-/tmp/gpurun}
 mkdir -p "$out"
@@ -48,23 +50,30 @@ if [ "$ngpu" -gt 0 ] && [ "$ngames" -gt "$ngpu" ]; then
   echo "gpu_run.sh: $ngames games but $ngpu GPUs: name at most one game per GPU" >&2; kill $smi 2>/dev/null; exit 2
 fi
 g0=${games[0]}
-read -r -a variant <<< "${VARIANT:-}"  # game, tag, settings...
-if [ "${#variant[@]}" -gt 0 ]; then
-  if [ "${#variant[@]}" -lt 3 ] || [[ ! " ${games[*]} " =~ " ${variant[0]} " ]]; then
-    echo "gpu_run.sh: VARIANT='${VARIANT}': expected '<game> <tag> <section.field=value>...' for a game of this run" >&2
+IFS=';' read -r -a variants <<< "${VARIANT:-}"  # "<game> <tag> <settings>...; <game> <tag> ..."
+vspecs=()
+for v in "${variants[@]}"; do
+  read -r -a vw <<< "$v"
+  [ "${#vw[@]}" -eq 0 ] && continue
+  if [ "${#vw[@]}" -lt 3 ] || [[ ! " ${games[*]} " =~ " ${vw[0]} " ]]; then
+    echo "gpu_run.sh: VARIANT='${VARIANT}': '${v# }': expected '<game> <tag> <section.field=value>...' for a game of this run" >&2
     kill $smi 2>/dev/null; exit 2
   fi
+  vspecs+=("${vw[*]}")
+done
+if [ "$ngpu" -gt 0 ] && [ $(( ngames + ${#vspecs[@]} )) -gt "$ngpu" ]; then
+  echo "gpu_run.sh: $ngames games and ${#vspecs[@]} variants but $ngpu GPUs: one GPU each" >&2; kill $smi 2>/dev/null; exit 2
 fi
-if [ "$ngames" -gt 1 ] || [ "${#variant[@]}" -gt 0 ]; then  # one head for all jobs: Ray hands each its own GPU
-  ray start --head --num-cpus "$(nproc)" --num-gpus "$ngpu" --include-dashboard false \
+if [ "$ngames" -gt 1 ] || [ "${#vspecs[@]}" -gt 0 ]; then  # one head for all jobs: Ray hands each its own GPU
+  ray start --head --num-cpus "${RAY_NUM_CPUS:-$(nproc)}" --num-gpus "$ngpu" --include-dashboard false \
     --disable-usage-stats > "$out/ray_head.log" 2>&1 && export RAY_ADDRESS=auto
 fi
 gpu_flag=$([ "$ngpu" -gt 0 ] && echo true || echo false)
-mark "pipeline start (${games[*]}, preset $preset, $ngpu GPUs, variant: ${VARIANT:-none})"
+mark "pipeline start (${games[*]}, preset $preset, $ngpu GPUs, variants: ${VARIANT:-none})"
 pids=()
 for g in "${games[@]}"; do
   python pipeline/run_all.py --preset "$preset" --games "$g" --out "$out/$g" --stages collect vae dit evaluate 2>&1 | \
-    grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E" > "$out/$g.job.log" &
+    grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E|PlacementGroupCleaner" > "$out/$g.job.log" &
   pids+=($!)
 done
 # The preset's evaluation settings, which the pipeline's own evaluation used (windows_of needs them).
@@ -80,39 +89,43 @@ evaluate_on() {  # $1 game, $2 world model, $3 eval name, extra flags...: scored
     --num_cpus "$eval_cpus" --use_gpu "$gpu_flag" --name "$name" --figure_windows 0 "$@" > "$out/$name.log" 2>&1
   mark "$name exit $?"
 }
-vpid=
-if [ "${#variant[@]}" -gt 0 ]; then
-  (
-    vg=${variant[0]} vdir="$out/${variant[0]}-${variant[1]}"
-    for i in "${!games[@]}"; do [ "${games[$i]}" = "$vg" ] && vpipe=${pids[$i]}; done
-    until [ -f "$out/$vg/stages/collect.json" ]; do  # the variant trains on that pipeline's data
-      kill -0 "$vpipe" 2>/dev/null || { mark "variant: the $vg pipeline ended without data"; exit 1; }
-      sleep 5
-    done
-    mkdir -p "$vdir/stages" && ln -sfn "$out/$vg/data" "$vdir/data" && cp "$out/$vg/stages/collect.json" "$vdir/stages/"
-    mark "variant ${variant[1]}: training $vg's VAE and DiT with ${variant[*]:2}"
-    python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages vae dit --set "${variant[@]:2}" 2>&1 | \
-      grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E" > "$vdir.job.log"
-    mark "variant ${variant[1]}: trained, exit $?"
-    if [ -n "${TRAIN_BENCH-B}" ] && [ "$ngpu" -gt 0 ]; then
-      # DiT training throughput (bench_train, synthetic latents of the run's shape) of the presets
-      # in TRAIN_BENCH (default "B"; "" for none), eager and compiled, on a GPU Ray holds for it,
-      # while the pipelines evaluate.
-      read -r -a bench_presets <<< "${TRAIN_BENCH-B}"
-      python scripts/on_ray_gpu.py --log "$out/bench_train.log" --num-cpus 4 -- python -m benchmarks.bench_train \
-        --presets "${bench_presets[@]}" --batch-sizes 32 --compile eager compile --warmup 3 --steps 15 \
-        --spatial-downsample 4 --latent-channels 8 --patch-size 1 4 4 --profile --out "$out/bench_train.csv" \
-        >> "$out/progress.log" 2>&1
-      mark "bench_train (${bench_presets[*]}) exit $?"
-    fi
-    until [ -f "$out/$vg/eval/eval-$vg/${vg}_scores.npz" ]; do
-      kill -0 "$vpipe" 2>/dev/null || break
-      sleep 5
-    done
-    evaluate_on "$vg" "$vdir/models/dit-$vg" "eval-$vg-${variant[1]}"
-  ) &
-  vpid=$!
-fi
+run_variant() {  # $1: 0 for the first variant (it also times TRAIN_BENCH), then game, tag, settings...
+  local first=$1 vg=$2 tag=$3; shift 3
+  local vdir="$out/$vg-$tag" vpipe
+  for i in "${!games[@]}"; do [ "${games[$i]}" = "$vg" ] && vpipe=${pids[$i]}; done
+  until [ -f "$out/$vg/stages/collect.json" ]; do  # the variant trains on that pipeline's data
+    kill -0 "$vpipe" 2>/dev/null || { mark "variant $tag: the $vg pipeline ended without data"; return 1; }
+    sleep 5
+  done
+  mkdir -p "$vdir/stages" && ln -sfn "$out/$vg/data" "$vdir/data" && cp "$out/$vg/stages/collect.json" "$vdir/stages/"
+  mark "variant $tag: training $vg's VAE and DiT with $*"
+  python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages vae dit --set "$@" 2>&1 | \
+    grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E|PlacementGroupCleaner" > "$vdir.job.log"
+  mark "variant $tag: trained, exit ${PIPESTATUS[0]}"
+  if [ "$first" = 0 ] && [ -n "${TRAIN_BENCH-L}" ] && [ "$ngpu" -gt 0 ]; then
+    # DiT training throughput (bench_train, synthetic latents of the run's shape) of the presets in
+    # TRAIN_BENCH (default "L"; "" for none) at TRAIN_BENCH_BATCH clips (default 16), eager and
+    # compiled, on a GPU Ray holds for it, while the pipelines evaluate.
+    local bench_presets
+    read -r -a bench_presets <<< "${TRAIN_BENCH-L}"
+    python scripts/on_ray_gpu.py --log "$out/bench_train.log" --num-cpus 4 -- python -m benchmarks.bench_train \
+      --presets "${bench_presets[@]}" --batch-sizes ${TRAIN_BENCH_BATCH:-16} --compile eager compile --warmup 3 \
+      --steps 15 --spatial-downsample 4 --latent-channels 8 --patch-size 1 4 4 --profile --out "$out/bench_train.csv" \
+      >> "$out/progress.log" 2>&1
+    mark "bench_train (${bench_presets[*]}) exit $?"
+  fi
+  until [ -f "$out/$vg/eval/eval-$vg/${vg}_scores.npz" ]; do
+    kill -0 "$vpipe" 2>/dev/null || break
+    sleep 5
+  done
+  evaluate_on "$vg" "$vdir/models/dit-$vg" "eval-$vg-$tag"
+}
+vpids=()
+for j in "${!vspecs[@]}"; do
+  read -r -a vw <<< "${vspecs[$j]}"
+  run_variant "$j" "${vw[@]}" &
+  vpids+=($!)
+done
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"
   if grep -q '\[run_all\] finished' "$out/${games[$i]}.job.log"; then mark "pipeline ${games[$i]} ok"
@@ -129,7 +142,7 @@ for g in "${games[@]}"; do
     evaluate_on "$g" "$out/$g/models/dit-$g" "eval-$g-k$k" --sample_steps "$k" & epids+=($!)
   done
 done
-for p in "${epids[@]}" $vpid; do wait "$p"; done
+for p in "${epids[@]}" "${vpids[@]}"; do wait "$p"; done
 [ -n "${RAY_ADDRESS:-}" ] && ray stop > /dev/null 2>&1 && unset RAY_ADDRESS
 kill $smi 2>/dev/null
 if [ "${BENCH:-0}" != 1 ]; then mark "all done"; exit 0; fi

@@ -226,6 +226,7 @@ def test_dit_variant_is_the_presets_dit_with_fields_replaced(tmp_path):
 @pytest.mark.parametrize("variant, why", [
     ("Breakout c16 vae.latent_channels=16", "a game this run does not play"),
     ("Pong c16", "no settings"),
+    ("Pong c16 vae.latent_channels=16; Pong l2", "the second of two variants has no settings"),
 ])
 def test_gpu_run_rejects_a_variant_it_cannot_run_before_starting_anything(tmp_path, variant, why):
     import subprocess
