@@ -5,22 +5,29 @@
 #   . scripts/device_env.sh && bash scripts/gpu_run.sh /tmp/gpurun [Breakout | "Pong DemonAttack"]
 # Each game's pipeline writes under $1/<game>/. Several games run at once on one Ray head that
 # holds every GPU of the machine (each training job and evaluation takes one GPU), so a 4-GPU
-# machine does three games in the time of one. VARIANT="<game> <tag> <section.field=value>..."
-# (the game one of those run; several variants separated by ";", one spare GPU each) trains that
-# game's VAE and DiT again meanwhile, on the same data with those settings replaced
-# (`run_all.py --set`), under $1/<game>-<tag>/: with a GPU to spare, a lever measured in the same
-# time. Then, per game, on the final model's held-out windows: its DiT snapshot (snapshot_s of the
-# preset) is scored, the final DiT with the Euler steps of EXTRA_STEPS (default "1 2"; "" for
-# none), and each variant. Once the first variant has trained, its GPU times DiT training of the
-# presets in TRAIN_BENCH (default "L", TRAIN_BENCH_BATCH clips; "" for none) while the pipelines
-# evaluate (scripts/on_ray_gpu.py: Ray holds that GPU for it). Then, with BENCH=1, the
-# multi-frame-vs-single-step benchmark per game and the generation benchmark, one GPU each, and the
-# collection benchmark (COLLECT_BENCH=0 skips it).
+# machine does three games in the time of one. Settings, all from the environment:
+# - VARIANT="<game> <tag> <section.field=value>..." (a game of this run; several variants separated
+#   by ";", one spare GPU each) trains that game's VAE and DiT again meanwhile, on the same data
+#   with those settings replaced (`run_all.py --set`), under $1/<game>-<tag>/: a lever measured in
+#   the same time, on the same held-out windows.
+# - Per game, on the final model's windows, also: the DiT snapshot (snapshot_s of the preset;
+#   SNAPSHOT_EVAL=0 skips it) and the final DiT with the Euler steps of EXTRA_STEPS (default "1 2";
+#   "" for none).
+# - TRAIN_BENCH (default "L"; "" for none) at TRAIN_BENCH_BATCH clips (default 16): once the first
+#   variant has trained, its GPU times DiT training of those presets while the pipelines evaluate
+#   (scripts/on_ray_gpu.py: Ray holds that GPU for it).
+# - MULTISTEP="<game> <tag>" (a variant trained for T = 1 alone) times and scores the game's own
+#   DiT in multi-frame chunks against that variant one frame at a time (bench_multistep, to the
+#   horizons of MULTISTEP_HORIZONS, default "4 8 16").
+# - BENCH=1 then runs the multi-frame-vs-single-step benchmark per game (each game's own DiT both
+#   ways), the generation benchmark, one GPU each, and the collection benchmark (COLLECT_BENCH=0
+#   skips it).
+# - PRESET (default gpu) and RAY_NUM_CPUS (default: the cores; more lets several smoke jobs share
+#   a small CPU machine) are for trying it on a CPU machine.
 # `bash scripts/gpu_run.sh $1 pack` makes $1/results.tar.gz of the small files (logs, metrics,
 # tables, figures, scores) while or after it runs; `... $1 wait 540` waits up to 540 s for the run
 # to end first; `python scripts/run_summary.py $1` (here or on the unpacked results) prints the
-# tables of docs/results.md. PRESET (default gpu) and RAY_NUM_CPUS (default: the cores; more lets
-# several smoke jobs share a small CPU machine) are for trying it on a CPU machine.
+# tables of docs/results.md.
 set -uo pipefail
 out=${1:-/tmp/gpurun}
 mkdir -p "$out"
@@ -61,6 +68,15 @@ for v in "${variants[@]}"; do
   fi
   vspecs+=("${vw[*]}")
 done
+read -r -a multistep <<< "${MULTISTEP:-}"  # game, tag of its T = 1 variant
+if [ "${#multistep[@]}" -gt 0 ]; then
+  found=0
+  for v in "${vspecs[@]}"; do read -r -a vw <<< "$v"; [ "${vw[0]} ${vw[1]}" = "${multistep[*]}" ] && found=1; done
+  if [ "${#multistep[@]}" -ne 2 ] || [ "$found" = 0 ]; then
+    echo "gpu_run.sh: MULTISTEP='${MULTISTEP}': expected '<game> <tag>' of a variant of this run (VARIANT='${VARIANT:-}')" >&2
+    kill $smi 2>/dev/null; exit 2
+  fi
+fi
 if [ "$ngpu" -gt 0 ] && [ $(( ngames + ${#vspecs[@]} )) -gt "$ngpu" ]; then
   echo "gpu_run.sh: $ngames games and ${#vspecs[@]} variants but $ngpu GPUs: one GPU each" >&2; kill $smi 2>/dev/null; exit 2
 fi
@@ -136,12 +152,36 @@ done
 # EXTRA_STEPS (default "1 2"), error against sampler cost. All at once; Ray hands out the GPUs.
 epids=()
 for g in "${games[@]}"; do
-  snap=$(ls -d "$out/$g"/models/dit-"$g"-at*s 2>/dev/null | head -n 1)
+  snap=$([ "${SNAPSHOT_EVAL:-1}" = 1 ] && ls -d "$out/$g"/models/dit-"$g"-at*s 2>/dev/null | head -n 1)
   [ -n "$snap" ] && { evaluate_on "$g" "$snap" "eval-$(basename "$snap")" & epids+=($!); }
   for k in ${EXTRA_STEPS-1 2}; do
     evaluate_on "$g" "$out/$g/models/dit-$g" "eval-$g-k$k" --sample_steps "$k" & epids+=($!)
   done
 done
+if [ "${#multistep[@]}" -gt 0 ]; then
+  # Multi-frame against single-step on the same held-out windows: the game's own DiT in chunks of
+  # its longest length, against the variant's, trained for T = 1 on the same data in the same time
+  # (e.g. MULTISTEP="Breakout T1" with VARIANT="Breakout T1 dit.horizon=1 dit.horizon_choices=[1]").
+  (
+    g=${multistep[0]} tag=${multistep[1]}
+    single="$out/$g-$tag/models/dit-$g"
+    until [ -f "$single/world_model.json" ]; do  # the variant's DiT is saved when its stage ends
+      for j in "${!vspecs[@]}"; do
+        read -r -a vw <<< "${vspecs[$j]}"
+        if [ "${vw[0]} ${vw[1]}" = "$g $tag" ] && ! kill -0 "${vpids[$j]}" 2>/dev/null; then
+          mark "bench_multistep: variant $tag ended without a model"; exit 1
+        fi
+      done
+      sleep 5
+    done
+    python scripts/on_ray_gpu.py --log "$out/bench_multistep_$g.log" --num-gpus $([ "$ngpu" -gt 0 ] && echo 1 || echo 0) \
+      --num-cpus 4 -- python -m benchmarks.bench_multistep --multi-frame "$out/$g/models/dit-$g" --single-step "$single" \
+      --data-root "$out/$g/data" --game "$g" --horizons ${MULTISTEP_HORIZONS:-4 8 16} --max-windows 128 --batch-size 32 \
+      --out "$out/bench_multistep_$g.csv" >> "$out/progress.log" 2>&1
+    mark "bench_multistep $g: own DiT against $tag's, exit $?"
+  ) &
+  epids+=($!)
+fi
 for p in "${epids[@]}" "${vpids[@]}"; do wait "$p"; done
 [ -n "${RAY_ADDRESS:-}" ] && ray stop > /dev/null 2>&1 && unset RAY_ADDRESS
 kill $smi 2>/dev/null

@@ -229,14 +229,30 @@ def test_dit_variant_is_the_presets_dit_with_fields_replaced(tmp_path):
     ("Pong c16 vae.latent_channels=16; Pong l2", "the second of two variants has no settings"),
 ])
 def test_gpu_run_rejects_a_variant_it_cannot_run_before_starting_anything(tmp_path, variant, why):
-    import subprocess
-
-    out = tmp_path / "run"
-    res = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "gpu_run.sh"), str(out), "Pong"],
-                         env={**os.environ, "VARIANT": variant}, capture_output=True, text=True, timeout=120)
+    res, out = _gpu_run(tmp_path, "Pong", VARIANT=variant)
     assert res.returncode == 2, why
     assert f"VARIANT='{variant}'" in res.stderr and "<game> <tag> <section.field=value>" in res.stderr
     assert not (out / "Pong").exists()  # no pipeline started
+
+
+@pytest.mark.parametrize("multistep, why", [
+    ("Pong c4", "no variant has that tag"),
+    ("Pong", "no tag"),
+])
+def test_gpu_run_rejects_a_multistep_pair_that_names_no_variant(tmp_path, multistep, why):
+    res, out = _gpu_run(tmp_path, "Pong", VARIANT="Pong T1 dit.horizon=1 dit.horizon_choices=[1]", MULTISTEP=multistep)
+    assert res.returncode == 2, why
+    assert f"MULTISTEP='{multistep}'" in res.stderr and "a variant of this run" in res.stderr
+    assert not (out / "Pong").exists()
+
+
+def _gpu_run(tmp_path, games: str, **env):
+    import subprocess
+
+    out = tmp_path / "run"
+    res = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "gpu_run.sh"), str(out), games],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    return res, out
 
 
 def test_on_ray_gpu_runs_the_command_as_a_ray_task_and_returns_its_exit_status(tmp_path, capsys):
