@@ -20,7 +20,9 @@ def run_on_gpu(cmd: list[str], log: str, num_gpus: float = 1, num_cpus: float = 
 
     if not cmd:
         raise ValueError("on_ray_gpu: no command given after --")
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="ERROR", log_to_driver=False)
+    owns = not ray.is_initialized()  # a caller's own Ray session is used and left running
+    if owns:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="ERROR", log_to_driver=False)
     cwd = os.getcwd()
 
     @ray.remote(num_gpus=num_gpus, num_cpus=num_cpus)
@@ -32,7 +34,8 @@ def run_on_gpu(cmd: list[str], log: str, num_gpus: float = 1, num_cpus: float = 
     try:
         code, devices = ray.get(run.remote(cmd, cwd, os.path.abspath(log)))
     finally:
-        ray.shutdown()
+        if owns:
+            ray.shutdown()
     print(f"on_ray_gpu: exit {code} on CUDA_VISIBLE_DEVICES={devices!r}: {' '.join(cmd)}")
     return code
 

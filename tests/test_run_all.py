@@ -255,6 +255,47 @@ def _gpu_run(tmp_path, games: str, **env):
     return res, out
 
 
+def test_on_ray_gpu_runs_the_command_as_a_ray_task_and_returns_its_exit_status(tmp_path):
+    """gpu_run.sh times benchmarks through scripts/on_ray_gpu.py so that Ray, which schedules the
+    pipelines' GPU jobs, holds the benchmark's GPU too. Here with no GPU: the same task path, in a
+    Ray instance of the script's own."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "scripts" / "on_ray_gpu.py"
+    log, marker = tmp_path / "cmd.log", tmp_path / "ran"
+    cmd = f"import pathlib, sys; pathlib.Path({str(marker)!r}).write_text('x'); print('from the task'); sys.exit(3)"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, str(script), "--log", str(log), "--num-gpus", "0", "--num-cpus", "1",
+                          "--address", "local", "--", sys.executable, "-c", cmd],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr[-2000:]  # the command's status, not the task's
+    assert marker.exists() and "from the task" in log.read_text()
+    assert "on_ray_gpu: exit 3" in res.stdout
+    usage = subprocess.run([sys.executable, str(script), "--log", str(log)], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "usage" in usage.stderr  # no command: nothing run
+
+
+@pytest.mark.parametrize("multistep, why", [
+    ("Pong c4", "no variant has that tag"),
+    ("Pong", "no tag"),
+])
+def test_gpu_run_rejects_a_multistep_pair_that_names_no_variant(tmp_path, multistep, why):
+    res, out = _gpu_run(tmp_path, "Pong", VARIANT="Pong T1 dit.horizon=1 dit.horizon_choices=[1]", MULTISTEP=multistep)
+    assert res.returncode == 2, why
+    assert f"MULTISTEP='{multistep}'" in res.stderr and "a variant of this run" in res.stderr
+    assert not (out / "Pong").exists()
+
+
+def _gpu_run(tmp_path, games: str, **env):
+    import subprocess
+
+    out = tmp_path / "run"
+    res = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "gpu_run.sh"), str(out), games],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    return res, out
+
+
 def test_on_ray_gpu_runs_the_command_as_a_ray_task_and_returns_its_exit_status(tmp_path, capsys):
     """gpu_run.sh times benchmarks through scripts/on_ray_gpu.py so that Ray, which schedules the
     pipelines' GPU jobs, holds the benchmark's GPU too. Here with no GPU: the same task path."""
