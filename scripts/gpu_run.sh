@@ -58,7 +58,7 @@ if [ "$ngpu" -gt 0 ] && [ "$ngames" -gt "$ngpu" ]; then
 fi
 g0=${games[0]}
 IFS=';' read -r -a variants <<< "${VARIANT:-}"  # "<game> <tag> <settings>...; <game> <tag> ..."
-vspecs=()
+vspecs=() vkeys=()  # each variant's words, and its "<game> <tag>"
 for v in "${variants[@]}"; do
   read -r -a vw <<< "$v"
   [ "${#vw[@]}" -eq 0 ] && continue
@@ -66,13 +66,13 @@ for v in "${variants[@]}"; do
     echo "gpu_run.sh: VARIANT='${VARIANT}': '${v# }': expected '<game> <tag> <section.field=value>...' for a game of this run" >&2
     kill $smi 2>/dev/null; exit 2
   fi
-  vspecs+=("${vw[*]}")
+  vspecs+=("${vw[*]}") vkeys+=("${vw[0]} ${vw[1]}")
 done
 read -r -a multistep <<< "${MULTISTEP:-}"  # game, tag of its T = 1 variant
 if [ "${#multistep[@]}" -gt 0 ]; then
-  found=0
-  for v in "${vspecs[@]}"; do read -r -a vw <<< "$v"; [ "${vw[0]} ${vw[1]}" = "${multistep[*]}" ] && found=1; done
-  if [ "${#multistep[@]}" -ne 2 ] || [ "$found" = 0 ]; then
+  ms_variant=
+  for j in "${!vkeys[@]}"; do [ "${vkeys[$j]}" = "${multistep[*]}" ] && ms_variant=$j; done
+  if [ "${#multistep[@]}" -ne 2 ] || [ -z "$ms_variant" ]; then
     echo "gpu_run.sh: MULTISTEP='${MULTISTEP}': expected '<game> <tag>' of a variant of this run (VARIANT='${VARIANT:-}')" >&2
     kill $smi 2>/dev/null; exit 2
   fi
@@ -166,12 +166,7 @@ if [ "${#multistep[@]}" -gt 0 ]; then
     g=${multistep[0]} tag=${multistep[1]}
     single="$out/$g-$tag/models/dit-$g"
     until [ -f "$single/world_model.json" ]; do  # the variant's DiT is saved when its stage ends
-      for j in "${!vspecs[@]}"; do
-        read -r -a vw <<< "${vspecs[$j]}"
-        if [ "${vw[0]} ${vw[1]}" = "$g $tag" ] && ! kill -0 "${vpids[$j]}" 2>/dev/null; then
-          mark "bench_multistep: variant $tag ended without a model"; exit 1
-        fi
-      done
+      kill -0 "${vpids[$ms_variant]}" 2>/dev/null || { mark "bench_multistep: variant $tag ended without a model"; exit 1; }
       sleep 5
     done
     python scripts/on_ray_gpu.py --log "$out/bench_multistep_$g.log" --num-gpus $([ "$ngpu" -gt 0 ] && echo 1 || echo 0) \

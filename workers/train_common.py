@@ -385,11 +385,20 @@ class RunClock:
         self.time_frac = 0.0
         """Elapsed share of the budget at the last check (0 without a budget), at most 1."""
 
+    def start(self) -> float:
+        """Starts the clock (at the first training step, after loading); returns the time."""
+        self.t_start = time.time()
+        return self.t_start
+
+    def elapsed(self) -> float:
+        """This rank's seconds since `start`."""
+        return time.time() - self.t_start
+
     def check(self) -> bool:
         """Whether the budget is spent (a collective: call it on every rank at the same step)."""
         if self.cfg.max_train_s <= 0:
             return False
-        elapsed = torch.tensor([time.time() - self.t_start], dtype=torch.float64, device=self.device)
+        elapsed = torch.tensor([self.elapsed()], dtype=torch.float64, device=self.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
         seconds = float(elapsed.item())

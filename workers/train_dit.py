@@ -182,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def checkpoint(d):
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
 
-    clock.t_start = t_last = time.time()
+    t_last = clock.start()
     steps_since, reported_step = 0, -1
     # Snapshots still to take (a restarted run keeps the ones its earlier attempt wrote).
     pending = sorted(s for s in cfg.snapshot_s if not snapshot_path(cfg.run_dir, cfg.name, s).exists())
@@ -220,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.write({"step": step, **m})
             t_last, steps_since = now, 0
         if pending and rank == 0 and step % cfg.log_every == 0:
-            elapsed = time.time() - clock.t_start
+            elapsed = clock.elapsed()
             while pending and elapsed >= pending[0]:
                 at = pending.pop(0)
                 path = snapshot_path(cfg.run_dir, cfg.name, at)

@@ -94,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def checkpoint(d):
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
 
-    clock.t_start = t_last = time.time()
+    t_last = clock.start()
     steps_since, reported_step = 0, -1
     while step < cfg.steps:
         maybe_crash(cfg, step)
