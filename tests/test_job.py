@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -25,10 +26,26 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int, low: int = 25000, high: int = 32000) -> list[int]:
+    """`n` distinct ports that bind now, drawn below Linux's ephemeral range (32768-60999).
+
+    A port taken from the ephemeral range can be handed to some other process's outgoing
+    connection between being picked and being bound, which is more likely on a machine where
+    another Ray cluster (the suite's own) keeps opening connections. Ports below it are only
+    ever taken by an explicit bind."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(low, high)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
 
 
 def _get(base: str, endpoint: str, **params) -> dict:
@@ -72,7 +89,7 @@ def _wait_until_answering(url: str, proc: subprocess.Popen, log: Path, what: str
 
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port, = _free_ports(1)
     store = tmp_path / "mlflow"
     store.mkdir()
     proc = subprocess.Popen(
@@ -87,6 +104,67 @@ def mlflow_server(tmp_path):
     proc.wait(timeout=30)
 
 
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else f"(no {path.name})"
+
+
+def _head_alive(gcs: int, env: dict) -> bool:
+    """Whether the head's raylet has registered with its GCS (`ray status` lists an active node)."""
+    res = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{gcs}"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    return res.returncode == 0 and "node_" in res.stdout.split("Pending:")[0]
+
+
+def _start_head(tmp_path: Path, env: dict, attempt: int) -> tuple[subprocess.Popen, str, Path]:
+    """Start one head; return it once its dashboard answers and its raylet is registered, or
+    raise with the tails of its logs."""
+    dash, gcs, agent_http, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(8)
+    # its own block of worker ports, apart from those and from Ray's default 10002-19999
+    workers = random.randrange(20000, 24000)
+    # Its own short temp dir (Unix socket paths must stay under 108 bytes), so its logs are findable.
+    temp_dir = Path(tempfile.mkdtemp(prefix="awm-ray-", dir="/tmp"))
+    link = tmp_path / ("ray" if attempt == 0 else f"ray.{attempt}")
+    link.symlink_to(temp_dir)
+    log_path = tmp_path / f"ray_head.{attempt}.log"
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
+         f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+         f"--min-worker-port={workers}", f"--max-worker-port={workers + 999}",
+         "--temp-dir", str(temp_dir), "--disable-usage-stats"],
+        env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        # the job API answers once the dashboard is up; the raylet registers a little later
+        _wait_until_answering(f"{address}/api/version", proc, log_path, "the Ray head's dashboard", 180)
+        deadline = time.time() + 120
+        while not _head_alive(gcs, env):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the Ray head's raylet did not register with its GCS")
+            time.sleep(2)
+    except Exception as e:
+        _stop_head(proc, None)
+        logs = sorted(temp_dir.glob("session_*/logs"))
+        raylet = (_tail(logs[-1] / "raylet.out") + "\n" + _tail(logs[-1] / "raylet.err")) if logs else ""
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise RuntimeError(f"{e}\nray start:\n{_tail(log_path)}\nraylet:\n{raylet}") from e
+    return proc, address, temp_dir
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: Path | None) -> None:
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    if temp_dir is not None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.fixture()
 def ray_head(tmp_path):
     """A real head node started like a user would, with token auth (Ray 2.60's default).
@@ -95,32 +173,25 @@ def ray_head(tmp_path):
     stopping its process group ends this cluster only (`ray stop` would end every Ray cluster on
     the machine, the test session's own included).
 
-    Every port the head listens on is chosen free: the test session's own cluster (`ray_local`)
-    already holds Ray's fixed defaults, e.g. the dashboard agent's 52365, and a head whose agent
-    cannot bind answers every submission with "No available agent to submit job"."""
-    dash, gcs, agent_http, agent_grpc, metrics, rt_env = (_free_port() for _ in range(6))
+    Every port the head listens on is chosen free, and so is a block of worker ports: the test
+    session's own cluster (`ray_local`) already holds Ray's fixed defaults, e.g. the dashboard
+    agent's 52365, and a head whose agent cannot bind answers every submission with "No available
+    agent to submit job". A head whose raylet dies while starting (CI saw one crash in its
+    NodeManager's constructor once) is started again, at most three times, on fresh ports; the
+    failures' logs are kept under tmp_path."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    # Its own short temp dir (Unix socket paths must stay under 108 bytes), so its logs are findable.
-    temp_dir = Path(tempfile.mkdtemp(prefix="awm-ray-", dir="/tmp"))
-    (tmp_path / "ray").symlink_to(temp_dir)
-    log = open(tmp_path / "ray_head.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
-         "--temp-dir", str(temp_dir), "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    # the job API answers once the dashboard is up
-    _wait_until_answering(f"{address}/api/version", proc, tmp_path / "ray_head.log", "the Ray head's dashboard", 180)
+    errors = []
+    for attempt in range(3):
+        try:
+            proc, address, temp_dir = _start_head(tmp_path, env, attempt)
+            break
+        except RuntimeError as e:
+            errors.append(str(e))
+            (tmp_path / f"ray_head.{attempt}.error").write_text(str(e))
+    else:
+        raise RuntimeError("the Ray head did not start in 3 attempts:\n" + "\n---\n".join(errors))
     yield address, env
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    _stop_head(proc, temp_dir)
 
 
 def _submit(address: str, env: dict, out: Path, tracking: str, log: Path) -> subprocess.CompletedProcess:
