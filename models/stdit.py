@@ -80,7 +80,10 @@ class PatchEmbed3D(nn.Module):
         x = rearrange(x, "B T C H W -> B C T H W")
         x = F.pad(x, (0, -W % pw, 0, -H % ph, 0, -T % pt))  # (B, C, T+, H+, W+)
         x = self.proj(x)  # (B, D, T', h, w)
-        return rearrange(x, "B D T h w -> B T h w D")
+        # One copy here into channels-last order: the residual stream then stays contiguous, and
+        # every LayerNorm and Linear of every block (and their backward passes) reads it without
+        # first copying a transposed view.
+        return rearrange(x, "B D T h w -> B T h w D").contiguous()
 
 
 class STBlock(nn.Module):

@@ -168,6 +168,24 @@ def test_backward_reaches_every_parameter():
     assert no_grad == ["action_embedder.embedding.weight"] or no_grad == []
 
 
+def test_residual_stream_stays_contiguous(tiny):
+    """Every block and the final layer receive a contiguous (B, T, S, D) stream, so their LayerNorms
+    and Linears (and the backward passes) read it without copying a transposed view first; the
+    patch embedding's channels-first conv output is the one place that must be reordered."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((type(mod).__name__, args[0].is_contiguous())))
+             for m in [*tiny.spatial_blocks, *tiny.temporal_blocks, tiny.final_layer]]
+    try:
+        x, t, a, m = _inputs()
+        with torch.no_grad():
+            tiny(x, t, actions=a, frame_mask=m)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 2 * tiny.cfg.depth + 1
+    assert all(ok for _, ok in seen), seen
+
+
 # ---- Open-Sora STDiT3 checkpoint mapping -------------------------------------------------------
 
 
