@@ -13,7 +13,8 @@ keeps n condition frames (n a multiple of f) in exactly n/f latents that hold no
 short future shares its last latent with padding (see `latent_frame_mask`).
 
 Space. H, W are padded (replicate) up to a multiple of the spatial factor and cropped back exactly
-on decode: 210x160 with x4 -> 212x160 -> 53x40 latents; with x8 -> 216x160 -> 27x20.
+on decode: 210x160 with x4 -> 212x160 -> 53x40 latents; with x8 -> 216x160 -> 27x20; with x2 ->
+105x80.
 
 No attention anywhere, so cost is linear in pixels and the tiny preset runs on CPU in CI.
 """
@@ -35,7 +36,8 @@ class VAEConfig:
     in_channels: int = 3
     latent_channels: int = 4
     spatial_downsample: int = 4
-    """Spatial factor: 4 (the paper) or 8."""
+    """Spatial factor: 4 (the paper), 8, or 2 (a finer latent grid for small sprites; pair it with
+    a DiT patch twice as wide to keep the token count)."""
     temporal_downsample: int = 1
     """Frames per latent frame: 1, 2 or 4."""
     stem_patch: int = 1
@@ -51,8 +53,8 @@ class VAEConfig:
     norm_groups: int = 8
 
     def __post_init__(self) -> None:
-        if self.spatial_downsample not in (4, 8):
-            raise ValueError(f"VAEConfig.spatial_downsample={self.spatial_downsample}; expected 4 or 8")
+        if self.spatial_downsample not in (2, 4, 8):
+            raise ValueError(f"VAEConfig.spatial_downsample={self.spatial_downsample}; expected 2, 4 or 8")
         if self.temporal_downsample not in (1, 2, 4):
             raise ValueError(f"VAEConfig.temporal_downsample={self.temporal_downsample}; expected 1, 2 or 4")
         if self.stem_patch not in (1, 2, 4) or self.spatial_downsample % self.stem_patch:
@@ -287,8 +289,10 @@ def vae_loss(
 
 
 def VAE_tiny(**kw) -> VideoVAE:
-    """CPU/CI size: x4 in space by space-to-depth, one narrow res block per level."""
-    return VideoVAE(VAEConfig(**{"stem_patch": 4, "base_channels": 32, "max_channels": 64, **kw}))
+    """CPU/CI size: x4 in space by space-to-depth, one narrow res block per level (at x2, the stem
+    is x2 and there is no strided level)."""
+    stem = min(4, kw.get("spatial_downsample", 4))
+    return VideoVAE(VAEConfig(**{"stem_patch": stem, "base_channels": 32, "max_channels": 64, **kw}))
 
 
 def VAE_small(**kw) -> VideoVAE:

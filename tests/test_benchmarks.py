@@ -219,3 +219,21 @@ def test_collect_codecs_and_env_profile(tmp_path):
     names = [n for n, _ in prof]
     assert "env.py:step" in names and names[-1] == "total (profiled)"
     assert prof[-1][1] >= sum(ms for _, ms in prof[:-1])
+
+
+def test_probe_vae_grid_scores_each_factor_on_held_out_ale_frames(tmp_path, capsys):
+    from benchmarks.probe_vae_grid import ProbeVAEGridConfig
+    from benchmarks.probe_vae_grid import main as probe_main
+
+    out = tmp_path / "probe.csv"
+    rows = probe_main(ProbeVAEGridConfig(game="Breakout", frames=48, held_out=16, train_s=1.0, batch_size=2,
+                                         device="cpu", out=str(out)))
+    assert [(r["factor"], r["latent"]) for r in rows] == [(4, "8x53x40"), (2, "8x105x80")]
+    for r in rows:
+        assert r["steps"] >= 1 and math.isfinite(r["mse"]) and r["mse"] > 0
+        # the moving pixels are a part of the frame, and of its error
+        assert 0 < r["moving_pixels_pct"] < 100 and 0 <= r["sprite_share_pct"] <= 100
+    assert "| Breakout | 2 | l1 | 8x105x80 |" in capsys.readouterr().out
+    assert len(list(csv.DictReader(out.open()))) == 2
+    with pytest.raises(ValueError, match="held_out=48 must be below frames=48"):
+        probe_main(ProbeVAEGridConfig(frames=48, held_out=48))

@@ -16,7 +16,7 @@ def _clip(B=1, T=8, H=210, W=160, seed=0):
 
 
 @pytest.mark.parametrize("f", [1, 2, 4])
-@pytest.mark.parametrize("s", [4, 8])
+@pytest.mark.parametrize("s", [2, 4, 8])
 def test_tiny_shapes_and_exact_round_trip_on_atari_frames(f, s):
     vae = VAE_models["tiny"](temporal_downsample=f, spatial_downsample=s).eval()
     x = _clip(B=1, T=7)  # 7 frames: not a multiple of 2 or 4
@@ -27,6 +27,20 @@ def test_tiny_shapes_and_exact_round_trip_on_atari_frames(f, s):
     assert mean.shape == logvar.shape == (1, vae.latent_frames(7), 4, Hs, 160 // s)
     assert vae.latent_frames(7) == -(-7 // f) and vae.frames_per_latent == f
     assert out.shape == x.shape
+
+
+def test_x2_latent_grid_settings_and_bad_stem():
+    from workers.train_vae import TrainVAEConfig, build_vae
+
+    vae = build_vae(TrainVAEConfig(vae_preset="small", latent_channels=8, spatial_downsample=2, temporal_kernel=1))
+    assert (vae.cfg.spatial_downsample, vae.cfg.stem_patch, vae.cfg.num_downsamples) == (2, 2, 0)
+    assert vae.latent_hw((210, 160)) == (105, 80)
+    assert build_vae(TrainVAEConfig(spatial_downsample=2)).cfg.stem_patch == 2  # tiny's stem capped
+    assert build_vae(TrainVAEConfig(spatial_downsample=2, stem_patch=1)).cfg.num_downsamples == 1
+    with pytest.raises(ValueError, match="stem_patch=4.*divide spatial_downsample"):
+        build_vae(TrainVAEConfig(spatial_downsample=2, stem_patch=4))
+    with pytest.raises(ValueError, match="spatial_downsample=3; expected 2, 4 or 8"):
+        VAEConfig(spatial_downsample=3)
 
 
 @pytest.mark.parametrize("name", ["small", "base"])

@@ -33,6 +33,11 @@ class TrainVAEConfig(TrainSettings):
     """VAE size, a key of models.vae.VAE_models."""
     latent_channels: int = 4
     """Channels of the latent."""
+    spatial_downsample: int = 4
+    """Spatial factor of the latent grid: 2, 4 or 8 (models.vae.VAEConfig)."""
+    stem_patch: int = 0
+    """Space-to-depth factor of the VAE's stem (1, 2 or 4, dividing spatial_downsample); 0 = the
+    preset's."""
     temporal_downsample: int = 1
     """Frames per latent frame (1, 2 or 4); the DiT's n_cond must be a multiple of it."""
     temporal_kernel: int = 3
@@ -53,9 +58,10 @@ class TrainVAEConfig(TrainSettings):
 def build_vae(cfg: TrainVAEConfig) -> VideoVAE:
     if cfg.vae_preset not in VAE_models:
         raise ValueError(f"TrainVAEConfig.vae_preset={cfg.vae_preset!r}; presets: {sorted(VAE_models)}")
-    return VAE_models[cfg.vae_preset](latent_channels=cfg.latent_channels,
+    stem = {"stem_patch": cfg.stem_patch} if cfg.stem_patch else {}
+    return VAE_models[cfg.vae_preset](latent_channels=cfg.latent_channels, spatial_downsample=cfg.spatial_downsample,
                                       temporal_downsample=cfg.temporal_downsample,
-                                      temporal_kernel=cfg.temporal_kernel)
+                                      temporal_kernel=cfg.temporal_kernel, **stem)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
