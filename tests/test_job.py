@@ -173,8 +173,8 @@ def ray_head(tmp_path):
     stopping its process group ends this cluster only (`ray stop` would end every Ray cluster on
     the machine, the test session's own included).
 
-    Every port the head listens on is chosen free, and so is a block of worker ports: the test
-    session's own cluster (`ray_local`) already holds Ray's fixed defaults, e.g. the dashboard
+    Every port the head listens on is chosen free, and its workers get a port block of their own:
+    the test session's own cluster (`ray_local`) already holds Ray's fixed defaults, e.g. the dashboard
     agent's 52365, and a head whose agent cannot bind answers every submission with "No available
     agent to submit job". A head whose raylet dies while starting (CI saw one crash in its
     NodeManager's constructor once) is started again, at most three times, on fresh ports; the
