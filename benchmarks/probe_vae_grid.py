@@ -26,6 +26,7 @@ import torch
 from benchmarks.common import device_name, markdown_table, parse_config, pick_device, sync, write_rows
 from models.vae import VAE_models, vae_loss
 from workers.atari import resolve_env_id
+from workers.train_common import model_to_pixels, pixels_to_model
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,6 @@ def play(game: str, frames: int, seed: int) -> np.ndarray:
     return out
 
 
-def to_model(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> (N, 1, 3, H, W) in [-1, 1]: one-frame clips."""
-    return frames.permute(0, 3, 1, 2)[:, None].float().div(127.5).sub(1.0)
-
-
 def main(cfg: ProbeVAEGridConfig) -> list[dict]:
     if cfg.held_out >= cfg.frames:
         raise ValueError(f"ProbeVAEGridConfig: held_out={cfg.held_out} must be below frames={cfg.frames}")
@@ -95,7 +91,8 @@ def main(cfg: ProbeVAEGridConfig) -> list[dict]:
         gen = torch.Generator().manual_seed(cfg.seed)
         steps, start = 0, time.time()
         while time.time() - start < cfg.train_s:
-            x = to_model(train[torch.randint(len(train), (cfg.batch_size,), generator=gen)]).to(device)
+            idx = torch.randint(len(train), (cfg.batch_size,), generator=gen)
+            x = pixels_to_model(train[idx][:, None].to(device))  # (b, 1, 3, H, W): one-frame clips
             recon, mean, logvar = vae(x)
             loss, _ = vae_loss(x, recon, mean, logvar, 1e-4, recon_kind=cfg.recon_kind)
             opt.zero_grad(set_to_none=True)
@@ -107,11 +104,10 @@ def main(cfg: ProbeVAEGridConfig) -> list[dict]:
         sq = []
         with torch.no_grad():
             for i in range(0, len(test), 32):
-                x = to_model(test[i:i + 32]).to(device)
+                x = pixels_to_model(test[i:i + 32][:, None].to(device))  # (b, 1, 3, H, W)
                 mean, _ = vae.encode(x)
-                rec = vae.decode(mean, 1, (x.shape[3], x.shape[4]))
-                pix = ((rec.clamp(-1, 1) + 1) * 127.5).round()[:, 0].permute(0, 2, 3, 1).cpu()  # (b, H, W, 3)
-                sq.append((pix - test[i:i + 32].float()).pow(2).mean(dim=-1))  # (b, H, W)
+                pix = model_to_pixels(vae.decode(mean, 1, (x.shape[3], x.shape[4])))[:, 0].cpu()  # (b, H, W, 3)
+                sq.append((pix.float() - test[i:i + 32].float()).pow(2).mean(dim=-1))  # (b, H, W)
         err = torch.cat(sq)  # (N, H, W) squared error per pixel, averaged over RGB
         h, w = vae.latent_hw((210, 160))
         rows.append({"game": cfg.game, "factor": factor, "loss": cfg.recon_kind, "latent": f"{cfg.latent_channels}x{h}x{w}",
