@@ -292,8 +292,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "(the DiT trains on the first)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI, "
                                                         "else a sqlite store in --out)")
-    p.add_argument("--set", nargs="*", default=[], dest="sets", metavar="SECTION.FIELD=VALUE",
-                   help="replace a preset setting, e.g. vae.latent_channels=16 dit.max_train_s=600 "
+    p.add_argument("--set", nargs="*", action="extend", default=[], dest="sets", metavar="SECTION.FIELD=VALUE",
+                   help="replace preset settings (repeatable: every --set counts), e.g. "
+                        "vae.latent_channels=16 dit.max_train_s=600 "
                         "collect.agent.train_steps=8000 (sections: collect, collect.agent, vae, dit, evaluate)")
     return p.parse_args(argv)
 

@@ -74,6 +74,10 @@ def test_set_replaces_single_preset_settings_and_names_bad_ones():
         run_all.with_overrides(base, ("vae.latent_channels",))
     with pytest.raises(SystemExit, match="AgentConfig has no field 'steps'"):
         run_all.with_overrides(base, ("collect.agent.steps=5",))
+    # Every --set counts, whether its settings share one flag or each has its own.
+    args = run_all._parse(["--set", "vae.spatial_downsample=2", "--set", "dit.patch_size=[1,8,8]", "dit.bf16=false"])
+    assert args.sets == ["vae.spatial_downsample=2", "dit.patch_size=[1,8,8]", "dit.bf16=false"]
+    assert run_all._parse([]).sets == []
 
 
 def test_unknown_preset_and_stage_are_rejected():
