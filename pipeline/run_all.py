@@ -89,7 +89,9 @@ def gpu() -> Preset:
     14-22 % from 240 s to 480 s of training, and 4 Euler steps scored as well as 8 at half the
     generation cost. The snapshot at 480 s scores the same run with run 4's training time (constant
     rate until then); both models' learning rates then fall linearly to 0 over the last 20 % of
-    their budgets."""
+    their budgets. The VAE trains on L2: in equal time, a CPU probe (benchmarks/probe_vae_grid.py)
+    found its reconstruction MSE 2.5-8 times below L1's on Breakout, Pong and DemonAttack; runs 1-5
+    used L1."""
     gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
     return Preset(
         games=("Breakout",),
@@ -97,7 +99,8 @@ def gpu() -> Preset:
                  "cpus_per_env_runner": 1.0, "test_fraction": 0.1,
                  "agent": {"train_steps": 64_000, "train_batch_size": 8000, "minibatch_size": 500, "num_epochs": 2,
                            "learner_device": "auto", "learner_threads": 8}},
-        vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "temporal_kernel": 1, "steps": 50_000, "max_train_s": 300,
+        vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "temporal_kernel": 1, "recon_kind": "l2",
+             "steps": 50_000, "max_train_s": 300,
              "batch_size": 16, "clip_length": 4, "lr": 4e-4, "warmup_steps": 200, "lr_cooldown": 0.2, "checkpoint_every": 1000,
              "log_every": 50},
         dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 100_000, "max_train_s": 720, "snapshot_s": (480,),
