@@ -18,7 +18,7 @@ from ale_windows import ale_windows
 
 from benchmarks.bench_generate import BenchGenerateConfig, compiled, random_world_model
 from benchmarks.bench_generate import main as generate_main
-from benchmarks.bench_multistep import BenchMultistepConfig, verdict
+from benchmarks.bench_multistep import BenchMultistepConfig, frame_bound, verdict
 from benchmarks.bench_multistep import main as multistep_main
 from benchmarks.bench_train import BenchTrainConfig, step_flops
 from benchmarks.bench_train import main as train_main
@@ -190,6 +190,17 @@ def test_verdict_reads_speed_and_every_metric():
             {"method": "s", "horizon": 4, "frames_per_s": 10.0, "mse": 11.0, "psnr": 31.0}]
     (line,) = verdict(rows, "m", "s", ["mse", "psnr"])
     assert "3.00x" in line and "meets" in line and "worse on psnr" in line
+    (line,) = verdict(rows, "m", "s", ["mse", "psnr"], bounds={4: 2.5})
+    assert "3.00x of at most 2.50x by frames processed" in line
+
+
+def test_frame_bound_counts_the_condition_frames_each_call_processes():
+    """4 condition frames: chunks of 4 process 8 frames for 4, chunks of 1 process 5 for 1."""
+    assert frame_bound(4, 4, 4, 4, 1) == pytest.approx(2.5)
+    assert frame_bound(16, 4, 4, 4, 1) == pytest.approx(2.5)
+    assert frame_bound(6, 4, 4, 4, 1) == pytest.approx(6 * 5 / (2 * 8))  # a partial last chunk costs a whole one
+    assert frame_bound(4, 8, 4, 8, 1) == pytest.approx(3.0)  # 3x needs 8 condition frames
+    assert frame_bound(4, 4, 1, 4, 1) == pytest.approx(1.0)
 
 
 def test_collect_codecs_and_env_profile(tmp_path):
