@@ -65,6 +65,10 @@ class BenchTrainConfig:
     """Condition frames n."""
     horizon: int = 4
     """Generated frames T; a clip is n_cond + horizon pixel frames."""
+    horizon_mix: tuple[int, ...] = ()
+    """Synthetic mode: generated lengths taken in turn, one per step, as training with
+    `TrainDiTConfig.horizon_choices` draws them (the `gpu` preset trains T in 1, 2, 4); empty =
+    `horizon` every step. FLOPs and MFU are the mix's mean per step."""
     action_mode: str = "future"
     height: int = 210
     """Pixel height the synthetic latents stand for (Atari: 210)."""
@@ -114,6 +118,11 @@ class BenchTrainConfig:
             raise ValueError(f"BenchTrainConfig.vae_preset={self.vae_preset!r}; presets: {sorted(VAE_models)}")
         if self.mode == "pipeline" and not self.data_root:
             raise ValueError("BenchTrainConfig: mode='pipeline' needs --data-root")
+        if any(h < 1 or h > self.horizon for h in self.horizon_mix):
+            raise ValueError(f"BenchTrainConfig.horizon_mix={self.horizon_mix}: each length must lie in "
+                             f"1..horizon={self.horizon}")
+        if self.horizon_mix and self.mode != "synthetic":
+            raise ValueError("BenchTrainConfig.horizon_mix is for mode='synthetic'")
 
     def train_config(self, preset: str, batch_size: int, compiled: bool) -> TrainDiTConfig:
         return TrainDiTConfig(dit_preset=preset, n_cond=self.n_cond, horizon=self.horizon,
@@ -135,14 +144,17 @@ class DiTStep:
         self.model = torch.compile(self.dit) if tcfg.compile else self.dit
         self.flow = RectifiedFlow(RectifiedFlowConfig(t_sampling=tcfg.t_sampling, logit_mean=tcfg.t_logit_mean,
                                                        action_dropout=tcfg.action_dropout))
-        self.positions = action_positions(tcfg.num_action_tokens, tcfg.n_cond, tcfg.action_mode, device=device)
+        self.positions = {}  # action positions per number of action tokens, as train_dit computes per step
         self.log = JsonlLog(Path(os.devnull), active=False)
         self.step = 0
 
     def __call__(self, x0: torch.Tensor, lat_mask: torch.Tensor, actions: torch.Tensor) -> float:
         """x0: (B, T', C, h, w) scaled latents; lat_mask: (B, T') True = generated; actions: (B, A)."""
+        A = actions.shape[1]
+        if A not in self.positions:
+            self.positions[A] = action_positions(A, self.tcfg.n_cond, self.tcfg.action_mode, device=self.device)
         with autocast(self.device, self.tcfg.bf16):
-            loss = self.flow.loss(self.model, x0, lat_mask, actions=actions, action_positions=self.positions)
+            loss = self.flow.loss(self.model, x0, lat_mask, actions=actions, action_positions=self.positions[A])
         ok, _ = optimizer_step(loss.float(), self.model, self.opt, self.sched, self.ema, self.tcfg, self.step, self.log)
         if not ok:
             raise RuntimeError(f"non-finite loss/gradient at benchmark step {self.step}")
@@ -162,15 +174,18 @@ def shape_vae(cfg: BenchTrainConfig) -> VideoVAE:
                                   temporal_downsample=cfg.temporal_downsample, latent_channels=cfg.latent_channels)
 
 
-def step_flops(tcfg: TrainDiTConfig, latent_shape: tuple[int, ...], latent_channels: int) -> int:
-    """FLOPs of one forward + backward of the ST-DiT on a batch of latents (meta device, free)."""
+def step_flops(tcfg: TrainDiTConfig, latent_shape: tuple[int, ...], latent_channels: int,
+               num_action_tokens: int = 0) -> int:
+    """FLOPs of one forward + backward of the ST-DiT on a batch of latents (meta device, free).
+    num_action_tokens: 0 = the config's."""
     B, T = latent_shape[:2]
+    A = num_action_tokens or tcfg.num_action_tokens
     with torch.device("meta"):
         model = build_dit(tcfg, latent_channels)
         x, t = torch.empty(latent_shape), torch.empty(B)
-        actions = torch.zeros(B, tcfg.num_action_tokens, dtype=torch.long)
+        actions = torch.zeros(B, A, dtype=torch.long)
         mask = torch.ones(B, T, dtype=torch.bool)
-        pos = action_positions(tcfg.num_action_tokens, tcfg.n_cond, tcfg.action_mode, device="meta")
+        pos = action_positions(A, tcfg.n_cond, tcfg.action_mode, device="meta")
         return count_flops(lambda: model(x, t, actions=actions, frame_mask=mask, action_positions=pos).square().mean().backward())
 
 
@@ -192,31 +207,36 @@ def _oom_row(row: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str, Any]]:
     vae = shape_vae(cfg)
-    L = cfg.n_cond + cfg.horizon
-    T_lat = vae.latent_frames(L)
+    horizons = cfg.horizon_mix or (cfg.horizon,)
+    lengths = {T: cfg.n_cond + T for T in horizons}  # pixel frames per clip
     h, w = vae.latent_hw((cfg.height, cfg.width))
-    frame_mask = torch.arange(L) >= cfg.n_cond  # (L,) True = generated
+    shapes = "+".join(f"{vae.latent_frames(L)}" for L in lengths.values())
     rows, profiled = [], not cfg.profile
     for preset, B, compiled in _settings(cfg):
         tcfg = cfg.train_config(preset, B, compiled)
         row: dict[str, Any] = {"preset": preset, "compile": "compile" if compiled else "eager", "batch": B,
-                               "latents": f"{T_lat}x{cfg.latent_channels}x{h}x{w}"}
+                               "latents": f"{shapes}x{cfg.latent_channels}x{h}x{w}"}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
             step = DiTStep(tcfg, cfg.latent_channels, device)
             g = torch.Generator(device=device).manual_seed(cfg.seed)
-            x0 = torch.randn(B, T_lat, cfg.latent_channels, h, w, device=device, generator=g)  # (B, T', C, h, w)
-            lat_mask = vae.latent_frame_mask(frame_mask.expand(B, L)).to(device)  # (B, T')
-            actions = torch.randint(0, cfg.num_actions, (B, tcfg.num_action_tokens), device=device, generator=g)
-            run = lambda: step(x0, lat_mask, actions)  # noqa: E731
-            warmup_s = warm_up(run, device, cfg.warmup)
+            inputs = []  # per generated length: (latents (B, T', C, h, w), latent mask (B, T'), actions (B, A))
+            for T, L in lengths.items():
+                frame_mask = torch.arange(L) >= cfg.n_cond  # (L,) True = generated
+                x0 = torch.randn(B, vae.latent_frames(L), cfg.latent_channels, h, w, device=device, generator=g)
+                lat_mask = vae.latent_frame_mask(frame_mask.expand(B, L)).to(device)
+                A = T if cfg.action_mode == "future" else cfg.n_cond - 1 + T  # as TrainDiTConfig.num_action_tokens
+                inputs.append((x0, lat_mask, torch.randint(0, cfg.num_actions, (B, A), device=device, generator=g)))
+            turn = iter(range(1 << 62))
+            run = lambda: step(*inputs[next(turn) % len(inputs)])  # noqa: E731
+            warmup_s = warm_up(run, device, max(cfg.warmup, len(inputs)))
             with GpuBusySampler(device) as busy:  # sampled over the timed steps only
                 t = time_calls(run, device, cfg.steps)
         except torch.cuda.OutOfMemoryError:
             rows.append(_oom_row(row, device))
             continue
-        flops = step_flops(tcfg, tuple(x0.shape), cfg.latent_channels)
+        flops = sum(step_flops(tcfg, tuple(x.shape), cfg.latent_channels, a.shape[1]) for x, _, a in inputs) / len(inputs)
         achieved = flops / t["mean_s"]
         row.update(params_M=step.params / 1e6, step_ms=1e3 * t["mean_s"], samples_per_s=B / t["mean_s"],
                    gflops_per_step=flops / 1e9, achieved_tflops=achieved / 1e12,
@@ -226,7 +246,7 @@ def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str,
         if not profiled:
             print(f"\nprofile: {preset} batch {B} {row['compile']}\n{profile_table(run, device)}\n")
             profiled = True
-        del step, x0
+        del step, inputs
     return rows
 
 

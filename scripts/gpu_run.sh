@@ -15,7 +15,8 @@
 #   "" for none).
 # - TRAIN_BENCH (default "L"; "" for none) at TRAIN_BENCH_BATCH clips (default 16): once the first
 #   variant has trained, its GPU times DiT training of those presets while the pipelines evaluate
-#   (scripts/on_ray_gpu.py: Ray holds that GPU for it).
+#   (scripts/on_ray_gpu.py: Ray holds that GPU for it). TRAIN_BENCH_ARGS adds bench_train flags,
+#   e.g. "--horizon-mix 1 2 4" for the gpu preset's mix of generated lengths.
 # - MULTISTEP="<game> <tag>" (a variant trained for T = 1 alone) times and scores the game's own
 #   DiT in multi-frame chunks against that variant one frame at a time (bench_multistep, to the
 #   horizons of MULTISTEP_HORIZONS, default "4 8 16").
@@ -126,7 +127,8 @@ run_variant() {  # $1: 0 for the first variant (it also times TRAIN_BENCH), then
     read -r -a bench_presets <<< "${TRAIN_BENCH-L}"
     python scripts/on_ray_gpu.py --log "$out/bench_train.log" --num-cpus 4 -- python -m benchmarks.bench_train \
       --presets "${bench_presets[@]}" --batch-sizes ${TRAIN_BENCH_BATCH:-16} --compile eager compile --warmup 3 \
-      --steps 15 --spatial-downsample 4 --latent-channels 8 --patch-size 1 4 4 --profile --out "$out/bench_train.csv" \
+      --steps 15 --spatial-downsample 4 --latent-channels 8 --patch-size 1 4 4 --profile ${TRAIN_BENCH_ARGS:-} \
+      --out "$out/bench_train.csv" \
       >> "$out/progress.log" 2>&1
     mark "bench_train (${bench_presets[*]}) exit $?"
   fi

@@ -86,6 +86,23 @@ def test_train_synthetic(capsys, tmp_path):
         assert next(csv.DictReader(fh))["preset"] == "tiny"
 
 
+def test_train_synthetic_horizon_mix_takes_each_length_in_turn():
+    """The gpu preset's mix of generated lengths (T in 1, 2, 4, one per step): each step's latents
+    have n_cond + T frames, and the FLOPs per step are the mix's mean, between T=1's and T=4's."""
+    kw = dict(presets=("tiny",), batch_sizes=(2,), compile=("eager",), height=32, width=32, warmup=1, steps=3,
+              device="cpu")
+    (mix,) = train_main(BenchTrainConfig(horizon_mix=(1, 2, 4), **kw))
+    (t1,) = train_main(BenchTrainConfig(horizon=1, **kw))
+    (t4,) = train_main(BenchTrainConfig(**kw))
+    assert mix["latents"] == "5+6+8x4x8x8"
+    assert t1["gflops_per_step"] < mix["gflops_per_step"] < t4["gflops_per_step"]
+    tcfg = BenchTrainConfig(presets=("tiny",)).train_config("tiny", 2, False)
+    mean = sum(step_flops(tcfg, (2, 4 + T, 4, 8, 8), 4, T) for T in (1, 2, 4)) / 3
+    assert mix["gflops_per_step"] == pytest.approx(mean / 1e9)
+    with pytest.raises(ValueError, match="horizon_mix"):
+        BenchTrainConfig(horizon_mix=(1, 8))
+
+
 @pytest.fixture(scope="module")
 def ray_windows(ray_local):
     frames, actions = _ale_windows(num=12, length=5)
