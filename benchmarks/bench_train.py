@@ -236,7 +236,8 @@ def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str,
         except torch.cuda.OutOfMemoryError:
             rows.append(_oom_row(row, device))
             continue
-        flops = sum(step_flops(tcfg, tuple(x.shape), cfg.latent_channels, a.shape[1]) for x, _, a in inputs) / len(inputs)
+        flops = sum(step_flops(tcfg, tuple(x.shape), cfg.latent_channels, a.shape[1])
+                    for x, _, a in inputs) / len(inputs)  # the mix's mean
         achieved = flops / t["mean_s"]
         row.update(params_M=step.params / 1e6, step_ms=1e3 * t["mean_s"], samples_per_s=B / t["mean_s"],
                    gflops_per_step=flops / 1e9, achieved_tflops=achieved / 1e12,

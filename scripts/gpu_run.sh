@@ -9,14 +9,16 @@
 # - VARIANT="<game> <tag> <section.field=value>..." (a game of this run; several variants separated
 #   by ";", one spare GPU each) trains that game's VAE and DiT again meanwhile, on the same data
 #   with those settings replaced (`run_all.py --set`), under $1/<game>-<tag>/: a lever measured in
-#   the same time, on the same held-out windows.
+#   the same time, on the same held-out windows. A variant of `dit.` settings alone trains its DiT
+#   on the pipeline's own VAE instead of a second one, so the DiTs compare on the same latents.
 # - Per game, on the final model's windows, also: the DiT snapshot (snapshot_s of the preset;
 #   SNAPSHOT_EVAL=0 skips it) and the final DiT with the Euler steps of EXTRA_STEPS (default "1 2";
 #   "" for none).
-# - TRAIN_BENCH (default "L"; "" for none) at TRAIN_BENCH_BATCH clips (default 16): once the first
-#   variant has trained, its GPU times DiT training of those presets while the pipelines evaluate
-#   (scripts/on_ray_gpu.py: Ray holds that GPU for it). TRAIN_BENCH_ARGS adds bench_train flags,
-#   e.g. "--horizon-mix 1 2 4" for the gpu preset's mix of generated lengths.
+# - TRAIN_BENCH (default "L"; "" for none) at TRAIN_BENCH_BATCH clips (default 16): the first
+#   variant's GPU times DiT training of those presets (scripts/on_ray_gpu.py: Ray holds that GPU for
+#   it), after the variant has trained, while the pipelines evaluate; for a `dit.`-only variant,
+#   before it trains, while the pipeline's VAE trains. TRAIN_BENCH_ARGS adds bench_train flags, e.g.
+#   "--horizon-mix 1 2 4" for the gpu preset's mix of generated lengths.
 # - MULTISTEP="<game> <tag>" (a variant trained for T = 1 alone) times and scores the game's own
 #   DiT in multi-frame chunks against that variant one frame at a time (bench_multistep, to the
 #   horizons of MULTISTEP_HORIZONS, default "4 8 16").
@@ -106,31 +108,48 @@ evaluate_on() {  # $1 game, $2 world model, $3 eval name, extra flags...: scored
     --num_cpus "$eval_cpus" --use_gpu "$gpu_flag" --name "$name" --figure_windows 0 "$@" > "$out/$name.log" 2>&1
   mark "$name exit $?"
 }
+train_bench() {  # DiT training throughput (bench_train, synthetic latents of the run's shape) of the
+  # presets in TRAIN_BENCH (default "L"; "" for none) at TRAIN_BENCH_BATCH clips (default 16), eager
+  # and compiled, on a GPU Ray holds for it.
+  [ -n "${TRAIN_BENCH-L}" ] && [ "$ngpu" -gt 0 ] || return 0
+  local bench_presets
+  read -r -a bench_presets <<< "${TRAIN_BENCH-L}"
+  python scripts/on_ray_gpu.py --log "$out/bench_train.log" --num-cpus 4 -- python -m benchmarks.bench_train \
+    --presets "${bench_presets[@]}" --batch-sizes ${TRAIN_BENCH_BATCH:-16} --compile eager compile --warmup 3 \
+    --steps 15 --spatial-downsample 4 --latent-channels 8 --patch-size 1 4 4 --profile ${TRAIN_BENCH_ARGS:-} \
+    --out "$out/bench_train.csv" \
+    >> "$out/progress.log" 2>&1
+  mark "bench_train (${bench_presets[*]}) exit $?"
+}
 run_variant() {  # $1: 0 for the first variant (it also times TRAIN_BENCH), then game, tag, settings...
   local first=$1 vg=$2 tag=$3; shift 3
-  local vdir="$out/$vg-$tag" vpipe
+  local vdir="$out/$vg-$tag" vpipe s dit_only=1
   for i in "${!games[@]}"; do [ "${games[$i]}" = "$vg" ] && vpipe=${pids[$i]}; done
+  for s in "$@"; do [[ $s == dit.* ]] || dit_only=0; done
   until [ -f "$out/$vg/stages/collect.json" ]; do  # the variant trains on that pipeline's data
     kill -0 "$vpipe" 2>/dev/null || { mark "variant $tag: the $vg pipeline ended without data"; return 1; }
     sleep 5
   done
   mkdir -p "$vdir/stages" && ln -sfn "$out/$vg/data" "$vdir/data" && cp "$out/$vg/stages/collect.json" "$vdir/stages/"
-  mark "variant $tag: training $vg's VAE and DiT with $*"
-  python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages vae dit --set "$@" 2>&1 | \
-    grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E|PlacementGroupCleaner" > "$vdir.job.log"
-  mark "variant $tag: trained, exit ${PIPESTATUS[0]}"
-  if [ "$first" = 0 ] && [ -n "${TRAIN_BENCH-L}" ] && [ "$ngpu" -gt 0 ]; then
-    # DiT training throughput (bench_train, synthetic latents of the run's shape) of the presets in
-    # TRAIN_BENCH (default "L"; "" for none) at TRAIN_BENCH_BATCH clips (default 16), eager and
-    # compiled, on a GPU Ray holds for it, while the pipelines evaluate.
-    local bench_presets
-    read -r -a bench_presets <<< "${TRAIN_BENCH-L}"
-    python scripts/on_ray_gpu.py --log "$out/bench_train.log" --num-cpus 4 -- python -m benchmarks.bench_train \
-      --presets "${bench_presets[@]}" --batch-sizes ${TRAIN_BENCH_BATCH:-16} --compile eager compile --warmup 3 \
-      --steps 15 --spatial-downsample 4 --latent-channels 8 --patch-size 1 4 4 --profile ${TRAIN_BENCH_ARGS:-} \
-      --out "$out/bench_train.csv" \
-      >> "$out/progress.log" 2>&1
-    mark "bench_train (${bench_presets[*]}) exit $?"
+  if [ "$dit_only" = 1 ]; then
+    # Settings of the DiT alone: it trains on the pipeline's own VAE (the same latents, one VAE
+    # fewer to train); the first such variant's GPU times TRAIN_BENCH while that VAE trains.
+    [ "$first" = 0 ] && train_bench
+    until [ -f "$out/$vg/stages/vae.json" ]; do
+      kill -0 "$vpipe" 2>/dev/null || { mark "variant $tag: the $vg pipeline ended without a VAE"; return 1; }
+      sleep 5
+    done
+    cp "$out/$vg/stages/vae.json" "$vdir/stages/"
+    mark "variant $tag: training $vg's DiT on the pipeline's VAE with $*"
+    python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages dit --set "$@" 2>&1 | \
+      grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E|PlacementGroupCleaner" > "$vdir.job.log"
+    mark "variant $tag: trained, exit ${PIPESTATUS[0]}"
+  else
+    mark "variant $tag: training $vg's VAE and DiT with $*"
+    python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages vae dit --set "$@" 2>&1 | \
+      grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E|PlacementGroupCleaner" > "$vdir.job.log"
+    mark "variant $tag: trained, exit ${PIPESTATUS[0]}"
+    [ "$first" = 0 ] && train_bench  # while the pipelines evaluate
   fi
   until [ -f "$out/$vg/eval/eval-$vg/${vg}_scores.npz" ]; do
     kill -0 "$vpipe" 2>/dev/null || break
@@ -162,8 +181,8 @@ for g in "${games[@]}"; do
 done
 if [ "${#multistep[@]}" -gt 0 ]; then
   # Multi-frame against single-step on the same held-out windows: the game's own DiT in chunks of
-  # its longest length, against the variant's, trained for T = 1 on the same data in the same time
-  # (e.g. MULTISTEP="Breakout T1" with VARIANT="Breakout T1 dit.horizon=1 dit.horizon_choices=[1]").
+  # its longest length, against the variant's, trained for T = 1 on the same data and VAE in the
+  # same time (e.g. MULTISTEP="Breakout T1" with VARIANT="Breakout T1 dit.horizon=1 dit.horizon_choices=[1]").
   (
     g=${multistep[0]} tag=${multistep[1]}
     single="$out/$g-$tag/models/dit-$g"

@@ -101,8 +101,12 @@ def stage_table(runs: list[Path], util: pd.DataFrame | None) -> pd.DataFrame:
             col["bytes/frame"] = f"{g['bytes_per_frame']:.0f}"
             split = g.get("episodes_per_split", {})
             col["rows; episodes train / test"] = f"{g['rows']:,}; {split.get('train', 0)} / {split.get('test', 0)}"
-        col["VAE"] = (f"{vae.get('wall_s', float('nan')):.0f} s: "
-                      + training_summary(run / "vae.metrics.jsonl", "train/recon", util)) if vae else "—"
+        vae_dir = Path(vae.get("vae_path", run / "models" / "vae"))
+        if vae and vae_dir.parent.parent.name != run.name:  # a variant that reuses its pipeline's VAE
+            col["VAE"] = f"reused: {vae_dir.parent.parent.name}'s"
+        else:
+            col["VAE"] = (f"{vae.get('wall_s', float('nan')):.0f} s: "
+                          + training_summary(run / "vae.metrics.jsonl", "train/recon", util)) if vae else "—"
         name = Path(dit["model_path"]).name if dit.get("model_path") else f"dit-{game}"
         col["DiT"] = (f"{dit.get('wall_s', float('nan')):.0f} s: "
                       + training_summary(run / f"{name}.metrics.jsonl", "train/loss", util)) if dit else "—"

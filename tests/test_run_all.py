@@ -278,3 +278,25 @@ def test_on_ray_gpu_runs_the_command_as_a_ray_task_and_returns_its_exit_status(t
     assert "on_ray_gpu: exit 3" in res.stdout
     usage = subprocess.run([sys.executable, str(script), "--log", str(log)], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "usage" in usage.stderr  # no command: nothing run
+
+
+def test_run_summary_names_a_variant_that_reuses_its_pipelines_vae(tmp_path):
+    """gpu_run.sh's `dit.`-only variants train on the pipeline's VAE: their stage column says whose,
+    instead of another run's training summary; a run's own VAE gets its steps from its metrics."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "run_summary.py"
+    spec = importlib.util.spec_from_file_location("run_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    own, variant = tmp_path / "Pong", tmp_path / "Pong-T1"
+    for run in (own, variant):
+        (run / "stages").mkdir(parents=True)
+        (run / "stages" / "collect.json").write_text(json.dumps({"games": {}, "wall_s": 10}))
+        # The pipeline's VAE, as the variant's copied marker names it (an absolute path of the run).
+        (run / "stages" / "vae.json").write_text(json.dumps({"vae_path": "/elsewhere/Pong/models/vae", "wall_s": 60}))
+    (own / "vae.metrics.jsonl").write_text("\n".join(json.dumps(
+        {"time": 1.0 + i, "step": 10 * i, "train/recon": 0.5, "train/steps_per_s": 2.0}) for i in range(1, 4)))
+    table = mod.stage_table([own, variant], None)
+    assert table.loc["VAE", "Pong"].startswith("60 s: 30 steps (2.0/s)")
+    assert table.loc["VAE", "Pong-T1"] == "reused: Pong's"
