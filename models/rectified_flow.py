@@ -96,9 +96,14 @@ class RectifiedFlow:
         x0: (B, T, C, H, W) clean latents; frame_mask: (B, T) bool, True = generated; cond is
         passed to the model as keywords (actions=... is subject to action dropout). t and noise
         default to fresh draws (from `generator`).
+
+        Nothing here waits for the device: no value of a device tensor is read on the host (a
+        training step that did would drain the GPU's queue). So a frame_mask with no generated
+        frame is refused only when it is on the CPU; on a GPU it gives a NaN loss, which
+        training's non-finite check stops at.
         """
         _check(x0, frame_mask)
-        if not frame_mask.any():
+        if frame_mask.device.type == "cpu" and not frame_mask.any():
             raise ValueError("frame_mask marks no generated frame: the loss would be empty")
         B = x0.shape[0]
         if t is None:
@@ -109,9 +114,11 @@ class RectifiedFlow:
             cond["actions"] = self.drop_actions(cond["actions"], generator)
         x_t = self.add_noise(x0, noise, t, frame_mask)
         v = model(x_t, t, frame_mask=frame_mask, **cond)  # (B, T, C, H, W)
-        # Boolean indexing rather than multiplying by the mask: condition frames then take no part
-        # at all, even if the network's output there is inf/nan, and their gradient is exactly 0.
-        return (v - (noise - x0))[frame_mask].pow(2).mean()
+        # torch.where rather than multiplying by the mask: condition frames then add exactly 0, even
+        # where the network's output is inf/nan, and their gradient is exactly 0. Not boolean
+        # indexing either, whose data-dependent shape makes the host wait for the device.
+        err = torch.where(frame_mask[:, :, None, None, None], v - (noise - x0), 0.0)
+        return err.pow(2).sum() / (frame_mask.sum() * x0[0, 0].numel())
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,22 @@ def test_loss_value_and_ignores_condition_frames():
     assert (out.grad[~mask] == 0).all()
     assert (out.grad[mask] != 0).all()
 
+    # Also when the output there is inf/nan: no NaN leaks into the gradient.
+    out = wild.clone().requires_grad_(True)
+    rf.loss(model_with(out), x0, mask, t=t, noise=eps).backward()
+    assert (out.grad[~mask] == 0).all() and torch.isfinite(out.grad).all()
+
+
+def test_loss_reads_no_device_value_on_the_host():
+    """The loss runs on the meta device, which holds no values: no step of it (a `.any()` check,
+    boolean indexing) needs one, so on a GPU it queues without waiting for the device."""
+    rf = RectifiedFlow(RectifiedFlowConfig(action_dropout=0.1))
+    x0 = torch.empty(B, 4, 2, 3, 3, device="meta")
+    mask = torch.empty(B, 4, dtype=torch.bool, device="meta")
+    actions = torch.empty(B, 2, dtype=torch.long, device="meta")
+    loss = rf.loss(lambda x_t, t, *, frame_mask, actions: 2 * x_t, x0, mask, actions=actions)
+    assert loss.shape == () and loss.device.type == "meta"
+
 
 def test_loss_passes_noised_input_and_conditioning():
     rf = RectifiedFlow()
