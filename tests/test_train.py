@@ -153,3 +153,31 @@ def test_device_loader_ddp_reads_each_shard_once_and_survives_a_crash(tmp_path, 
     losses = np.array([r["train/loss"] for r in rows])
     assert losses[-3:].mean() < 0.8 * losses[:3].mean(), losses
     assert _starts(cfg)[1] in (4, 6)
+
+
+def test_optimizer_step_leaves_the_grad_norm_on_the_device_and_stops_on_nan(tmp_path):
+    """The clipped step hands back the gradient norm as a tensor (read only when logging), equal to
+    the norm before clipping; a NaN loss updates nothing and writes the non-finite event."""
+    from workers.train_common import EMA, JsonlLog, TrainSettings, make_optimizer, make_scheduler, optimizer_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    cfg = TrainSettings(run_dir=str(tmp_path), grad_clip=0.5, lr=0.1, warmup_steps=0)
+    opt, ema, log = make_optimizer(model, cfg), EMA(model, 0.9), JsonlLog(tmp_path / "m.jsonl", active=True)
+    sched = make_scheduler(opt, cfg)
+    x = torch.randn(8, 4)
+    ref = torch.nn.Linear(4, 3)
+    ref.load_state_dict(model.state_dict())
+    ref(x).pow(2).sum().backward()
+    expected = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
+    ok, norm = optimizer_step(model(x).pow(2).sum(), model, opt, sched, ema, cfg, 0, log)
+    assert ok and isinstance(norm, torch.Tensor) and norm.ndim == 0
+    torch.testing.assert_close(norm, expected)
+    assert not torch.equal(model.weight, ref.weight)  # the step ran
+
+    before = [p.detach().clone() for p in model.parameters()]
+    ok, norm = optimizer_step(model(x).sum() * float("nan"), model, opt, sched, ema, cfg, 1, log)
+    assert not ok and not torch.isfinite(norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    (event,) = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert event["event"] == "nonfinite" and event["step"] == 1

@@ -351,9 +351,12 @@ def maybe_crash(cfg: TrainSettings, step: int) -> None:
 
 
 def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: TrainSettings,
-                   step: int, log: JsonlLog) -> tuple[bool, float]:
+                   step: int, log: JsonlLog) -> tuple[bool, Tensor]:
     """Backward, clip, step, EMA. Returns (ok, grad_norm); ok is False when the loss or gradient is
     not finite: then nothing is updated, rank 0 writes a `nonfinite` event and the caller stops.
+    grad_norm is a 0-dim tensor on the model's device: read it (`float`) only when logging, since
+    reading it waits for the optimiser step and the EMA update queued behind it. The finite check
+    is the step's one wait for the device.
 
     DDP all-reduces gradients before clipping, so a NaN on any rank makes the norm NaN on every
     rank and all ranks take the same decision without another collective."""
@@ -366,11 +369,11 @@ def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: Tr
                    "message": f"non-finite loss/gradient at step {step} (loss {float(loss.detach())}, "
                               f"grad norm {float(norm)}); stopped, the last good checkpoint is kept"})
         opt.zero_grad(set_to_none=True)
-        return False, float(norm)
+        return False, norm.detach()
     opt.step()
     sched.step()
     ema.update(unwrap(model), step)
-    return True, float(norm)
+    return True, norm.detach()
 
 
 class RunClock:

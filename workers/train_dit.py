@@ -215,7 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.time()
             m = mean_across_ranks({"train/loss": float(loss.detach())}, device)
-            m.update({"train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0],
+            m.update({"train/grad_norm": float(grad_norm), "train/lr": sched.get_last_lr()[0],
                       "train/steps_per_s": steps_since / max(now - t_last, 1e-9)})
             log.write({"step": step, **m})
             t_last, steps_since = now, 0
