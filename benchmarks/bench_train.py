@@ -22,6 +22,7 @@ GPU busy is NVML's utilisation counter sampled every 0.2 s while the timed steps
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -228,7 +229,7 @@ def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str,
                 lat_mask = vae.latent_frame_mask(frame_mask.expand(B, L)).to(device)
                 A = T if cfg.action_mode == "future" else cfg.n_cond - 1 + T  # as TrainDiTConfig.num_action_tokens
                 inputs.append((x0, lat_mask, torch.randint(0, cfg.num_actions, (B, A), device=device, generator=g)))
-            turn = iter(range(1 << 62))
+            turn = itertools.count()
             run = lambda: step(*inputs[next(turn) % len(inputs)])  # noqa: E731
             warmup_s = warm_up(run, device, max(cfg.warmup, len(inputs)))
             with GpuBusySampler(device) as busy:  # sampled over the timed steps only
