@@ -89,10 +89,12 @@ if [ "$ngames" -gt 1 ] || [ "${#vspecs[@]}" -gt 0 ]; then  # one head for all jo
 fi
 gpu_flag=$([ "$ngpu" -gt 0 ] && echo true || echo false)
 mark "pipeline start (${games[*]}, preset $preset, $ngpu GPUs, variants: ${VARIANT:-none})"
+# A job's log without the libraries' noise.
+quiet() { grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E|PlacementGroupCleaner"; }
 pids=()
 for g in "${games[@]}"; do
   python pipeline/run_all.py --preset "$preset" --games "$g" --out "$out/$g" --stages collect vae dit evaluate 2>&1 | \
-    grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E|PlacementGroupCleaner" > "$out/$g.job.log" &
+    quiet > "$out/$g.job.log" &
   pids+=($!)
 done
 # The preset's evaluation settings, which the pipeline's own evaluation used (windows_of needs them).
@@ -131,6 +133,7 @@ run_variant() {  # $1: 0 for the first variant (it also times TRAIN_BENCH), then
     sleep 5
   done
   mkdir -p "$vdir/stages" && ln -sfn "$out/$vg/data" "$vdir/data" && cp "$out/$vg/stages/collect.json" "$vdir/stages/"
+  local stages="vae dit"
   if [ "$dit_only" = 1 ]; then
     # Settings of the DiT alone: it trains on the pipeline's own VAE (the same latents, one VAE
     # fewer to train); the first such variant's GPU times TRAIN_BENCH while that VAE trains.
@@ -140,17 +143,15 @@ run_variant() {  # $1: 0 for the first variant (it also times TRAIN_BENCH), then
       sleep 5
     done
     cp "$out/$vg/stages/vae.json" "$vdir/stages/"
+    stages=dit
     mark "variant $tag: training $vg's DiT on the pipeline's VAE with $*"
-    python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages dit --set "$@" 2>&1 | \
-      grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E|PlacementGroupCleaner" > "$vdir.job.log"
-    mark "variant $tag: trained, exit ${PIPESTATUS[0]}"
   else
     mark "variant $tag: training $vg's VAE and DiT with $*"
-    python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages vae dit --set "$@" 2>&1 | \
-      grep --line-buffered -v -E "Warning|warn\(|DeprecationWarning|Stella|A\.L\.E|PlacementGroupCleaner" > "$vdir.job.log"
-    mark "variant $tag: trained, exit ${PIPESTATUS[0]}"
-    [ "$first" = 0 ] && train_bench  # while the pipelines evaluate
   fi
+  python pipeline/run_all.py --preset "$preset" --games "$vg" --out "$vdir" --stages $stages --set "$@" 2>&1 | \
+    quiet > "$vdir.job.log"
+  mark "variant $tag: trained, exit ${PIPESTATUS[0]}"
+  [ "$first" = 0 ] && [ "$dit_only" = 0 ] && train_bench  # while the pipelines evaluate
   until [ -f "$out/$vg/eval/eval-$vg/${vg}_scores.npz" ]; do
     kill -0 "$vpipe" 2>/dev/null || break
     sleep 5
