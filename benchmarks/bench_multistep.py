@@ -75,8 +75,8 @@ class BenchMultistepConfig:
 
 
 def read_windows(cfg: BenchMultistepConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first max_windows held-out windows of `length` frames (by episode, then start):
-    frames uint8 (N, L, H, W, 3), actions (N, L)."""
+    """max_windows held-out windows of `length` frames, spread evenly over the test split's windows
+    (by episode, then start): frames uint8 (N, L, H, W, 3), actions (N, L)."""
     import ray
 
     from benchmarks.bench_train import episodes_path

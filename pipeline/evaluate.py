@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from pipeline import figures, paper  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 from pipeline.train import _ensure_ray, clip_dataset, parse_config, pop_tracking_uri  # noqa: E402
+from workers.clips import spread_indices, window_keys_of_split  # noqa: E402
 from workers.evaluate import METRICS, ScoreWindows, frame_table, horizon_table, score_windows, window_actions  # noqa: E402
 from workers.world_model import load_world_model  # noqa: E402
 
@@ -64,7 +65,8 @@ class EvalConfig:
     stride: int = 16
     """Stride of the evaluation windows in each test episode."""
     max_windows: int = 128
-    """Windows scored per game (the first ones in dataset order)."""
+    """Windows scored per game: all the test split's windows, or this many spread evenly over them
+    in (episode, start) order, so that every held-out episode weighs in, not the first few."""
     batch_size: int = 8
     """Windows per model call."""
     lpips: bool = True
@@ -83,7 +85,7 @@ class EvalConfig:
     0 NOOP, 1 FIRE, 2 RIGHT, 3 LEFT)."""
     windows_of: str = ""
     """Scores file (`<game>_scores.npz`) of an earlier evaluation on the same data: score exactly its
-    windows (by episode_id and start_step) instead of the first `max_windows`, so that two models
+    windows (by episode_id and start_step) instead of `max_windows` of its own, so that two models
     are compared on the same held-out windows. Needs one game."""
     num_cpus: float = 1.0
     """CPUs of the scoring actor."""
@@ -117,13 +119,15 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
     ds = clip_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride)
     if cfg.windows_of:
         keys = window_keys(cfg.windows_of)
-        ds = ds.filter(lambda row: (str(row["episode_id"]), int(row["start_step"])) in keys)
-    else:
-        ds = ds.limit(cfg.max_windows)
+    else:  # max_windows spread over the split, from its small columns
+        every = window_keys_of_split(cfg.data_root, n_cond + H, cfg.stride, split="test", game=game)
+        keys = {every[i] for i in spread_indices(len(every), cfg.max_windows)}
+    ds = ds.filter(lambda row: (str(row["episode_id"]), int(row["start_step"])) in keys)
     ds = ds.materialize()  # once: scoring and the figures read the same windows
-    if cfg.windows_of and ds.count() != len(keys):
-        raise ValueError(f"EvalConfig.windows_of: {ds.count()} of the {len(keys)} windows of {cfg.windows_of} are in "
-                         f"{cfg.data_root} ({game}, length {n_cond + H}, stride {cfg.stride}): same data and settings?")
+    if ds.count() != len(keys):
+        where = f"the {len(keys)} windows of {cfg.windows_of}" if cfg.windows_of else f"the {len(keys)} windows chosen"
+        raise ValueError(f"EvalConfig: {ds.count()} of {where} are in {cfg.data_root} ({game}, length {n_cond + H}, "
+                         f"stride {cfg.stride}): same data and settings?")
     scored = ds.map_batches(
         ScoreWindows, batch_size=cfg.batch_size, concurrency=1, num_cpus=cfg.num_cpus,
         num_gpus=1 if cfg.use_gpu else 0,

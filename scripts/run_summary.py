@@ -149,9 +149,57 @@ def table2(run: Path) -> pd.DataFrame:
     return out
 
 
-def evaluations(run: Path, horizon: int = 4) -> pd.DataFrame:
+def _scores(d: Path | None) -> dict[str, np.ndarray] | None:
+    """An evaluation directory's per-window scores (`<game>_scores.npz`), or None."""
+    files = sorted(d.glob("*_scores.npz")) if d is not None and d.exists() else []
+    if not files:
+        return None
+    with np.load(files[0], allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _window_keys(z: dict[str, np.ndarray]) -> list[tuple[str, int]]:
+    return [(str(e), int(s)) for e, s in zip(z["episode_id"], z["start_step"])]
+
+
+def _model_mse(z: dict[str, np.ndarray], T: int) -> np.ndarray:
+    """Per-window model MSE at generation length T: its own rollout where it has one (a length the
+    model was trained to generate), else the first T frames of the longest rollout."""
+    key = f"model_T{T}__mse"
+    return z[key].mean(1) if key in z else z["model__mse"][:, :T].mean(1)
+
+
+def outlier_windows(run: Path, horizon: int = 4, factor: float = 20.0) -> set[tuple[str, int]]:
+    """(episode_id, start_step) of the windows whose model MSE at `horizon` in the pipeline's own
+    evaluation exceeds `factor` x the median (the windows `outliers` counts)."""
+    z = _scores(_main_eval(run))
+    if z is None or "episode_id" not in z:
+        return set()
+    m = _model_mse(z, horizon)
+    return {k for k, big in zip(_window_keys(z), m > factor * np.median(m)) if big}
+
+
+def evaluations(run: Path, horizon: int = 4, lengths: tuple[int, ...] = (1, 2, 4)) -> pd.DataFrame:
     """Every evaluation under the run at generation length `horizon`: the model's row (MSE, PSNR
-    of the mean MSE, LPIPS, Euler steps) and, once, copy-last's and the VAE's reconstruction."""
+    of the mean MSE, LPIPS, Euler steps) and, once, copy-last's and the VAE's reconstruction. When
+    the pipeline's own evaluation has outlier windows (`outlier_windows`), each row also gets its
+    mean MSE at `lengths` without those same windows, matched by episode and start step, so that
+    the evaluations compare on the windows where the error is not one event's; and its median
+    window MSE at `lengths`, which one window of its own (a generated flash, say) cannot move."""
+    drop = outlier_windows(run)
+    col = f"MSE T = {' / '.join(map(str, lengths))} without the {len(drop)} outliers"
+
+    def without(z: dict[str, np.ndarray] | None, mse) -> str:
+        if not drop or z is None or "episode_id" not in z:
+            return "—"
+        keep = np.array([k not in drop for k in _window_keys(z)])
+        return " / ".join(f"{mse(z, T)[keep].mean():.1f}" for T in lengths)
+
+    med = f"median MSE T = {' / '.join(map(str, lengths))}"
+
+    def median(z: dict[str, np.ndarray] | None, mse) -> str:
+        return "—" if z is None else " / ".join(f"{np.median(mse(z, T)):.1f}" for T in lengths)
+
     rows = []
     for d in sorted((run / "eval").glob("*/generation_length.csv")):
         gl = pd.read_csv(d)
@@ -162,32 +210,33 @@ def evaluations(run: Path, horizon: int = 4) -> pd.DataFrame:
         m = model.iloc[0]
         rows.append({"evaluation": d.parent.name, "sample_steps": int(m.get("sample_steps", 0)),
                      "MSE": f"{m.mse:.2f}", "PSNR": f"{m.psnr_of_mean_mse:.2f}", "LPIPS": f"{m.lpips:.3f}",
-                     "windows": int(m.num_windows)})
+                     "windows": int(m.num_windows), col: without(z := _scores(d.parent), _model_mse),
+                     med: median(z, _model_mse)})
     main = _main_eval(run)
     if main is not None:
         gl = pd.read_csv(main / "generation_length.csv")
+        z = _scores(main)
         for method in ("copy_last", "vae_recon"):
             r = gl[(gl.generation_length == horizon) & (gl.method == method)]
             if not r.empty:
                 r = r.iloc[0]
+                mse = (lambda z_, T, m=method: z_[f"{m}__mse"][:, :T].mean(1))
                 rows.append({"evaluation": method, "sample_steps": "—", "MSE": f"{r.mse:.2f}",
                              "PSNR": f"{r.psnr_of_mean_mse:.2f}", "LPIPS": f"{r.lpips:.3f}",
-                             "windows": int(r.num_windows)})
-    return pd.DataFrame(rows)
+                             "windows": int(r.num_windows),
+                             col: without(z, mse) if z is not None and f"{method}__mse" in z else "—",
+                             med: median(z, mse) if z is not None and f"{method}__mse" in z else "—"})
+    out = pd.DataFrame(rows)
+    return out.drop(columns=[col]) if not drop and col in out else out
 
 
 def outliers(run: Path, horizon: int = 4, factor: float = 20.0) -> dict | None:
     """Windows whose model MSE at `horizon` exceeds `factor` x the median: how many, their share of
     the mean, and the model's, copy-last's and the VAE's mean MSE without them."""
-    d = _main_eval(run)
-    files = sorted(d.glob("*_scores.npz")) if d is not None else []
-    if not files:
+    z = _scores(_main_eval(run))
+    if z is None or f"model_T{horizon}__mse" not in z:
         return None
-    z = np.load(files[0])
-    key = f"model_T{horizon}__mse"
-    if key not in z.files:
-        return None
-    m = z[key].mean(1)
+    m = _model_mse(z, horizon)
     big = m > factor * np.median(m)
     keep = ~big
     return {"windows": int(len(m)), "outliers": int(big.sum()),

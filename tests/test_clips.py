@@ -9,7 +9,8 @@ import pytest
 
 from workers import schema as S
 from workers.atari import EnvSettings
-from workers.clips import TENSOR_COLUMNS, parquet_files, read_windows_numpy, split_sample, window_dataset
+from workers.clips import (TENSOR_COLUMNS, parquet_files, read_windows_numpy, split_sample, spread_indices,
+                           window_dataset, window_keys_of_split)
 
 
 def _write_episodes(path, lengths: dict[str, int], split="train"):
@@ -49,6 +50,34 @@ def test_window_edges(ray_local, tmp_path):
     assert np.array_equal(w["frames"].max(axis=(2, 3, 4)), w["frames"].min(axis=(2, 3, 4)))
     assert w["actions"][-1, -1] == S.NO_ACTION  # "exact"'s window ends on the final frame
     assert len(read_windows_numpy(str(tmp_path), 8, 4, split="test")["start_step"]) == 0
+
+
+def test_window_keys_of_a_split_match_the_cut_windows_and_spread_reaches_every_episode(ray_local, tmp_path):
+    """The keys read from the small columns are exactly the windows window_dataset cuts (episode
+    "b" spans both files), per split; a sample of them spreads over every episode in order."""
+    _write_episodes(tmp_path / "episodes" / "game=Pong", {"short": 5, "exact": 8, "b": 21, "c": 40}, split="test")
+    _write_episodes(tmp_path / "other" / "game=Pong", {"t": 30}, split="train")
+    keys = window_keys_of_split(str(tmp_path), 8, 4, split="test", game="Pong")
+    cut = read_windows_numpy(str(tmp_path), 8, 4, split="test")
+    assert keys == list(zip(cut["episode_id"], cut["start_step"].tolist()))
+    assert keys[:5] == [("b", 0), ("b", 4), ("b", 8), ("b", 12), ("c", 0)] and keys[-1] == ("exact", 0)
+    assert window_keys_of_split(str(tmp_path), 8, 4, split="train") == [("t", s) for s in range(0, 23, 4)]
+    assert window_keys_of_split(str(tmp_path), 8, 4, split="test", game="Breakout") == []
+    # 4 of the 14 test windows: the first, the last and two between, from all three episodes
+    pick = spread_indices(len(keys), 4)
+    assert pick.tolist() == [0, 4, 9, 13]
+    assert {keys[i][0] for i in pick} == {"b", "c", "exact"}
+    sample = read_windows_numpy(str(tmp_path), 8, 4, split="test", max_windows=4)
+    assert list(zip(sample["episode_id"], sample["start_step"].tolist())) == [keys[i] for i in pick]
+    assert np.array_equal(sample["frames"][:, 0, 0, 0, 0], sample["start_step"] % 256)
+    for total in (1, 7, 256, 1000):
+        for n in (1, 2, 5, 255, 256):
+            got = spread_indices(total, n)
+            assert len(got) == min(n, total) and len(set(got.tolist())) == len(got)
+            assert (np.diff(got) > 0).all() and got[0] == 0 and (n == 1 or got[-1] == total - 1)
+    assert spread_indices(10, None).tolist() == list(range(10))
+    with pytest.raises(ValueError, match="n >= 1"):
+        spread_indices(10, 0)
 
 
 def test_split_sample_modes_and_errors():

@@ -300,3 +300,57 @@ def test_run_summary_names_a_variant_that_reuses_its_pipelines_vae(tmp_path):
     table = mod.stage_table([own, variant], None)
     assert table.loc["VAE", "Pong"].startswith("60 s: 30 steps (2.0/s)")
     assert table.loc["VAE", "Pong-T1"] == "reused: Pong's"
+
+
+def test_run_summary_compares_evaluations_without_the_same_outlier_windows(tmp_path):
+    """Every evaluation of a run's windows gets its mean MSE without the windows that are outliers
+    in the pipeline's own evaluation, matched by episode and start step whatever order each
+    evaluation scored them in, and its median, which one window of its own cannot move."""
+    import importlib.util
+
+    import pandas as pd
+
+    path = Path(__file__).parents[1] / "scripts" / "run_summary.py"
+    spec = importlib.util.spec_from_file_location("run_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = tmp_path / "DemonAttack"
+    (run / "stages").mkdir(parents=True)
+    main_dir, other_dir = run / "eval" / "eval-DemonAttack", run / "eval" / "eval-DemonAttack-B"
+    (run / "stages" / "evaluate.json").write_text(json.dumps({"eval_dir": str(main_dir)}))
+    eids = np.array([f"ep{i % 5}" for i in range(40)])
+    starts = np.arange(40) * 8
+    rng = np.random.default_rng(0)
+
+    def write(d: Path, model: np.ndarray, order: np.ndarray) -> None:
+        d.mkdir(parents=True)
+        copy = np.full((40, 16), 100.0)
+        np.savez(d / "DemonAttack_scores.npz", episode_id=eids[order], start_step=starts[order],
+                 model__mse=model[order], model_T1__mse=model[order][:, :1], model_T2__mse=model[order][:, :2],
+                 model_T4__mse=model[order][:, :4], copy_last__mse=copy, vae_recon__mse=copy / 20)
+        rows = [{"game": "DemonAttack", "method": m, "generation_length": 4, "mse": 1.0, "psnr_of_mean_mse": 1.0,
+                 "lpips": 0.1, "num_windows": 40, "sample_steps": 4} for m in ("model", "copy_last", "vae_recon")]
+        pd.DataFrame(rows).to_csv(d / "generation_length.csv", index=False)
+
+    main = rng.uniform(40, 60, (40, 16))
+    main[[3, 17]] = 20_000.0  # two flash windows
+    other = main + 10.0
+    other[25] = 30_000.0  # a flash of the variant's own: an outlier of its own, not of the pipeline's
+    write(main_dir, main, np.arange(40))
+    write(other_dir, other, rng.permutation(40))
+    assert mod.outlier_windows(run) == {("ep3", 24), ("ep2", 136)}
+    ev = mod.evaluations(run).set_index("evaluation")
+    col = "MSE T = 1 / 2 / 4 without the 2 outliers"
+    keep = np.ones(40, bool)
+    keep[[3, 17]] = False
+    want = " / ".join(f"{main[keep, :T].mean(1).mean():.1f}" for T in (1, 2, 4))
+    assert ev.loc["eval-DemonAttack", col] == want
+    want_other = " / ".join(f"{other[keep, :T].mean(1).mean():.1f}" for T in (1, 2, 4))
+    assert ev.loc["eval-DemonAttack-B", col] == want_other  # the variant's own flash stays in
+    assert ev.loc["eval-DemonAttack-B", "median MSE T = 1 / 2 / 4"] == " / ".join(
+        f"{np.median(other[:, :T].mean(1)):.1f}" for T in (1, 2, 4))
+    assert ev.loc["copy_last", col] == "100.0 / 100.0 / 100.0" and ev.loc["vae_recon", col] == "5.0 / 5.0 / 5.0"
+    # no outliers: no such column
+    write(run / "eval" / "calm", main.clip(max=60), np.arange(40))
+    (run / "stages" / "evaluate.json").write_text(json.dumps({"eval_dir": str(run / "eval" / "calm")}))
+    assert not any(c.startswith("MSE T = 1 / 2 / 4 without") for c in mod.evaluations(run).columns)

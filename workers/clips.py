@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workers import schema as S
@@ -136,9 +137,45 @@ def split_sample(frames, actions, n_cond: int, horizon: int, action_mode: str = 
     return cond, future, actions[:, lo:n_cond + horizon - 1]  # (B, A)
 
 
+def spread_indices(total: int, n: int | None) -> np.ndarray:
+    """`n` indices spread evenly over range(total), first and last included (all of them when
+    `n` is None or at least `total`): a sample of a split's windows that reaches every part of it,
+    where the first `n` would come from its first few episodes."""
+    if n is None or n >= total:
+        return np.arange(total)
+    if n < 1:
+        raise ValueError(f"a sample of windows needs n >= 1, got {n}")
+    # the step (total-1)/(n-1) is >= 1, so the rounded positions are distinct and increasing
+    return np.linspace(0, total - 1, n).round().astype(np.int64) if n > 1 else np.zeros(1, np.int64)
+
+
+def window_keys_of_split(path: str, length: int, stride: int, split: str | None = None,
+                         game: str | None = None) -> list[tuple[str, int]]:
+    """(episode_id, start_step) of every window `window_dataset` cuts from a split (of one game),
+    sorted by episode then start, from the small columns alone (no frame is read)."""
+    cols = [S.EPISODE_ID, S.STEP, S.GAME, S.SPLIT]
+    tables = []
+    for f in parquet_files(path):
+        try:
+            t = pq.read_table(f, columns=cols)
+        except (pa.ArrowInvalid, KeyError, OSError) as e:
+            raise S.DatasetError(f"{f}: cannot read columns {cols}: {e}") from e
+        if split is not None:
+            t = t.filter(pc.equal(t[S.SPLIT], split))
+        if game:
+            t = t.filter(pc.equal(t[S.GAME], game))
+        tables.append(t.select([S.EPISODE_ID]))
+    if not tables:
+        return []
+    eids = pa.concat_tables(tables)[S.EPISODE_ID].to_numpy(zero_copy_only=False).astype(str)
+    names, counts = np.unique(eids, return_counts=True)  # sorted episode ids, rows per episode
+    return [(str(e), int(s)) for e, n in zip(names, counts) for s in range(0, int(n) - length + 1, stride)]
+
+
 def read_windows_numpy(path: str, length: int, stride: int, split: str | None = None,
                        max_windows: int | None = None) -> dict[str, np.ndarray]:
-    """All windows of a (small, held-out) split as numpy arrays, sorted by (episode, start)."""
+    """The windows of a (small, held-out) split as numpy arrays, sorted by (episode, start):
+    all of them, or `max_windows` spread evenly over them (`spread_indices`)."""
     ds = window_dataset(path, length, stride, split)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
@@ -147,8 +184,8 @@ def read_windows_numpy(path: str, length: int, stride: int, split: str | None = 
                 "episode_id": np.zeros((0,), object), "start_step": np.zeros((0,), np.int64)}
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.lexsort((out["start_step"], out["episode_id"].astype(str)))
-    out = {k: v[order][:max_windows] for k, v in out.items()}
-    return out
+    order = order[spread_indices(len(order), max_windows)]
+    return {k: v[order] for k, v in out.items()}
 
 
 def validate_dataset(path: str, *, read_frames: bool = True) -> dict:
