@@ -23,6 +23,7 @@ GPU busy is NVML's utilisation counter sampled every 0.2 s while the timed steps
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from models.stdit import STDiT_models
 from models.vae import VAE_models, VideoVAE
 from workers.train_common import (
     EMA, JsonlLog, autocast, infinite_batches, make_optimizer, make_scheduler, optimizer_step, pixels_to_model,
+    skip_counter,
 )
 from workers.clips import split_sample
 from workers.train_dit import TrainDiTConfig, build_dit
@@ -147,20 +149,34 @@ class DiTStep:
                                                        action_dropout=tcfg.action_dropout))
         self.positions = {}  # action positions per number of action tokens, as train_dit computes per step
         self.log = JsonlLog(Path(os.devnull), active=False)
+        self.skipped = skip_counter(self.opt, device)  # as the DiT job keeps it: no per-step host read
         self.step = 0
+        self.last_loss: torch.Tensor | None = None
 
-    def __call__(self, x0: torch.Tensor, lat_mask: torch.Tensor, actions: torch.Tensor) -> float:
-        """x0: (B, T', C, h, w) scaled latents; lat_mask: (B, T') True = generated; actions: (B, A)."""
+    def __call__(self, x0: torch.Tensor, lat_mask: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """x0: (B, T', C, h, w) scaled latents; lat_mask: (B, T') True = generated; actions: (B, A).
+        Returns the loss, on the device: nothing here waits for it (`check` reads it after timing)."""
         A = actions.shape[1]
         if A not in self.positions:
             self.positions[A] = action_positions(A, self.tcfg.n_cond, self.tcfg.action_mode, device=self.device)
         with autocast(self.device, self.tcfg.bf16):
             loss = self.flow.loss(self.model, x0, lat_mask, actions=actions, action_positions=self.positions[A])
-        ok, _ = optimizer_step(loss.float(), self.model, self.opt, self.sched, self.ema, self.tcfg, self.step, self.log)
+        ok, _ = optimizer_step(loss.float(), self.model, self.opt, self.sched, self.ema, self.tcfg, self.step, self.log,
+                               self.skipped)
         if not ok:
             raise RuntimeError(f"non-finite loss/gradient at benchmark step {self.step}")
         self.step += 1
-        return float(loss.detach())
+        self.last_loss = loss.detach()
+        return self.last_loss
+
+    def check(self) -> float:
+        """After the timed steps: the last loss, or an error if any step's loss or gradient was not
+        finite (its update skipped on the device)."""
+        skipped = int(self.skipped.item()) if self.skipped is not None else 0
+        last = float(self.last_loss) if self.last_loss is not None else math.nan
+        if skipped or not math.isfinite(last):
+            raise RuntimeError(f"non-finite loss/gradient in the benchmark ({skipped} step(s) skipped, last loss {last})")
+        return last
 
     @property
     def params(self) -> int:
@@ -234,6 +250,7 @@ def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str,
             warmup_s = warm_up(run, device, max(cfg.warmup, len(inputs)))
             with GpuBusySampler(device) as busy:  # sampled over the timed steps only
                 t = time_calls(run, device, cfg.steps)
+            step.check()
         except torch.cuda.OutOfMemoryError:
             rows.append(_oom_row(row, device))
             continue
@@ -279,7 +296,7 @@ class FedStep:
         self.frame_mask = torch.arange(self.L, device=step.device) >= tcfg.n_cond  # (L,) True = generated
         self.wait_s = 0.0
 
-    def __call__(self) -> float:
+    def __call__(self) -> torch.Tensor:
         t0 = time.perf_counter()
         batch = self.next_batch()
         self.wait_s += time.perf_counter() - t0
@@ -328,13 +345,14 @@ def run_pipeline(cfg: BenchTrainConfig, device: torch.device, dataset=None) -> l
             warmup_s = warm_up(fed, device, cfg.warmup)  # includes Ray Data's start-up
             fed.wait_s = 0.0
             with GpuBusySampler(device) as busy:
-                t_fed = time_calls(fed, device, cfg.steps)
+                t_fed = time_calls(fed, device, cfg.steps, latency_calls=0)  # wait_s: these steps alone
             wait_frac = fed.wait_s / (t_fed["mean_s"] * cfg.steps)
             # The same work on one batch resident on the device: the rate the input must sustain.
             resident = {k: v.to(device) for k, v in next(batches).items()}
             res = FedStep(step, vae, lambda: resident)
             warm_up(res, device, 1)
             t_res = time_calls(res, device, cfg.steps)
+            step.check()
         except torch.cuda.OutOfMemoryError:
             rows.append(_oom_row(row, device))
             continue

@@ -66,20 +66,25 @@ def warm_up(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_calls(fn: Callable[[], Any], device: torch.device, iters: int) -> dict[str, float]:
-    """Seconds per call of fn, warm: `mean_s` (wall time of `iters` back-to-back calls / iters, the
-    throughput figure) and `min_s` (fastest single synchronised call, a latency floor)."""
+def time_calls(fn: Callable[[], Any], device: torch.device, iters: int, latency_calls: int = 3) -> dict[str, float]:
+    """Seconds per call of fn, warm: `mean_s`, the wall time of `iters` back-to-back calls / iters
+    (the throughput figure: the calls queue on the device as a training or generation loop's do,
+    with one synchronisation at the end), and `min_s`, the fastest of `latency_calls` more calls,
+    each synchronised (a latency floor; nan with none)."""
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    fastest = math.inf
     t_start = time.perf_counter()
     for _ in range(iters):
+        fn()
+    sync(device)
+    total = time.perf_counter() - t_start
+    fastest = math.inf
+    for _ in range(latency_calls):
         t = time.perf_counter()
         fn()
         sync(device)
         fastest = min(fastest, time.perf_counter() - t)
-    total = time.perf_counter() - t_start
-    return {"mean_s": total / iters, "min_s": fastest}
+    return {"mean_s": total / iters, "min_s": fastest if latency_calls > 0 else math.nan}
 
 
 # -- GPU busy fraction -----------------------------------------------------------------------------

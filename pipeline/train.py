@@ -85,10 +85,13 @@ def frame_dataset(data_root: str, game: str, split: str):
 
 
 def training_dataset(cfg, length: int, stride: int):
-    """What the job's workers read: rows for the "device" loader, windows for "stream"."""
+    """What the job's workers read: rows for the "device" loader, windows for "stream"; of the
+    `train_episodes` share of the training episodes."""
+    from workers.clips import keep_episode_share
+
     if cfg.data_loader == "device":
-        return frame_dataset(cfg.data_root, cfg.game, "train")
-    ds = clip_dataset(cfg.data_root, cfg.game, "train", length, stride)
+        return keep_episode_share(frame_dataset(cfg.data_root, cfg.game, "train"), cfg.train_episodes)
+    ds = keep_episode_share(clip_dataset(cfg.data_root, cfg.game, "train", length, stride), cfg.train_episodes)
     return ds.select_columns(["frames", "actions"])  # tensors only: iter_torch_batches rejects strings
 
 

@@ -22,7 +22,7 @@ from benchmarks.bench_multistep import BenchMultistepConfig, frame_bound, verdic
 from benchmarks.bench_multistep import main as multistep_main
 from benchmarks.bench_train import BenchTrainConfig, step_flops
 from benchmarks.bench_train import main as train_main
-from benchmarks.common import markdown_table, parse_config, profile_table
+from benchmarks.common import markdown_table, parse_config, profile_table, time_calls
 from models.lpips import weights_path
 from models.stdit import STDiT_models
 from models.vae import VAE_models
@@ -61,6 +61,24 @@ def test_profile_table_lists_the_ops_run():
     a = torch.randn(64, 64)
     table = profile_table(lambda: (a @ a).relu(), torch.device("cpu"), calls=2)
     assert "aten::mm" in table and "aten::relu" in table and "Self CPU" in table
+
+
+def test_time_calls_times_back_to_back_calls_then_latency_calls_apart(monkeypatch):
+    """mean_s comes from `iters` calls with one synchronisation at the end (a training loop's
+    queue), min_s from the extra calls, each synchronised; none with latency_calls=0."""
+    import benchmarks.common as common
+
+    events = []
+    monkeypatch.setattr(common, "sync", lambda device: events.append("sync"))
+    fn = lambda: events.append("call")  # noqa: E731
+    t = time_calls(fn, torch.device("cpu"), 5, latency_calls=2)
+    assert events == ["call"] * 5 + ["sync"] + ["call", "sync"] * 2
+    assert t["mean_s"] > 0 and math.isfinite(t["min_s"])
+    events.clear()
+    t = time_calls(fn, torch.device("cpu"), 3, latency_calls=0)
+    assert events == ["call"] * 3 + ["sync"] and math.isnan(t["min_s"])
+    with pytest.raises(ValueError, match="iters"):
+        time_calls(fn, torch.device("cpu"), 0)
 
 
 def test_step_flops_scale_with_batch():

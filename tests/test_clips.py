@@ -9,8 +9,8 @@ import pytest
 
 from workers import schema as S
 from workers.atari import EnvSettings
-from workers.clips import (TENSOR_COLUMNS, parquet_files, read_windows_numpy, split_sample, spread_indices,
-                           window_dataset, window_keys_of_split)
+from workers.clips import (TENSOR_COLUMNS, episode_share_mask, keep_episode_share, parquet_files, read_windows_numpy,
+                           split_sample, spread_indices, window_dataset, window_keys_of_split)
 
 
 def _write_episodes(path, lengths: dict[str, int], split="train"):
@@ -78,6 +78,33 @@ def test_window_keys_of_a_split_match_the_cut_windows_and_spread_reaches_every_e
     assert spread_indices(10, None).tolist() == list(range(10))
     with pytest.raises(ValueError, match="n >= 1"):
         spread_indices(10, 0)
+
+
+def test_a_share_of_episodes_keeps_whole_episodes_the_same_in_every_call(ray_local):
+    """train_episodes: a fixed subset of whole episodes, about the share asked for, nested (a
+    smaller share keeps a subset of a larger one's episodes), identical across calls and blocks."""
+    import ray
+
+    ids = [f"ep{i:03d}-pid{1000 + i}" for i in range(400)]
+    rows = pa.table({S.EPISODE_ID: [e for e in ids for _ in range(3)], S.STEP: [s for _ in ids for s in range(3)]})
+    kept = {}
+    for share in (0.25, 0.5, 1.0):
+        mask = episode_share_mask(rows[S.EPISODE_ID], share).to_numpy(zero_copy_only=False)
+        per_episode = mask.reshape(400, 3)
+        assert (per_episode.all(1) | ~per_episode.any(1)).all()  # whole episodes
+        kept[share] = {e for e, k in zip(ids, per_episode[:, 0]) if k}
+        assert abs(len(kept[share]) - 400 * share) <= 40, (share, len(kept[share]))
+        # through Ray Data, over blocks that cut episodes apart: the same episodes, every row of them
+        ds = keep_episode_share(ray.data.from_arrow(rows).repartition(7), share)
+        got = ds.to_pandas()
+        assert set(got[S.EPISODE_ID]) == kept[share] and len(got) == 3 * len(kept[share])
+    assert kept[0.25] <= kept[0.5] <= kept[1.0] and kept[1.0] == set(ids)
+    with pytest.raises(ValueError, match="share"):
+        keep_episode_share(ray.data.from_arrow(rows), 0.0)
+    from workers.train_common import TrainSettings
+
+    with pytest.raises(ValueError, match="train_episodes=1.5"):
+        TrainSettings(train_episodes=1.5)
 
 
 def test_split_sample_modes_and_errors():

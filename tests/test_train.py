@@ -181,3 +181,52 @@ def test_optimizer_step_leaves_the_grad_norm_on_the_device_and_stops_on_nan(tmp_
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     (event,) = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert event["event"] == "nonfinite" and event["step"] == 1
+    assert skip_counter_of(opt) is None  # CPU AdamW is not fused: the host check above, each step
+
+
+def skip_counter_of(opt):
+    from workers.train_common import skip_counter
+
+    return skip_counter(opt, torch.device("cpu"))
+
+
+def test_fused_optimizer_skips_a_nonfinite_step_on_the_device_and_stops_at_the_log_step(tmp_path, monkeypatch):
+    """With a fused AdamW (the GPU's), a non-finite step is found without reading the device: the
+    optimiser leaves parameters, moments and step count as they were, a device counter counts the
+    step, and the log step's read of that counter writes the non-finite event and stops."""
+    from workers.train_common import EMA, JsonlLog, TrainSettings, make_scheduler, optimizer_step, stop_if_skipped
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    cfg = TrainSettings(run_dir=str(tmp_path), grad_clip=0.5, lr=0.1, warmup_steps=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # the CPU has a fused kernel too
+    ema, log, sched = EMA(model, 0.9), JsonlLog(tmp_path / "m.jsonl", active=True), make_scheduler(opt, cfg)
+    skipped = skip_counter_of(opt)
+    assert skipped is not None and skipped.item() == 0
+    x = torch.randn(8, 4)
+    ok, _ = optimizer_step(model(x).pow(2).sum(), model, opt, sched, ema, cfg, 0, log, skipped)
+    assert ok and skipped.item() == 0 and int(opt.state[model.weight]["step"]) == 1
+    assert not stop_if_skipped(skipped, 0, log)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    loss = model(x).sum() * float("nan")
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the fused path read a device value on the host")
+
+    with monkeypatch.context() as m:  # any read of a tensor's value on the host fails
+        for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+            m.setattr(torch.Tensor, name, host_read)
+        ok, norm = optimizer_step(loss, model, opt, sched, ema, cfg, 1, log, skipped)
+    assert ok and not torch.isfinite(norm)  # the caller goes on; the counter holds the news
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, opt.state[p]["exp_avg"]) for a, p in zip(moments, model.parameters()))
+    assert int(opt.state[model.weight]["step"]) == 1 and getattr(opt, "found_inf", None) is None
+    assert skipped.item() == 1 and not (tmp_path / "m.jsonl").exists()
+    assert stop_if_skipped(skipped, 50, log)
+    (event,) = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert event["event"] == "nonfinite" and event["step"] == 50 and event["skipped_steps"] == 1
+    # a later finite step updates again
+    ok, _ = optimizer_step(model(x).pow(2).sum(), model, opt, sched, ema, cfg, 2, log, skipped)
+    assert ok and not torch.equal(before[0], model.weight) and skipped.item() == 1

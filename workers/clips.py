@@ -13,6 +13,7 @@ never reaches a model; with longer windows (VAE training) actions are not used.
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -87,6 +88,26 @@ def _windows_of_episode(batch: pa.Table, length: int, stride: int) -> Iterator[d
                "actions": actions[idx],  # (W, L)
                "episode_id": np.full(len(idx), eid, dtype=object),
                "start_step": steps[idx[:, 0]].astype(np.int64)}
+
+
+def episode_share_mask(episode_ids: pa.Array | pa.ChunkedArray, share: float) -> pa.Array:
+    """Which rows belong to the fixed `share` of episodes: an episode is in when the CRC-32 of its
+    id, taken modulo 10,000, is below share x 10,000. Whole episodes, the same ones in every call
+    and every process (no per-process hash seed)."""
+    uniq = pc.unique(episode_ids).to_pylist()
+    keep = [e for e in uniq if zlib.crc32(str(e).encode()) % 10_000 < share * 10_000]
+    return pc.is_in(episode_ids, value_set=pa.array(keep, type=episode_ids.type))
+
+
+def keep_episode_share(ds, share: float):
+    """The rows (or windows) of a Ray Dataset with an `episode_id` column whose episode is in the
+    fixed `share` of episodes (`episode_share_mask`); the dataset itself when share is 1."""
+    if share >= 1.0:
+        return ds
+    if share <= 0.0:
+        raise ValueError(f"episode share must be in (0, 1], got {share}")
+    return ds.map_batches(lambda t: t.filter(episode_share_mask(t[S.EPISODE_ID], share)),
+                          batch_format="pyarrow", batch_size=None)
 
 
 def window_dataset(ds_or_path, length: int = 32, stride: int = 4, split: str | None = None,

@@ -98,6 +98,10 @@ class TrainSettings:
     fit in the workers' memory."""
     max_store_gib: float = 48.0
     """"device" loader: the most frame bytes one worker may hold (it fails naming this setting)."""
+    train_episodes: float = 1.0
+    """Share of the training split's episodes to train on, in (0, 1]: a fixed subset chosen by a
+    hash of the episode id (`workers.clips.keep_episode_share`), whole episodes only. 1 = all.
+    The data lever of a run: the same run at a smaller share measures what more data would give."""
     max_train_s: float = 0.0
     """Wall-clock budget of this run's loop in seconds (0 = none): past it the loop checkpoints and
     ends early, and the exported model is the one at that step."""
@@ -109,6 +113,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.data_loader not in DATA_LOADERS:
             raise ValueError(f"{type(self).__name__}.data_loader={self.data_loader!r}; expected one of {DATA_LOADERS}")
+        if not 0.0 < self.train_episodes <= 1.0:
+            raise ValueError(f"{type(self).__name__}.train_episodes={self.train_episodes}: expected a share in (0, 1]")
 
 
 DATA_LOADERS = ("device", "stream")
@@ -351,12 +357,18 @@ def maybe_crash(cfg: TrainSettings, step: int) -> None:
 
 
 def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: TrainSettings,
-                   step: int, log: JsonlLog) -> tuple[bool, Tensor]:
-    """Backward, clip, step, EMA. Returns (ok, grad_norm); ok is False when the loss or gradient is
-    not finite: then nothing is updated, rank 0 writes a `nonfinite` event and the caller stops.
-    grad_norm is a 0-dim tensor on the model's device: read it (`float`) only when logging, since
-    reading it waits for the optimiser step and the EMA update queued behind it. The finite check
-    is the step's one wait for the device.
+                   step: int, log: JsonlLog, skipped: Tensor | None = None) -> tuple[bool, Tensor]:
+    """Backward, clip, step, EMA. Returns (ok, grad_norm). grad_norm is a 0-dim tensor on the
+    model's device: read it (`float`) only when logging, since reading it waits for the optimiser
+    step and the EMA update queued behind it.
+
+    A non-finite loss or gradient updates nothing. How that is found depends on the optimiser:
+    - fused AdamW (on the GPU) with a `skipped` counter (a 0-dim float tensor on the device): the
+      check stays on the device. The optimiser skips its own update (its `found_inf`) and `skipped`
+      counts the step; nothing here waits for the device. The caller reads the count at its log
+      steps (`stop_if_skipped`) and stops there.
+    - otherwise the check reads the norm on the host (the step's one wait for the device); on a
+      non-finite one, rank 0 writes a `nonfinite` event and ok is False: the caller stops at once.
 
     DDP all-reduces gradients before clipping, so a NaN on any rank makes the norm NaN on every
     rank and all ranks take the same decision without another collective."""
@@ -364,6 +376,17 @@ def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: Tr
     loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if skipped is not None and opt.defaults.get("fused"):
+        bad = (~torch.isfinite(norm)).to(torch.float32)  # 0-dim, on the device
+        opt.found_inf = bad  # read by the fused kernel: 1 leaves parameters, moments and step count as they were
+        try:
+            opt.step()
+        finally:
+            opt.found_inf = None
+        skipped.add_(bad)
+        sched.step()
+        ema.update(unwrap(model), step)  # towards unchanged parameters on a skipped step
+        return True, norm.detach()
     if not torch.isfinite(norm):
         log.write({"event": NONFINITE_EVENT, "step": step, "loss": float(loss.detach()),
                    "message": f"non-finite loss/gradient at step {step} (loss {float(loss.detach())}, "
@@ -374,6 +397,26 @@ def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: Tr
     sched.step()
     ema.update(unwrap(model), step)
     return True, norm.detach()
+
+
+def skip_counter(opt, device: torch.device) -> Tensor | None:
+    """The device-side count of skipped steps that `optimizer_step` keeps for a fused optimiser;
+    None for any other (its check reads the host at each step)."""
+    return torch.zeros((), device=device) if opt.defaults.get("fused") else None
+
+
+def stop_if_skipped(skipped: Tensor | None, step: int, log: JsonlLog) -> bool:
+    """At a log step: whether any step since the start had a non-finite loss or gradient (its update
+    was skipped on the device); if so, writes the `nonfinite` event, and the caller stops. Reads
+    one number from the device, at a step that reads the loss for the log anyway."""
+    if skipped is None:
+        return False
+    n = int(skipped.item())
+    if n:
+        log.write({"event": NONFINITE_EVENT, "step": step, "skipped_steps": n,
+                   "message": f"non-finite loss/gradient in {n} step(s) up to step {step}, whose updates were "
+                              f"skipped; stopped, the last good checkpoint is kept"})
+    return n > 0
 
 
 class RunClock:

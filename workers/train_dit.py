@@ -26,7 +26,7 @@ from workers.frame_store import window_generator
 from workers.train_common import (
     EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_frame_store, restore,
     make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
-    pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
+    pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything, skip_counter, stop_if_skipped,
 )
 from workers.world_model import ACTION_MODES, load_vae
 
@@ -139,6 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = make_optimizer(dit, cfg)
     clock = RunClock(cfg, device)
     sched = make_scheduler(opt, cfg, clock)
+    skipped = skip_counter(opt, device)  # the fused optimiser's non-finite steps, read at log steps
     step = restore(device, dit, ema, opt, sched)  # a resumed run, or a FailureConfig restart
     model = ray.train.torch.prepare_model(dit)
     if cfg.compile:
@@ -207,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = flow.loss(model, x0, lat_mask, actions=actions, action_positions=positions)
         if step == cfg.nan_at_step:
             loss = loss * float("nan")
-        ok, grad_norm = optimizer_step(loss.float(), model, opt, sched, ema, cfg, step, log)
+        ok, grad_norm = optimizer_step(loss.float(), model, opt, sched, ema, cfg, step, log, skipped)
         if not ok:
             return
         step += 1
@@ -219,6 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       "train/steps_per_s": steps_since / max(now - t_last, 1e-9)})
             log.write({"step": step, **m})
             t_last, steps_since = now, 0
+            if stop_if_skipped(skipped, step, log):
+                return  # a non-finite step was skipped on the device since the last log step
         if pending and rank == 0 and step % cfg.log_every == 0:
             elapsed = clock.elapsed()
             while pending and elapsed >= pending[0]:

@@ -19,7 +19,7 @@ from workers.frame_store import window_generator
 from workers.train_common import (
     EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_frame_store, restore,
     make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
-    pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything,
+    pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything, skip_counter, stop_if_skipped,
 )
 
 
@@ -78,6 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = make_optimizer(vae, cfg)
     clock = RunClock(cfg, device)
     sched = make_scheduler(opt, cfg, clock)
+    skipped = skip_counter(opt, device)  # the fused optimiser's non-finite steps, read at log steps
     step = restore(device, vae, ema, opt, sched)  # a resumed run, or a FailureConfig restart
     model = ray.train.torch.prepare_model(vae)  # DDP over the workers (gloo on CPU, NCCL on GPU)
     if cfg.compile:
@@ -112,7 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                recon_kind=cfg.recon_kind)
         if step == cfg.nan_at_step:
             loss = loss * float("nan")
-        ok, grad_norm = optimizer_step(loss, model, opt, sched, ema, cfg, step, log)
+        ok, grad_norm = optimizer_step(loss, model, opt, sched, ema, cfg, step, log, skipped)
         if not ok:
             return  # the driver turns the logged event into NonFiniteLossError
         step += 1
@@ -125,6 +126,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       "train/steps_per_s": steps_since / max(now - t_last, 1e-9)})
             log.write({"step": step, **m})
             t_last, steps_since = now, 0
+            if stop_if_skipped(skipped, step, log):
+                return  # a non-finite step was skipped on the device since the last log step
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
             reported_step = step
