@@ -300,3 +300,36 @@ def test_recorder_applies_a_seed_once_without_sticky_actions_and_always_with_the
         assert [s is not None for s in spy.seeds[1:3]] == [every_game] * 2, (sticky, spy.seeds)
         per_game = {e: sd for e, sd in zip(t[S.EPISODE_ID].to_pylist(), t[S.RESET_SEED].to_pylist())}
         assert len(per_game) == 4 and per_game[max(per_game)] == 7
+
+
+def test_a_rerun_of_the_same_settings_holds_out_the_same_games(monkeypatch):
+    """Episode ids end in a process part (pid, nonce) that differs between collections; the split
+    hashes what precedes it, so a second collection with the same settings (run id, game, seed,
+    runner, env, game number) assigns every game the same split under a different id."""
+    import itertools
+
+    import ale_py  # noqa: F401 - registers ALE ids
+
+    import workers.atari as atari
+    from workers.atari import EnvSettings, RawFrameRecorder, make_raw_env
+
+    runs = []
+    for _ in range(2):  # two "processes": each numbers its envs from 0
+        monkeypatch.setattr(atari, "_instances", itertools.count())
+        settings = EnvSettings()
+        rec = RawFrameRecorder(make_raw_env("ALE/Pong-v5", settings), env_id="ALE/Pong-v5", settings=settings,
+                               run_id="r", seed=3, worker_index=2, test_fraction=0.5)
+        for _ in range(8):
+            rec.reset()
+            rec.step(0)
+        rec.flush_open()
+        t = rec.drain()
+        per_game = dict(zip(t[S.EPISODE_ID].to_pylist(), t[S.SPLIT].to_pylist()))
+        runs.append(sorted(per_game.items(), key=lambda kv: int(kv[0].split(S.EPISODE_ID_PROCESS_SEP)[0].rsplit(".", 1)[1])))
+    (ids_a, splits_a), (ids_b, splits_b) = (tuple(zip(*r)) for r in runs)
+    assert len(ids_a) == 8 and set(ids_a).isdisjoint(ids_b)  # unique ids across the two collections
+    assert [i.split(S.EPISODE_ID_PROCESS_SEP)[0] for i in ids_a] == [i.split(S.EPISODE_ID_PROCESS_SEP)[0] for i in ids_b]
+    assert ids_a[0].startswith("r.Pong.s3.w2.0.0~")
+    assert splits_a == splits_b and set(splits_a) == {"train", "test"}
+    assert all(S.split_of(i, 0.5) == s for i, s in zip(ids_a, splits_a))
+    assert S.split_of("r.Pong.s3.w2.0.5~111.aaaaaa", 0.5) == S.split_of("r.Pong.s3.w2.0.5~222.bbbbbb", 0.5)

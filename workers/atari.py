@@ -112,10 +112,12 @@ class RawFrameRecorder(gym.Wrapper):
         # Seeds for resets nobody seeded (RLlib autoresets): drawn here so every game has one.
         instance = next(_instances)
         self._rng = np.random.default_rng([seed, worker_index, instance])
-        # Unique across runs (run id), processes (worker index, pid) and envs (instance); the
-        # nonce keeps ids unique when RLlib restarts a crashed runner in the same run.
-        self._prefix = (f"{run_id}.{self.game}.w{worker_index}.{os.getpid()}.{instance}."
-                        f"{uuid.uuid4().hex[:6]}")
+        # `<run>.<game>.s<seed>.w<worker>.<env>.<game number>~<pid>.<nonce>`. The part before "~"
+        # is the same in every collection of the same settings, and the train/test split hashes
+        # that part alone (schema.split_of): a rerun holds out the same games. The part after it
+        # keeps ids unique across processes, and when RLlib restarts a crashed runner in the same run.
+        self._prefix = f"{run_id}.{self.game}.s{seed}.w{worker_index}.{instance}"
+        self._suffix = f"{S.EPISODE_ID_PROCESS_SEP}{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self._games = itertools.count()
         self._rows: dict[str, list] = {k: [] for k in
                                        (S.EPISODE_ID, S.STEP, S.FRAME, S.ACTION, S.REWARD,
@@ -134,7 +136,7 @@ class RawFrameRecorder(gym.Wrapper):
         apply = explicit or self._reseed_every_game or not self._seeded
         obs, info = self.env.reset(seed=seed if apply else None, options=options)
         self._seeded = True
-        eid = f"{self._prefix}.{next(self._games)}"
+        eid = f"{self._prefix}.{next(self._games)}{self._suffix}"
         self._open = dict(id=eid, seed=seed, split=S.split_of(eid, self.test_fraction), step=0,
                           frame=obs, lives=self._lives(), ret=0.0)
         return obs, info
