@@ -114,7 +114,8 @@ class RawFrameRecorder(gym.Wrapper):
         self._rng = np.random.default_rng([seed, worker_index, instance])
         # `<run>.<game>.s<seed>.w<worker>.<env>.<game number>~<pid>.<nonce>`. The part before "~"
         # is the same in every collection of the same settings, and the train/test split hashes
-        # that part alone (schema.split_of): a rerun holds out the same games. The part after it
+        # that part alone (schema.split_of): a rerun holds out the games at the same positions
+        # (runner, env, game number), the same games where the collection replays. The part after it
         # keeps ids unique across processes, and when RLlib restarts a crashed runner in the same run.
         self._prefix = f"{run_id}.{self.game}.s{seed}.w{worker_index}.{instance}"
         self._suffix = f"{S.EPISODE_ID_PROCESS_SEP}{os.getpid()}.{uuid.uuid4().hex[:6]}"

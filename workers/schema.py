@@ -161,7 +161,7 @@ settings; what precedes it does not (workers/atari.py)."""
 def split_of(episode_id: str, test_fraction: float) -> str:
     """Deterministic train/test assignment of an episode: a hash of its id up to the process part
     (`EPISODE_ID_PROCESS_SEP`), so that a rerun of the same collection settings holds out the
-    same games, whichever processes recorded them."""
+    games at the same positions (runner, env, game number), whichever processes recorded them."""
     key = episode_id.split(EPISODE_ID_PROCESS_SEP, 1)[0]
     h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little")
     return "test" if (h % 1_000_000) < round(test_fraction * 1_000_000) else "train"
