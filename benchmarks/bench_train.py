@@ -94,7 +94,9 @@ class BenchTrainConfig:
     """Peak FLOP/s of the device for MFU (default: H100 SXM dense bf16). MFU is n/a on CPU."""
     device: str = "auto"
     profile: bool = False
-    """Print a torch.profiler table of the top ops of two steps of the first setting."""
+    """Print a torch.profiler table of the top ops of two steps: synthetic mode, of the first setting
+    of each compile mode (eager and compiled, which spend their time differently); pipeline mode,
+    of the first setting."""
     out: str = ""
     """Write the rows here too: .csv, or JSON otherwise."""
     seed: int = 0
@@ -228,7 +230,7 @@ def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str,
     lengths = {T: cfg.n_cond + T for T in horizons}  # pixel frames per clip
     h, w = vae.latent_hw((cfg.height, cfg.width))
     shapes = "+".join(f"{vae.latent_frames(L)}" for L in lengths.values())
-    rows, profiled = [], not cfg.profile
+    rows, profiled = [], set()  # compile modes profiled so far
     for preset, B, compiled in _settings(cfg):
         tcfg = cfg.train_config(preset, B, compiled)
         row: dict[str, Any] = {"preset": preset, "compile": "compile" if compiled else "eager", "batch": B,
@@ -262,9 +264,9 @@ def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str,
                    mfu_pct=100 * achieved / cfg.peak_flops if device.type == "cuda" else None,
                    gpu_busy_pct=busy.mean, peak_mem_GB=_peak_mem_gb(device), warmup_s=warmup_s)
         rows.append(row)
-        if not profiled:
+        if cfg.profile and row["compile"] not in profiled:
             print(f"\nprofile: {preset} batch {B} {row['compile']}\n{profile_table(run, device)}\n")
-            profiled = True
+            profiled.add(row["compile"])
         del step, inputs
     return rows
 

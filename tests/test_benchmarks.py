@@ -104,6 +104,17 @@ def test_train_synthetic(capsys, tmp_path):
         assert next(csv.DictReader(fh))["preset"] == "tiny"
 
 
+def test_train_synthetic_profiles_the_first_setting_of_each_compile_mode(capsys):
+    """--profile prints one profiler table per compile mode, of its first setting."""
+    train_main(BenchTrainConfig(presets=("tiny",), batch_sizes=(2, 3), compile=("eager",), height=32, width=32,
+                                warmup=1, steps=1, device="cpu", profile=True))
+    printed = capsys.readouterr().out
+    assert printed.count("\nprofile: ") == 1 and "profile: tiny batch 2 eager" in printed
+    train_main(BenchTrainConfig(presets=("tiny",), batch_sizes=(2,), compile=("eager",), height=32, width=32,
+                                warmup=1, steps=1, device="cpu"))
+    assert "profile: " not in capsys.readouterr().out
+
+
 def test_train_synthetic_horizon_mix_takes_each_length_in_turn():
     """The gpu preset's mix of generated lengths (T in 1, 2, 4, one per step): each step's latents
     have n_cond + T frames, and the FLOPs per step are the mix's mean, between T=1's and T=4's."""
