@@ -218,12 +218,14 @@ def test_vector_envs_record_whole_games_across_lost_lives(ray_local, tmp_path):
     assert g["steady_steps_per_s"] > 0  # two rounds of 350 steps: the second one is timed alone
     t = pa.concat_tables([pq.ParquetFile(f).read() for f in parquet_files(root)])
     eids = t[S.EPISODE_ID].to_numpy(zero_copy_only=False)
-    assert len({e.rsplit(".", 3)[-3] for e in eids}) == 2  # two recorder instances (envs)
+    # ids: <run>.<game>.s<seed>.w<runner>.<env>.<game number>~<pid>.<nonce>
+    positions = {e: e.split(S.EPISODE_ID_PROCESS_SEP)[0].rsplit(".", 2)[1:] for e in np.unique(eids)}
+    assert len({env for env, _ in positions.values()}) == 2  # two recorder instances (envs)
     lost = [e for e in np.unique(eids)
             if np.ptp(t.filter(pa.compute.equal(t[S.EPISODE_ID], e))[S.LIVES].to_numpy()) > 0]
     assert lost, "no episode lost a life: the replay below would not cover life-loss resets"
     # Later games of an env start from an unseeded reset (no ROM reload): they must replay too.
-    assert any(int(e.rsplit(".", 1)[1]) >= 1 for e in np.unique(eids)), "no env played a second game"
+    assert any(int(game) >= 1 for _, game in positions.values()), "no env played a second game"
     for eid in np.unique(eids):
         ep = t.filter(pa.compute.equal(t[S.EPISODE_ID], eid))
         ep = ep.take(pa.compute.sort_indices(ep, [(S.STEP, "ascending")]))
