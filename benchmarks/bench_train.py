@@ -245,7 +245,7 @@ def run_synthetic(cfg: BenchTrainConfig, device: torch.device) -> list[dict[str,
                 frame_mask = torch.arange(L) >= cfg.n_cond  # (L,) True = generated
                 x0 = torch.randn(B, vae.latent_frames(L), cfg.latent_channels, h, w, device=device, generator=g)
                 lat_mask = vae.latent_frame_mask(frame_mask.expand(B, L)).to(device)
-                A = T if cfg.action_mode == "future" else cfg.n_cond - 1 + T  # as TrainDiTConfig.num_action_tokens
+                A = tcfg.action_tokens(T)
                 inputs.append((x0, lat_mask, torch.randint(0, cfg.num_actions, (B, A), device=device, generator=g)))
             turn = itertools.count()
             run = lambda: step(*inputs[next(turn) % len(inputs)])  # noqa: E731

@@ -187,18 +187,18 @@ def evaluations(run: Path, horizon: int = 4, lengths: tuple[int, ...] = (1, 2, 4
     the evaluations compare on the windows where the error is not one event's; and its median
     window MSE at `lengths`, which one window of its own (a generated flash, say) cannot move."""
     drop = outlier_windows(run)
-    col = f"MSE T = {' / '.join(map(str, lengths))} without the {len(drop)} outliers"
+    Ts = " / ".join(map(str, lengths))
 
-    def without(z: dict[str, np.ndarray] | None, mse) -> str:
-        if not drop or z is None or "episode_id" not in z:
-            return "—"
-        keep = np.array([k not in drop for k in _window_keys(z)])
-        return " / ".join(f"{mse(z, T)[keep].mean():.1f}" for T in lengths)
-
-    med = f"median MSE T = {' / '.join(map(str, lengths))}"
-
-    def median(z: dict[str, np.ndarray] | None, mse) -> str:
-        return "—" if z is None else " / ".join(f"{np.median(mse(z, T)):.1f}" for T in lengths)
+    def robust(z: dict[str, np.ndarray] | None, mse) -> dict[str, str]:
+        """The mean without the pipeline's outlier windows (a column only when there are some) and
+        the median, of per-window MSE `mse(z, T)` at each length."""
+        cols = {}
+        if drop:
+            keep = np.array([k not in drop for k in _window_keys(z)]) if z is not None and "episode_id" in z else None
+            cols[f"MSE T = {Ts} without the {len(drop)} outliers"] = (
+                "—" if keep is None else " / ".join(f"{mse(z, T)[keep].mean():.1f}" for T in lengths))
+        cols[f"median MSE T = {Ts}"] = "—" if z is None else " / ".join(f"{np.median(mse(z, T)):.1f}" for T in lengths)
+        return cols
 
     rows = []
     for d in sorted((run / "eval").glob("*/generation_length.csv")):
@@ -210,8 +210,7 @@ def evaluations(run: Path, horizon: int = 4, lengths: tuple[int, ...] = (1, 2, 4
         m = model.iloc[0]
         rows.append({"evaluation": d.parent.name, "sample_steps": int(m.get("sample_steps", 0)),
                      "MSE": f"{m.mse:.2f}", "PSNR": f"{m.psnr_of_mean_mse:.2f}", "LPIPS": f"{m.lpips:.3f}",
-                     "windows": int(m.num_windows), col: without(z := _scores(d.parent), _model_mse),
-                     med: median(z, _model_mse)})
+                     "windows": int(m.num_windows), **robust(_scores(d.parent), _model_mse)})
     main = _main_eval(run)
     if main is not None:
         gl = pd.read_csv(main / "generation_length.csv")
@@ -221,13 +220,11 @@ def evaluations(run: Path, horizon: int = 4, lengths: tuple[int, ...] = (1, 2, 4
             if not r.empty:
                 r = r.iloc[0]
                 mse = (lambda z_, T, m=method: z_[f"{m}__mse"][:, :T].mean(1))
+                has = z is not None and f"{method}__mse" in z
                 rows.append({"evaluation": method, "sample_steps": "—", "MSE": f"{r.mse:.2f}",
                              "PSNR": f"{r.psnr_of_mean_mse:.2f}", "LPIPS": f"{r.lpips:.3f}",
-                             "windows": int(r.num_windows),
-                             col: without(z, mse) if z is not None and f"{method}__mse" in z else "—",
-                             med: median(z, mse) if z is not None and f"{method}__mse" in z else "—"})
-    out = pd.DataFrame(rows)
-    return out.drop(columns=[col]) if not drop and col in out else out
+                             "windows": int(r.num_windows), **robust(z if has else None, mse)})
+    return pd.DataFrame(rows)
 
 
 def outliers(run: Path, horizon: int = 4, factor: float = 20.0) -> dict | None:

@@ -174,7 +174,7 @@ def window_keys_of_split(path: str, length: int, stride: int, split: str | None 
                          game: str | None = None) -> list[tuple[str, int]]:
     """(episode_id, start_step) of every window `window_dataset` cuts from a split (of one game),
     sorted by episode then start, from the small columns alone (no frame is read)."""
-    cols = [S.EPISODE_ID, S.STEP, S.GAME, S.SPLIT]
+    cols = [S.EPISODE_ID, S.GAME, S.SPLIT]
     tables = []
     for f in parquet_files(path):
         try:

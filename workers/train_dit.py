@@ -95,10 +95,14 @@ class TrainDiTConfig(TrainSettings):
     def clip_length(self) -> int:
         return self.n_cond + self.horizon
 
+    def action_tokens(self, horizon: int) -> int:
+        """Action tokens of a window that generates `horizon` frames."""
+        return horizon if self.action_mode == "future" else self.n_cond - 1 + horizon
+
     @property
     def num_action_tokens(self) -> int:
         """Action tokens of a window of the longest horizon."""
-        return self.horizon if self.action_mode == "future" else self.n_cond - 1 + self.horizon
+        return self.action_tokens(self.horizon)
 
     @property
     def trained_horizons(self) -> tuple[int, ...]:
