@@ -148,7 +148,11 @@ class GpuBusySampler:
 # -- profiling -------------------------------------------------------------------------------------
 def profile_table(fn: Callable[[], Any], device: torch.device, *, calls: int = 2, row_limit: int = 15) -> str:
     """torch.profiler over `calls` calls of fn (run it warm): the top ops by CUDA time on GPU, by
-    CPU time on CPU."""
+    CPU time on CPU, then that time summed by kind of work (`time_by_kind`): on GPU every kernel's
+    time from the trace (the top ops' table leaves most kernels out and counts an op's kernels
+    twice, under the op and under the kernel), on CPU every op's self time."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -157,7 +161,60 @@ def profile_table(fn: Callable[[], Any], device: torch.device, *, calls: int = 2
             fn()
         sync(device)
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+    if device.type == "cuda":
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            timed = kernel_times(json.loads(trace.read_text()))
+        what = "GPU time by kind of kernel"
+    else:
+        timed = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+        what = "CPU self time by kind of op"
+    kinds = time_by_kind(timed)
+    return f"{table}\n{what}, {calls} calls:\n{markdown_table(kinds, ['kind', 'ms', 'share_pct', 'calls'])}"
+
+
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Triton (Inductor's fused kernels)", ("triton",)),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                         "aten::baddbmm", "aten::_addmm", "aten::matmul")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("normalisation", ("norm",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill")),
+    ("element-wise and reductions", ("elementwise", "vectorized", "unrolled", "reduce", "aten::")),
+)
+"""Kinds of work, each with the lower-case name fragments of its CUDA kernels and CPU ops; the
+first kind with a matching fragment wins (a Triton kernel named after the ops it fuses stays
+Triton). Names that match none count as "other"."""
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def kernel_times(trace: dict) -> list[tuple[str, float]]:
+    """(name, µs) of every GPU kernel, copy and fill in a torch.profiler Chrome trace."""
+    events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
+    return [(e.get("name", ""), float(e.get("dur", 0.0))) for e in events
+            if isinstance(e, dict) and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
+def time_by_kind(timed: list[tuple]) -> list[dict[str, Any]]:
+    """Rows {kind, ms, share_pct, calls} of (name, µs) or (name, µs, calls) entries summed by
+    `kernel_kind`, largest first; entries of no time are left out."""
+    totals: dict[str, list[float]] = {}
+    for name, us, *calls in timed:
+        if us > 0:
+            t = totals.setdefault(kernel_kind(name), [0.0, 0])
+            t[0] += us
+            t[1] += calls[0] if calls else 1
+    whole = sum(t[0] for t in totals.values()) or 1.0
+    rows = [{"kind": k, "ms": t[0] / 1e3, "share_pct": 100 * t[0] / whole, "calls": int(t[1])}
+            for k, t in totals.items()]
+    return sorted(rows, key=lambda r: -r["ms"])
 
 
 # -- output ----------------------------------------------------------------------------------------

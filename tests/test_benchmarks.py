@@ -22,7 +22,7 @@ from benchmarks.bench_multistep import BenchMultistepConfig, frame_bound, verdic
 from benchmarks.bench_multistep import main as multistep_main
 from benchmarks.bench_train import BenchTrainConfig, step_flops
 from benchmarks.bench_train import main as train_main
-from benchmarks.common import markdown_table, parse_config, profile_table, time_calls
+from benchmarks.common import kernel_kind, kernel_times, markdown_table, parse_config, profile_table, time_by_kind, time_calls
 from models.lpips import weights_path
 from models.stdit import STDiT_models
 from models.vae import VAE_models
@@ -61,6 +61,34 @@ def test_profile_table_lists_the_ops_run():
     a = torch.randn(64, 64)
     table = profile_table(lambda: (a @ a).relu(), torch.device("cpu"), calls=2)
     assert "aten::mm" in table and "aten::relu" in table and "Self CPU" in table
+    kinds = table.split("CPU self time by kind of op, 2 calls:")[1]
+    assert "| matrix products |" in kinds and "| element-wise and reductions |" in kinds
+
+
+def test_kernel_kinds_of_an_h200_profile_sum_the_trace_kernels_by_kind():
+    """Kernel names as a compiled DiT step's trace holds them; copies and fills come from their
+    own trace categories; CPU ops of the trace are not GPU time."""
+    trace = {"traceEvents": [
+        {"cat": "kernel", "name": "nvjet_sm90_tst_128x192_64x5_2x1_v_bz_coopB_NNN", "dur": 100.0},
+        {"cat": "kernel", "name": "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "dur": 50.0},
+        {"cat": "kernel", "name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "dur": 60.0},
+        {"cat": "kernel", "name": "triton_per_fused_add_mul_native_layer_norm_backward_12", "dur": 40.0},
+        {"cat": "kernel", "name": "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor>", "dur": 10.0},
+        {"cat": "kernel", "name": "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "dur": 20.0},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "dur": 20.0},
+        {"cat": "cpu_op", "name": "aten::mm", "dur": 999.0},
+        {"ph": "M", "name": "process_name"},
+    ]}
+    timed = kernel_times(trace)
+    assert len(timed) == 7 and ("aten::mm", 999.0) not in timed
+    rows = {r["kind"]: r for r in time_by_kind(timed)}
+    assert rows["matrix products"]["ms"] == pytest.approx(0.150) and rows["matrix products"]["calls"] == 2
+    assert rows["attention"]["share_pct"] == pytest.approx(20.0)
+    assert rows["Triton (Inductor's fused kernels)"]["ms"] == pytest.approx(0.040)
+    assert rows["optimizer"]["ms"] == pytest.approx(0.020) and rows["copies and fills"]["ms"] == pytest.approx(0.030)
+    assert sum(r["share_pct"] for r in rows.values()) == pytest.approx(100.0)
+    assert [r["kind"] for r in time_by_kind(timed)][0] == "matrix products"  # largest first
+    assert kernel_kind("some_custom_kernel") == "other"
 
 
 def test_time_calls_times_back_to_back_calls_then_latency_calls_apart(monkeypatch):
