@@ -86,6 +86,19 @@ def training_summary(path: Path, key: str, util: pd.DataFrame | None) -> str:
             f"GPU busy {_busy(util, rows[0]['time'], rows[-1]['time'])}")
 
 
+def _event(path: Path, name: str) -> dict | None:
+    """The first `{"event": name, ...}` line of a training job's metrics JSONL, if any."""
+    if not path.exists():
+        return None
+    with open(path) as fh:
+        for line in fh:
+            if f'"{name}"' in line:
+                rec = json.loads(line)
+                if rec.get("event") == name:
+                    return rec
+    return None
+
+
 def stage_table(runs: list[Path], util: pd.DataFrame | None) -> pd.DataFrame:
     cols: dict[str, dict[str, str]] = {}
     for run in runs:
@@ -110,6 +123,9 @@ def stage_table(runs: list[Path], util: pd.DataFrame | None) -> pd.DataFrame:
         name = Path(dit["model_path"]).name if dit.get("model_path") else f"dit-{game}"
         col["DiT"] = (f"{dit.get('wall_s', float('nan')):.0f} s: "
                       + training_summary(run / f"{name}.metrics.jsonl", "train/loss", util)) if dit else "—"
+        store = _event(run / f"{name}.metrics.jsonl", "frame_store")
+        if store:  # what the DiT trained on: all the training episodes, or its `train_episodes` share
+            col["DiT trained on: rows; episodes"] = f"{store['rows']:,}; {store['episodes']}"
         col["evaluate (wall)"] = f"{ev['wall_s']:.0f} s" if ev else "—"
         cols[run.name] = col
     return pd.DataFrame(cols).fillna("—")

@@ -300,6 +300,33 @@ def test_run_summary_names_a_variant_that_reuses_its_pipelines_vae(tmp_path):
     table = mod.stage_table([own, variant], None)
     assert table.loc["VAE", "Pong"].startswith("60 s: 30 steps (2.0/s)")
     assert table.loc["VAE", "Pong-T1"] == "reused: Pong's"
+    assert "DiT trained on: rows; episodes" not in table.index  # no DiT metrics: nothing claimed
+
+
+def test_run_summary_says_what_each_dit_trained_on(tmp_path):
+    """A `dit.train_episodes` variant trains on a share of the collection's episodes: the stage
+    table gives each DiT's own rows and episodes, from its metrics' frame_store event."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "run_summary.py"
+    spec = importlib.util.spec_from_file_location("run_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, rows, episodes in (("DemonAttack", 50304, 121), ("DemonAttack-half", 19557, 49)):
+        run = tmp_path / name
+        (run / "stages").mkdir(parents=True)
+        (run / "stages" / "collect.json").write_text(json.dumps({"games": {}, "wall_s": 10}))
+        (run / "stages" / "dit.json").write_text(json.dumps({"model_path": str(run / "models" / "dit-DemonAttack"),
+                                                            "wall_s": 700}))
+        (run / "dit-DemonAttack.metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+            {"time": 1.0, "event": "start", "step": 0},
+            {"time": 2.0, "event": "frame_store", "rows": rows, "episodes": episodes, "gib": 1.0},
+            {"time": 3.0, "step": 50, "train/loss": 0.2, "train/steps_per_s": 7.0},
+            {"time": 4.0, "step": 100, "train/loss": 0.1, "train/steps_per_s": 7.0})))
+    table = mod.stage_table([tmp_path / "DemonAttack", tmp_path / "DemonAttack-half"], None)
+    assert table.loc["DiT trained on: rows; episodes", "DemonAttack"] == "50,304; 121"
+    assert table.loc["DiT trained on: rows; episodes", "DemonAttack-half"] == "19,557; 49"
+    assert table.loc["DiT", "DemonAttack-half"].startswith("700 s: 100 steps")
 
 
 def test_run_summary_compares_evaluations_without_the_same_outlier_windows(tmp_path):
