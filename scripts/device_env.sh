@@ -1,8 +1,8 @@
 # Source on the GPU machine (Python 3.12 with a CUDA torch, no network) from the repository root:
 #   . scripts/device_env.sh
 # Unpacks the bundle of ../shared/tools/device-bundle.sh (Ray, RLlib, gymnasium, ale-py, MLflow),
-# carried as .devpkg/, and points LPIPS at the weights carried beside it
-# (cp ~/.cache/atari-world-model/lpips_alex_v0.1.pt .devpkg/ before sending).
+# carried as .devpkg/, and points LPIPS at the weights carried beside it. `bash
+# scripts/device_pack.sh` makes both here and checks that the call fits the device tool's 64 MiB.
 mkdir -p /tmp/site
 [ -f /tmp/site/.unpacked ] || { tar -xJf .devpkg/devsite.tar.xz -C /tmp/site && touch /tmp/site/.unpacked; }
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1

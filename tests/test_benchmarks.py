@@ -12,6 +12,8 @@ import functools
 import math
 
 import numpy as np
+import json
+
 import pytest
 import torch
 from ale_windows import ale_windows
@@ -322,3 +324,37 @@ def test_probe_vae_grid_scores_each_factor_on_held_out_ale_frames(tmp_path, caps
     assert len(list(csv.DictReader(out.open()))) == 2
     with pytest.raises(ValueError, match="held_out=48 must be below frames=48"):
         probe_main(ProbeVAEGridConfig(frames=48, held_out=48))
+
+
+def test_bench_ddp_summary_rates_efficiency_and_loss_at_equal_samples(tmp_path):
+    """bench_ddp reads each run's metrics: samples/s from the logged steps after the first (start-up
+    left out), efficiency against the fewest workers, and the loss where every run has seen the
+    same number of samples."""
+    from benchmarks.bench_ddp import BenchDDPConfig, dit_settings, read_metrics, summarise
+
+    def metrics(path, world, step_s, losses):  # one logged row every 10 steps
+        lines = [{"time": 0.0, "event": "start", "step": 0, "world_size": world}]
+        lines += [{"time": 5.0 + i * 10 * step_s, "step": 10 * (i + 1), "train/loss": loss} for i, loss in enumerate(losses)]
+        path.write_text("\n".join(json.dumps(r) for r in lines))
+        return read_metrics(path)
+
+    # Strong scaling, 8 clips a step: 1 worker at 0.1 s a step, 2 workers at 0.0625 s a step.
+    one = metrics(tmp_path / "w1.jsonl", 1, 0.1, [1.0, 0.8, 0.6, 0.5])
+    two = metrics(tmp_path / "w2.jsonl", 2, 0.0625, [1.1, 0.8, 0.6, 0.4, 0.3, 0.2])
+    rows = summarise({1: one, 2: two}, {1: 8, 2: 4})
+    assert [r["workers"] for r in rows] == [1, 2] and rows[1]["world_size"] == 2
+    assert rows[0]["samples_per_s"] == pytest.approx(80.0) and rows[1]["samples_per_s"] == pytest.approx(128.0)
+    assert rows[1]["efficiency_pct"] == pytest.approx(80.0) and rows[0]["efficiency_pct"] == pytest.approx(100.0)
+    # The fewest samples any run saw: 40 steps x 8 = 320; at 25 % (80 samples = step 10) and 100 %.
+    assert rows[0]["loss_at_80"] == pytest.approx(1.0) and rows[1]["loss_at_80"] == pytest.approx(1.1)
+    assert rows[0]["loss_at_320"] == pytest.approx(0.5) and rows[1]["loss_at_320"] == pytest.approx(0.4)
+    assert rows[1]["steps"] == 60
+
+    sets = dit_settings(BenchDDPConfig(global_batch=8, max_train_s=60, use_gpu=True), 2)
+    assert "dit.batch_size=4" in sets and "dit.num_workers=2" in sets and "dit.use_gpu=true" in sets
+    assert "dit.lr_cooldown=0" in sets and "dit.max_train_s=60" in sets
+    with pytest.raises(ValueError, match="global_batch=8 does not divide by 3"):
+        dit_settings(BenchDDPConfig(global_batch=8), 3)
+    (tmp_path / "short.jsonl").write_text(json.dumps({"time": 1.0, "step": 5, "train/loss": 1.0}))
+    with pytest.raises(ValueError, match="short.jsonl: 1 logged steps"):
+        read_metrics(tmp_path / "short.jsonl")

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Packs .devpkg/, what a GPU-machine call carries besides the working tree (see scripts/device_env.sh):
+# - the bundle of ../shared/tools/device-bundle.sh (Ray, RLlib, gymnasium, ale-py, MLflow), repacked
+#   with `xz -9e`: 2 MB smaller than the bundle's own compression;
+# - the LPIPS weights (bash scripts/setup.sh makes them).
+# The device tool caps a call's tree, carried paths included, at 64 MiB: the bundle (47 MB) and the
+# weights (10 MB) leave about 7 MiB for the tracked files. The script ends with the sum, and fails
+# when the sum is over the cap.
+#   bash scripts/device_pack.sh            (about 5 minutes on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+weights=$("$PY" -c "from models.lpips import weights_path; print(weights_path())")
+[ -f "$weights" ] || { echo "device_pack.sh: no LPIPS weights at $weights: run bash scripts/setup.sh first" >&2; exit 1; }
+bash ../shared/tools/device-bundle.sh
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+tar -xJf .devpkg/devsite.tar.xz -C "$tmp"
+tar -C "$tmp" -cf - . | xz -9e -T0 > .devpkg/devsite.tar.xz.part
+mv .devpkg/devsite.tar.xz.part .devpkg/devsite.tar.xz
+cp "$weights" .devpkg/lpips_alex_v0.1.pt
+# What a call carrying .devpkg sends: tracked files, untracked files git does not ignore, .devpkg.
+git ls-files -z --cached --others --exclude-standard | "$PY" -c '
+import os, sys
+files = [f for f in sys.stdin.read().split("\0") if f and os.path.isfile(f)]
+files += [os.path.join(d, f) for d, _, fs in os.walk(".devpkg") for f in fs]
+sent, cap = sum(os.path.getsize(f) for f in files), 64 * 2**20
+print(f"a call carrying .devpkg sends {sent / 2**20:.1f} MiB of the 64 MiB cap")
+sys.exit(0 if sent <= cap else "device_pack.sh: over the cap: carry .devpkg/devsite.tar.xz alone (no LPIPS) or trim the tree")
+'
