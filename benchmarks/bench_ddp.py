@@ -126,7 +126,7 @@ def summarise(runs: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]], batc
     """One row per worker count: steps, samples/s, efficiency against the fewest workers (scaled
     to one), and the loss at shared numbers of samples seen (fractions of the fewest any run saw)."""
     rates, seen = {}, {}
-    for n, (start, rows) in runs.items():
+    for n, (_, rows) in runs.items():
         clips = batch_of[n] * n
         first, last = rows[0], rows[-1]
         rates[n] = clips * (last["step"] - first["step"]) / max(last["time"] - first["time"], 1e-9)
