@@ -108,14 +108,13 @@ def run_workers(cfg: BenchDDPConfig, base: Path, n: int) -> Path:
 
 
 def read_metrics(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(the start event, the logged step rows) of a DiT job's metrics JSONL."""
-    start, rows = {}, []
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("event") == "start":
-            start = rec
-        elif "event" not in rec and "train/loss" in rec:
-            rows.append(rec)
+    """(the start event, the logged step rows) of a DiT job's metrics JSONL
+    (`workers.train_common.read_metrics`: a restarted run's re-logged steps counted once)."""
+    from workers.train_common import read_metrics as read_jsonl
+
+    recs = read_jsonl(path)
+    start = next((r for r in recs if r.get("event") == "start"), {})
+    rows = [r for r in recs if "event" not in r and "train/loss" in r]
     if len(rows) < 2:
         raise ValueError(f"{path}: {len(rows)} logged steps; the rate needs at least 2 (log_every too large for the run?)")
     return start, rows

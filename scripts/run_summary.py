@@ -88,15 +88,7 @@ def training_summary(path: Path, key: str, util: pd.DataFrame | None) -> str:
 
 def _event(path: Path, name: str) -> dict | None:
     """The first `{"event": name, ...}` line of a training job's metrics JSONL, if any."""
-    if not path.exists():
-        return None
-    with open(path) as fh:
-        for line in fh:
-            if f'"{name}"' in line:
-                rec = json.loads(line)
-                if rec.get("event") == name:
-                    return rec
-    return None
+    return next((r for r in _metrics(path) if r.get("event") == name), None)
 
 
 def stage_table(runs: list[Path], util: pd.DataFrame | None) -> pd.DataFrame:
