@@ -13,7 +13,7 @@
 #   on the pipeline's own VAE instead of a second one, so the DiTs compare on the same latents.
 # - Per game, on the final model's windows, also: the DiT snapshot (snapshot_s of the preset;
 #   SNAPSHOT_EVAL=0 skips it) and the final DiT with the Euler steps of EXTRA_STEPS (default "1 2";
-#   "" for none).
+#   "" for none); each variant's DiT with those Euler steps too.
 # - TRAIN_BENCH (default "L"; "" for none) at TRAIN_BENCH_BATCH clips (default 16): the first
 #   variant's GPU times DiT training of those presets (scripts/on_ray_gpu.py: Ray holds that GPU for
 #   it), after the variant has trained, while the pipelines evaluate; for a `dit.`-only variant,
@@ -156,7 +156,13 @@ run_variant() {  # $1: 0 for the first variant (it also times TRAIN_BENCH), then
     kill -0 "$vpipe" 2>/dev/null || break
     sleep 5
   done
-  evaluate_on "$vg" "$vdir/models/dit-$vg" "eval-$vg-$tag"
+  # The variant's DiT with the pipeline's Euler steps and with each of EXTRA_STEPS, as the game's own.
+  local k epids_v=()
+  evaluate_on "$vg" "$vdir/models/dit-$vg" "eval-$vg-$tag" & epids_v+=($!)
+  for k in ${EXTRA_STEPS-1 2}; do
+    evaluate_on "$vg" "$vdir/models/dit-$vg" "eval-$vg-$tag-k$k" --sample_steps "$k" & epids_v+=($!)
+  done
+  wait "${epids_v[@]}"
 }
 vpids=()
 for j in "${!vspecs[@]}"; do
