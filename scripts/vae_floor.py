@@ -1,0 +1,97 @@
+"""The VAE's reconstruction error (the floor of any model on its latents) on training and held-out
+windows of the same run, under each way the pipeline runs the VAE, to tell a generalisation gap
+from a difference between training and evaluation:
+
+- weights: the exported VAE (`models/vae`, the EMA weights that the DiT and the evaluation use)
+  and the raw weights of the run's last checkpoint (what `train/recon` is measured on);
+- precision: float32 (the evaluation) and bf16 autocast (training, on a GPU);
+- latent: the posterior mean (evaluation, DiT latents) and a posterior sample (training).
+
+MSE on 0-255 pixel values of the uint8 output (as the evaluation scores it) and the training loss's
+L2 on the [-1, 1] scale x 127.5^2 (as `train/recon` is logged), per split. One table, and a CSV:
+
+    python scripts/vae_floor.py --run-dir /tmp/gpurun/Breakout --windows 64 --device cuda --out floor.csv
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workers.clips import read_windows_numpy  # noqa: E402
+from workers.train_common import model_to_pixels, pixels_to_model  # noqa: E402
+from workers.world_model import load_vae  # noqa: E402
+
+
+def last_checkpoint_state(run_dir: Path, name: str = "vae") -> dict | None:
+    """The raw and EMA state dicts of the run's newest VAE training checkpoint (Ray Train's
+    `<run>/<name>/checkpoint_*/state.pt`); None when the run kept none."""
+    found = sorted((run_dir / name).glob("checkpoint_*/state.pt"))
+    return torch.load(found[-1], map_location="cpu", weights_only=False) if found else None
+
+
+@torch.no_grad()
+def floor(vae, frames: np.ndarray, device: str, bf16: bool, sample: bool, batch: int, seed: int = 0) -> dict:
+    """Mean reconstruction error of `frames` (uint8 (N, L, H, W, 3)): MSE of the uint8 output on
+    0-255 values, and the L2 of the float output on [-1, 1] x 127.5^2 (the training loss's scale)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    mse_u8, l2 = [], []
+    for i in range(0, len(frames), batch):
+        x = pixels_to_model(torch.from_numpy(frames[i:i + batch]).to(device))
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.startswith("cuda") else contextlib.nullcontext()
+        with ctx:
+            mean, logvar = vae.encode(x)
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g, device=device,
+                                                          dtype=mean.dtype) if sample else mean
+            rec = vae.decode(z, x.shape[1], tuple(x.shape[-2:])).float()
+        l2.append(((rec - x) ** 2).mean((1, 2, 3, 4)).cpu())
+        truth = torch.from_numpy(frames[i:i + batch]).to(device).float()
+        mse_u8.append(((model_to_pixels(rec).float() - truth) ** 2).mean((1, 2, 3, 4)).cpu())
+    return {"mse_0_255": float(torch.cat(mse_u8).mean()), "train_loss_scale": float(torch.cat(l2).mean()) * 127.5 ** 2}
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="a pipeline run of one game (data/, models/vae, vae/checkpoint_*)")
+    p.add_argument("--windows", type=int, default=64, help="windows per split, spread over its episodes")
+    p.add_argument("--length", type=int, default=4, help="frames per window")
+    p.add_argument("--stride", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="", help="CSV of the table")
+    a = p.parse_args(argv)
+    run = Path(a.run_dir)
+    exported = load_vae(run / "models" / "vae", a.device).eval()
+    variants = [("exported (EMA)", exported)]
+    state = last_checkpoint_state(run)
+    if state is not None:
+        for key, label in (("model", "last checkpoint, raw"), ("ema", "last checkpoint, EMA")):
+            m = load_vae(run / "models" / "vae", a.device).eval()
+            m.load_state_dict(state[key])
+            variants.append((f"{label} (step {state['step']})", m))
+    rows = []
+    for split in ("train", "test"):
+        w = read_windows_numpy(str(run / "data"), a.length, a.stride, split, max_windows=a.windows)
+        if len(w["frames"]) == 0:
+            raise SystemExit(f"vae_floor: no {split} windows of {a.length} frames under {run / 'data'}")
+        for name, vae in variants:
+            for bf16 in ((False, True) if a.device.startswith("cuda") else (False,)):
+                for sample in (False, True):
+                    r = floor(vae, w["frames"], a.device, bf16, sample, a.batch)
+                    rows.append({"split": split, "windows": len(w["frames"]), "weights": name,
+                                 "precision": "bf16" if bf16 else "fp32", "latent": "sample" if sample else "mean", **r})
+    df = pd.DataFrame(rows)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if a.out:
+        df.to_csv(a.out, index=False)
+    return df
+
+
+if __name__ == "__main__":
+    main()
