@@ -13,7 +13,8 @@
 #   on the pipeline's own VAE instead of a second one, so the DiTs compare on the same latents.
 # - Per game, on the final model's windows, also: the DiT snapshot (snapshot_s of the preset;
 #   SNAPSHOT_EVAL=0 skips it) and the final DiT with the Euler steps of EXTRA_STEPS (default "1 2";
-#   "" for none); each variant's DiT with those Euler steps too.
+#   "" for none); each variant's DiT with those Euler steps too. VAE_FLOOR (default 1; 0 skips it)
+#   scores each game's VAE on training and held-out windows (scripts/vae_floor.py).
 # - TRAIN_BENCH (default "L"; "" for none) at TRAIN_BENCH_BATCH clips (default 16): the first
 #   variant's GPU times DiT training of those presets (scripts/on_ray_gpu.py: Ray holds that GPU for
 #   it), after the variant has trained, while the pipelines evaluate; for a `dit.`-only variant,
@@ -37,7 +38,7 @@ mkdir -p "$out"
 if [ "${2:-}" = pack ]; then
   cd "$out" && tar -czf results.tar.gz --exclude='*.pt' --exclude='*.parquet' \
     */stages */eval */figures */models/*/world_model.json */models/*/vae.json */*.metrics.jsonl \
-    */data/runs/*.json *.csv *.log progress 2>/dev/null
+    */data/runs/*.json */vae_floor.csv *.csv *.log progress 2>/dev/null
   ls -la results.tar.gz; exit 0
 fi
 if [ "${2:-}" = wait ]; then  # wait up to $3 s for the run to finish, then pack what is there
@@ -186,6 +187,17 @@ for g in "${games[@]}"; do
     evaluate_on "$g" "$out/$g/models/dit-$g" "eval-$g-k$k" --sample_steps "$k" & epids+=($!)
   done
 done
+if [ "${VAE_FLOOR:-1}" = 1 ]; then
+  # Per game: the VAE's reconstruction error on training and held-out windows, by weights,
+  # precision and latent (scripts/vae_floor.py), beside the pipeline's evaluation of the floor.
+  for g in "${games[@]}"; do
+    [ -f "$out/$g/models/vae/vae.pt" ] || { mark "vae_floor $g: skipped (no VAE)"; continue; }
+    ( python scripts/vae_floor.py --run-dir "$out/$g" --windows 64 --device "$([ "$ngpu" -gt 0 ] && echo cuda || echo cpu)" \
+        --out "$out/$g/vae_floor.csv" > "$out/vae_floor_$g.log" 2>&1
+      mark "vae_floor $g exit $?" ) &
+    epids+=($!)
+  done
+fi
 if [ "${#multistep[@]}" -gt 0 ]; then
   # Multi-frame against single-step on the same held-out windows: the game's own DiT in chunks of
   # its longest length, against the variant's, trained for T = 1 on the same data and VAE in the

@@ -251,6 +251,19 @@ def outliers(run: Path, horizon: int = 4, factor: float = 20.0) -> dict | None:
             "vae_recon_mse_without": float(z["vae_recon__mse"][:, :horizon].mean(1)[keep].mean())}
 
 
+def vae_floor_table(df: pd.DataFrame) -> pd.DataFrame:
+    """vae_floor.py's rows as one row per way of running the VAE, with the training and held-out
+    MSE (0-255) side by side and their ratio: a ratio near 1 on every row says the held-out floor
+    is the VAE's, a row far from the others says which path differs."""
+    key = ["weights", "precision", "latent"]
+    wide = df.pivot_table(index=key, columns="split", values="mse_0_255", sort=False)
+    if not {"train", "test"} <= set(wide.columns):
+        raise ValueError(f"vae_floor table: expected train and test rows, got splits {sorted(wide.columns)}")
+    return pd.DataFrame({"MSE train": wide["train"].map("{:.2f}".format),
+                         "MSE held-out": wide["test"].map("{:.2f}".format),
+                         "held-out / train": (wide["test"] / wide["train"]).map("{:.2f}".format)}).reset_index()
+
+
 def summarise(paths: list[str], gpu_util: str | None = None) -> str:
     runs = find_runs(paths)
     if gpu_util is None:  # gpu_run.sh keeps it beside the runs
@@ -266,6 +279,10 @@ def summarise(paths: list[str], gpu_util: str | None = None) -> str:
         ev = evaluations(r)
         if not ev.empty:
             parts += [f"### {r.name}: every evaluation of its windows, T = 4", "", _md(ev), ""]
+        floor = r / "vae_floor.csv"  # scripts/vae_floor.py, run by gpu_run.sh
+        if floor.exists():
+            parts += [f"### {r.name}: the VAE's reconstruction MSE by split and path (vae_floor.py)", "",
+                      _md(vae_floor_table(pd.read_csv(floor))), ""]
         o = outliers(r)
         if o and o["outliers"]:
             parts += [f"{r.name}: {o['outliers']} of {o['windows']} windows have more than 20x the median T = 4 "

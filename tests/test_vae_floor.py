@@ -1,0 +1,96 @@
+"""scripts/vae_floor.py: the VAE's reconstruction error by split and by the way the VAE is run,
+on a real collected dataset (Parquet through Ray Data) and real (tiny, untrained) VAE weights laid
+out as a pipeline run leaves them; run_summary's table of it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.vae import VAE_models
+from workers.clips import read_windows_numpy
+from workers.train_common import model_to_pixels, pixels_to_model
+from workers.world_model import save_vae
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_dir(tmp_path: Path, data_root: str, with_checkpoint: bool) -> tuple[Path, torch.nn.Module]:
+    """A run as the pipeline leaves it: data/, models/vae (the exported EMA weights) and, when
+    asked, vae/checkpoint_*/state.pt whose raw weights differ from the EMA's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data").symlink_to(data_root)
+    torch.manual_seed(0)
+    ema = VAE_models["tiny"]().eval()
+    save_vae(run / "models" / "vae", ema)
+    if with_checkpoint:
+        raw = VAE_models["tiny"]()
+        with torch.no_grad():
+            for p in raw.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        ckpt = run / "vae" / "checkpoint_000001"
+        ckpt.mkdir(parents=True)
+        torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "step": 30}, ckpt / "state.pt")
+    return run, ema
+
+
+def test_vae_floor_scores_each_split_and_weights_against_the_true_frames(tiny_dataset, tmp_path):
+    mod = _load("vae_floor")
+    run, ema = _run_dir(tmp_path, tiny_dataset.root, with_checkpoint=True)
+    out = tmp_path / "floor.csv"
+    df = mod.main(["--run-dir", str(run), "--windows", "3", "--length", "4", "--stride", "8", "--device", "cpu",
+                   "--out", str(out)])
+    assert out.exists() and len(pd.read_csv(out)) == len(df)
+    # CPU: fp32 only; 3 weights x 2 latents per split
+    assert sorted(df.split.unique()) == ["test", "train"] and len(df) == 2 * 3 * 2
+    assert set(df.precision) == {"fp32"} and set(df.latent) == {"mean", "sample"}
+    row = {(r.split, r.weights, r.latent): r for r in df.itertuples()}
+    for split in ("train", "test"):
+        # the checkpoint's EMA is the exported model: the same numbers; its raw weights differ
+        exp, ck = row[(split, "exported (EMA)", "mean")], row[(split, "last checkpoint, EMA (step 30)", "mean")]
+        assert ck.mse_0_255 == pytest.approx(exp.mse_0_255, rel=1e-6)
+        assert row[(split, "last checkpoint, raw (step 30)", "mean")].mse_0_255 != pytest.approx(exp.mse_0_255, rel=1e-3)
+        # independently: the exported VAE's posterior mean, decoded, against the split's frames
+        w = read_windows_numpy(tiny_dataset.root, 4, 8, split, max_windows=3)
+        frames = torch.from_numpy(w["frames"])
+        with torch.no_grad():
+            mean, _ = ema.encode(pixels_to_model(frames))
+            rec = ema.decode(mean, 4, (210, 160))
+        want = ((model_to_pixels(rec).double() - frames.double()) ** 2).mean().item()
+        assert exp.mse_0_255 == pytest.approx(want, rel=1e-5)
+        assert exp.windows == len(frames) == 3
+        want_l2 = ((rec.double() - pixels_to_model(frames).double()) ** 2).mean().item() * 127.5 ** 2
+        assert exp.train_loss_scale == pytest.approx(want_l2, rel=1e-4)
+
+
+def test_vae_floor_without_checkpoints_scores_the_exported_vae_alone(tiny_dataset, tmp_path):
+    mod = _load("vae_floor")
+    run, _ = _run_dir(tmp_path, tiny_dataset.root, with_checkpoint=False)
+    df = mod.main(["--run-dir", str(run), "--windows", "2", "--device", "cpu"])
+    assert set(df.weights) == {"exported (EMA)"} and len(df) == 2 * 2
+
+
+def test_run_summary_puts_the_splits_side_by_side():
+    mod = _load("run_summary")
+    rows = [{"split": s, "windows": 4, "weights": "exported (EMA)", "precision": p, "latent": "mean",
+             "mse_0_255": v, "train_loss_scale": v} for s, p, v in
+            (("train", "fp32", 2.0), ("test", "fp32", 6.0), ("train", "bf16", 2.5), ("test", "bf16", 2.5))]
+    t = mod.vae_floor_table(pd.DataFrame(rows))
+    got = t.set_index("precision")
+    assert list(got.loc["fp32", ["MSE train", "MSE held-out", "held-out / train"]]) == ["2.00", "6.00", "3.00"]
+    assert got.loc["bf16", "held-out / train"] == "1.00"
+    with pytest.raises(ValueError, match="train and test"):
+        mod.vae_floor_table(pd.DataFrame([r for r in rows if r["split"] == "train"]))
