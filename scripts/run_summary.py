@@ -67,11 +67,14 @@ def read_gpu_util(path: str | Path) -> pd.DataFrame | None:
     return u[["t", "idx", "util"]]
 
 
-def _busy(util: pd.DataFrame | None, t0: float, t1: float) -> str:
+def _busy(util: pd.DataFrame | None, t0: float, t1: float, gpus: list[int] | None = None) -> str:
+    """Mean utilisation from t0 to t1 of the job's own GPUs (`gpus`, the ids its start event
+    logged); without them, of every GPU busier than 10 % then, which on a machine running several
+    jobs at once mixes theirs in."""
     if util is None:
         return "n/a"
     per_gpu = util[(util.t >= t0) & (util.t <= t1)].groupby("idx").util.mean()
-    used = per_gpu[per_gpu > 10]
+    used = per_gpu[per_gpu.index.isin(gpus)] if gpus else per_gpu[per_gpu > 10]
     return f"{used.mean():.0f} %" if len(used) else "n/a"
 
 
@@ -82,8 +85,10 @@ def training_summary(path: Path, key: str, util: pd.DataFrame | None) -> str:
         return "—"
     rate = float(np.median([r["train/steps_per_s"] for r in rows[len(rows) // 2:]]))
     last = float(np.mean([r[key] for r in rows[-10:]]))
+    start = _event(path, "start") or {}
+    gpus = start.get("gpu_ids") if start.get("world_size", 1) == 1 else None  # rank 0's alone otherwise
     return (f"{rows[-1]['step']:,} steps ({rate:.1f}/s), {key.split('/')[-1]} {last:.4f}, "
-            f"GPU busy {_busy(util, rows[0]['time'], rows[-1]['time'])}")
+            f"GPU busy {_busy(util, rows[0]['time'], rows[-1]['time'], gpus)}")
 
 
 def _event(path: Path, name: str) -> dict | None:

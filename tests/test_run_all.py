@@ -329,6 +329,36 @@ def test_run_summary_says_what_each_dit_trained_on(tmp_path):
     assert table.loc["DiT", "DemonAttack-half"].startswith("700 s: 100 steps")
 
 
+def test_run_summary_gives_each_training_job_its_own_gpus_busy_time(tmp_path):
+    """Several jobs train at once on one machine (gpu_run.sh): a job's GPU busy time is that of the
+    GPU ids its start event logged, not the mean of every busy GPU; an older log without them
+    falls back to the busy GPUs' mean."""
+    import importlib.util
+
+    import pandas as pd
+
+    path = Path(__file__).parents[1] / "scripts" / "run_summary.py"
+    spec = importlib.util.spec_from_file_location("run_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    t = [10.0 + 0.5 * i for i in range(40)]
+    util = pd.DataFrame({"t": t * 3, "idx": [0] * 40 + [1] * 40 + [2] * 40,
+                         "util": [96.0] * 40 + [66.0] * 40 + [0.0] * 40})
+    log = tmp_path / "dit-Pong.metrics.jsonl"
+
+    def summary(start: dict) -> str:
+        log.write_text("\n".join(json.dumps(r) for r in (
+            {"time": 10.0, "event": "start", "step": 0, **start},
+            {"time": 11.0, "step": 50, "train/loss": 0.2, "train/steps_per_s": 7.0},
+            {"time": 29.0, "step": 100, "train/loss": 0.1, "train/steps_per_s": 7.0})))
+        return mod.training_summary(log, "train/loss", util)
+
+    assert summary({"world_size": 1, "gpu_ids": [1]}).endswith("GPU busy 66 %")
+    assert summary({"world_size": 1, "gpu_ids": [0]}).endswith("GPU busy 96 %")
+    assert summary({"world_size": 1}).endswith("GPU busy 81 %")  # no ids: GPUs 0 and 1, idle 2 left out
+    assert summary({"world_size": 2, "gpu_ids": [1]}).endswith("GPU busy 81 %")  # rank 0's GPU is not the job's
+
+
 def test_run_summary_compares_evaluations_without_the_same_outlier_windows(tmp_path):
     """Every evaluation of a run's windows gets its mean MSE without the windows that are outliers
     in the pipeline's own evaluation, matched by episode and start step whatever order each

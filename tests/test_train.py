@@ -61,6 +61,7 @@ def test_ddp_loss_goes_down_and_crashed_worker_is_restarted(tmp_path, windows_ds
     assert len(starts) == 2 and starts[0] == 0 and starts[1] in (4, 6), starts
     events = [json.loads(x) for x in metrics_path(tmp_path, "vae").read_text().splitlines()]
     assert [e["world_size"] for e in events if e.get("event") == "start"] == [2, 2]
+    assert [e["gpu_ids"] for e in events if e.get("event") == "start"] == [[], []]  # CPU workers: none assigned
     state = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)
     assert state["step"] == 14 and set(state) >= {"model", "ema", "optimizer", "scheduler"}
     assert json.loads((Path(result.checkpoint.path) / "config.json").read_text())["steps"] == 14

@@ -165,6 +165,17 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def gpu_ids() -> list[int]:
+    """The node's GPU ids that Ray assigned to this worker (the indices nvidia-smi reports, for the
+    node's own GPU utilisation log); [] on CPU or outside a Ray worker."""
+    try:
+        import ray
+
+        return [int(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except (ImportError, ValueError, RuntimeError):
+        return []
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

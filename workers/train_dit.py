@@ -24,7 +24,7 @@ from models.stdit import STDiT, STDiT_models
 from workers.clips import split_sample
 from workers.frame_store import window_generator
 from workers.train_common import (
-    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_frame_store, restore,
+    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, gpu_ids, infinite_batches, load_frame_store, restore,
     make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything, skip_counter, stop_if_skipped,
 )
@@ -151,7 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     flow = RectifiedFlow(RectifiedFlowConfig(t_sampling=cfg.t_sampling, logit_mean=cfg.t_logit_mean,
                                              action_dropout=cfg.action_dropout))
     log = JsonlLog(metrics_path(cfg.run_dir, cfg.name), active=rank == 0)
-    log.write({"event": "start", "step": step, "world_size": world})
+    log.write({"event": "start", "step": step, "world_size": world, "gpu_ids": gpu_ids()})  # rank 0's
     # Training windows: (pixels or latents (B, L, ...), actions (B, L)) for a window length L.
     framewise = vae.cfg.temporal_kernel == 1 and vae.frames_per_latent == 1
     if cfg.data_loader == "device":

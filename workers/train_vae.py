@@ -17,7 +17,7 @@ import torch
 from models.vae import VAE_models, VideoVAE, vae_loss
 from workers.frame_store import window_generator
 from workers.train_common import (
-    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, infinite_batches, load_frame_store, restore,
+    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, gpu_ids, infinite_batches, load_frame_store, restore,
     make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything, skip_counter, stop_if_skipped,
 )
@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.compile:
         model = torch.compile(model)
     log = JsonlLog(metrics_path(cfg.run_dir, cfg.name), active=rank == 0)
-    log.write({"event": "start", "step": step, "world_size": world})
+    log.write({"event": "start", "step": step, "world_size": world, "gpu_ids": gpu_ids()})  # rank 0's
     if cfg.data_loader == "device":
         store, gen = load_frame_store(cfg, device, log), None
 
