@@ -40,8 +40,7 @@ import torch  # noqa: E402
 
 from pipeline import figures, paper  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
-from pipeline.train import _ensure_ray, clip_dataset, parse_config, pop_tracking_uri  # noqa: E402
-from workers.clips import spread_indices, window_keys_of_split  # noqa: E402
+from pipeline.train import _ensure_ray, parse_config, pop_tracking_uri, spread_window_dataset  # noqa: E402
 from workers.evaluate import METRICS, ScoreWindows, frame_table, horizon_table, score_windows, window_actions  # noqa: E402
 from workers.world_model import load_world_model  # noqa: E402
 
@@ -116,16 +115,12 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
     """Per-window per-frame scores of one game, computed by a Ray Data actor; every horizon shorter
     than the longest that the model was trained to generate (`trained`) also gets its own rollout."""
     H = max(cfg.horizons)
-    ds = clip_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride)
-    if cfg.windows_of:
-        keys = window_keys(cfg.windows_of)
-    else:  # max_windows spread over the split, from its small columns
-        every = window_keys_of_split(cfg.data_root, n_cond + H, cfg.stride, split="test", game=game)
-        keys = {every[i] for i in spread_indices(len(every), cfg.max_windows)}
-    ds = ds.filter(lambda row: (str(row["episode_id"]), int(row["start_step"])) in keys)
+    # max_windows spread over the split, or exactly the windows of an earlier evaluation
+    ds, n = spread_window_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride, cfg.max_windows,
+                                  keys=window_keys(cfg.windows_of) if cfg.windows_of else None)
     ds = ds.materialize()  # once: scoring and the figures read the same windows
-    if ds.count() != len(keys):
-        where = f"the {len(keys)} windows of {cfg.windows_of}" if cfg.windows_of else f"the {len(keys)} windows chosen"
+    if ds.count() != n:
+        where = f"the {n} windows of {cfg.windows_of}" if cfg.windows_of else f"the {n} windows chosen"
         raise ValueError(f"EvalConfig: {ds.count()} of {where} are in {cfg.data_root} ({game}, length {n_cond + H}, "
                          f"stride {cfg.stride}): same data and settings?")
     scored = ds.map_batches(

@@ -68,6 +68,22 @@ def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int
     return window_dataset(episodes, length=length, stride=stride, split=split, num_partitions=partitions)
 
 
+def spread_window_dataset(data_root: str, game: str, split: str, length: int, stride: int, n: int | None,
+                          keys: set[tuple[str, int]] | None = None):
+    """`n` windows of a split (`clip_dataset`), spread evenly over its windows in (episode, start)
+    order so that every episode weighs in (all of them when n is None); or exactly the windows
+    `keys` ((episode_id, start_step) pairs) when given. Chosen from the small columns alone."""
+    from workers.clips import spread_indices, window_keys_of_split
+    from workers.schema import EPISODE_ID
+
+    if keys is None:
+        every = window_keys_of_split(data_root, length, stride, split=split, game=game)
+        keys = {every[i] for i in spread_indices(len(every), n)}
+    chosen = frozenset(keys)
+    ds = clip_dataset(data_root, game, split, length, stride)
+    return ds.filter(lambda row: (str(row[EPISODE_ID]), int(row["start_step"])) in chosen), len(chosen)
+
+
 def frame_dataset(data_root: str, game: str, split: str):
     """Ray Dataset of the rows (frames, actions, episode and step) of one split of one game (every
     game when `game` is empty): what the "device" loader reads into each worker's memory."""
@@ -131,9 +147,11 @@ class MetricsFollower(threading.Thread):
         self.drain()
 
 
-def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Tracker):
-    """Build and fit the TorchTrainer of one job; returns its Result (checkpoint = last good one)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Tracker, val_dataset=None):
+    """Build and fit the TorchTrainer of one job; returns its Result (checkpoint = last good one).
+    `val_dataset` (held-out windows) reaches every worker whole, as the "val" dataset; the
+    training one is split over them."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
@@ -142,7 +160,8 @@ def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Trac
         train_loop_config=dataclasses.asdict(cfg),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
-        datasets={"train": dataset},
+        datasets={"train": dataset, **({"val": val_dataset} if val_dataset is not None else {})},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             storage_path=cfg.run_dir, name=cfg.name,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -188,9 +207,14 @@ def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path
     _ensure_ray()
     build_vae(cfg)  # a bad preset fails here, before any worker starts
     ds = training_dataset(cfg, cfg.clip_length, cfg.clip_stride)
+    val = None
+    if cfg.val_every > 0:  # held-out windows for the loop's reconstruction check
+        val, n = spread_window_dataset(cfg.data_root, cfg.game, "test", cfg.clip_length, cfg.clip_stride,
+                                       cfg.val_windows)
+        val = val.select_columns(["frames"]) if n else None
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "vae"}) as tracker:
         tracker.log_params(cfg)
-        result = fit(vae_loop, cfg, ds, tracker)
+        result = fit(vae_loop, cfg, ds, tracker, val_dataset=val)
         state = _load_state(result)
         vae = build_vae(cfg)
         vae.load_state_dict(state["ema"])

@@ -197,7 +197,7 @@ def trained(data_root, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run"))
     common = dict(run_dir=run_dir, data_root=data_root, game=GAME, steps=4, batch_size=2,
                   num_workers=2, cpus_per_worker=0.5, warmup_steps=1, log_every=1, checkpoint_every=2)
-    vae_path = train_vae_main(TrainVAEConfig(**common, clip_length=4, clip_stride=8))
+    vae_path = train_vae_main(TrainVAEConfig(**common, clip_length=4, clip_stride=8, val_every=2, val_windows=3))
     dit_cfg = TrainDiTConfig(**common, vae_path=str(vae_path), horizon=2, clip_stride=4, sample_steps=2,
                              snapshot_s=(0.0, 3600.0))
     return run_dir, train_dit_main(dit_cfg), dit_cfg
@@ -232,6 +232,38 @@ def test_training_runs_are_in_mlflow_with_a_loadable_model(trained, tmp_path):
     frames, actions = ale_windows(num=1, length=N_COND + 3, seed=3)
     out = wm.predict(torch.from_numpy(frames[:, :N_COND]), torch.from_numpy(actions[:, 3:6]), 3)
     assert out.shape == (1, 3, 210, 160, 3) and out.dtype == torch.uint8
+
+
+def test_vae_logs_its_heldout_floor_as_the_evaluation_scores_it(trained, data_root):
+    """val_every: rank 0 of the VAE job scores held-out windows (spread over the test split) at
+    every val_every steps, merged with that step's training line, in the JSONL and MLflow; its
+    `val/mse` at the last step is the exported VAE's floor on those frames, computed here
+    independently; the raw weights are scored apart from the EMA's."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import local_tracking_uri
+    from pipeline.train import spread_window_dataset
+    from workers.train_common import metrics_path, read_metrics
+    from workers.world_model import load_vae
+
+    run_dir = trained[0]
+    rows = [r for r in read_metrics(metrics_path(run_dir, "vae")) if "event" not in r]
+    val = [r for r in rows if "val/mse" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    assert all("train/recon" in r and "val/mse_raw" in r and r["val/recon_train_way"] > 0 for r in val)
+    ds, n = spread_window_dataset(data_root, GAME, "test", 4, 8, 3)
+    frames = torch.from_numpy(np.stack([r["frames"] for r in ds.take_all()]))
+    assert n == len(frames) == 3
+    vae = load_vae(Path(run_dir) / "models" / "vae")
+    with torch.no_grad():
+        mean, _ = vae.encode(pixels_to_model(frames))
+        rec = model_to_pixels(vae.decode(mean, 4, (210, 160)))
+    want = ((rec.double() - frames.double()) ** 2).mean().item()
+    assert val[-1]["val/mse"] == pytest.approx(want, rel=1e-4)
+    assert val[-1]["val/mse_raw"] != pytest.approx(val[-1]["val/mse"], rel=1e-3)  # EMA lags the raw weights
+    client = MlflowClient(local_tracking_uri(run_dir))
+    hist = client.get_metric_history(_run(client, "vae").info.run_id, "val/mse")
+    assert sorted(m.step for m in hist) == [2, 4]
 
 
 def test_snapshots_export_the_same_run_with_less_training(trained):

@@ -140,8 +140,9 @@ def metrics_path(run_dir: str | Path, name: str) -> Path:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The metric JSONL, deduplicated by step (a resumed run re-logs steps after its checkpoint;
-    the later line wins)."""
+    """The metric JSONL, one row per step: the lines of a step merged (the VAE's held-out check
+    writes its own line at a training log step), a later line's values winning (a resumed run
+    re-logs steps after its checkpoint)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -154,7 +155,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if "event" in rec:
             events.append(rec)
         else:
-            rows[int(rec["step"])] = rec
+            rows[int(rec["step"])] = {**rows.get(int(rec["step"]), {}), **rec}
     return [rows[s] for s in sorted(rows)] + events
 
 

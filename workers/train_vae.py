@@ -12,14 +12,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.vae import VAE_models, VideoVAE, vae_loss
 from workers.frame_store import window_generator
 from workers.train_common import (
     EMA, JsonlLog, TrainSettings, autocast, config_from_dict, gpu_ids, infinite_batches, load_frame_store, restore,
-    make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
-    pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything, skip_counter, stop_if_skipped,
+    make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, model_to_pixels,
+    optimizer_step, pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything, skip_counter, stop_if_skipped,
 )
 
 
@@ -53,6 +54,13 @@ class TrainVAEConfig(TrainSettings):
     """Reconstruction loss, "l1" or "l2"."""
     lr: float = 2e-4
     """Peak AdamW learning rate."""
+    val_every: int = 0
+    """Steps between rank 0's reconstruction check on held-out windows (and at the last step);
+    0 = none. It logs `val/*` lines (`heldout_reconstruction`): the floor the evaluation will
+    measure, and the same frames run the ways training runs the VAE, so that a held-out floor far
+    above `train/recon` is told apart as the frames' or the way the VAE is run."""
+    val_windows: int = 32
+    """Held-out windows (of clip_length frames, spread over the test split's episodes) it scores."""
 
 
 def build_vae(cfg: TrainVAEConfig) -> VideoVAE:
@@ -62,6 +70,52 @@ def build_vae(cfg: TrainVAEConfig) -> VideoVAE:
     return VAE_models[cfg.vae_preset](latent_channels=cfg.latent_channels, spatial_downsample=cfg.spatial_downsample,
                                       temporal_downsample=cfg.temporal_downsample,
                                       temporal_kernel=cfg.temporal_kernel, **stem)
+
+
+@torch.no_grad()
+def heldout_reconstruction(frames: torch.Tensor, ema: VideoVAE, raw: VideoVAE, device: torch.device,
+                           bf16: bool, batch: int = 16, seed: int = 0) -> dict[str, float]:
+    """Reconstruction error of held-out frames (uint8 (N, L, H, W, 3) on `device`), MSE on 0-255:
+    - `val/mse`: the EMA weights, float32, posterior mean, uint8 output: what the evaluation scores
+      as the VAE's floor (the exported VAE is these weights);
+    - `val/mse_raw`: the same with the raw weights;
+    - `val/recon_train_way`: the raw weights run as a training step runs them (bf16 autocast on a
+      GPU, a posterior sample), float output: `train/recon` x 127.5^2, but on held-out frames."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sums = {"val/mse": 0.0, "val/mse_raw": 0.0, "val/recon_train_way": 0.0}
+    was_training = raw.training
+    raw.eval()
+    try:
+        for chunk in frames.split(batch):
+            x = pixels_to_model(chunk)
+            truth = chunk.float()
+            for key, vae in (("val/mse", ema), ("val/mse_raw", raw)):
+                mean, _ = vae.encode(x)
+                rec = model_to_pixels(vae.decode(mean, x.shape[1], tuple(x.shape[-2:])))
+                sums[key] += float(((rec.float() - truth) ** 2).sum())
+            with autocast(device, bf16):
+                mean, logvar = raw.encode(x)
+                z = mean + torch.randn(mean.shape, generator=g, device=device, dtype=mean.dtype) * (0.5 * logvar).exp()
+                rec = raw.decode(z, x.shape[1], tuple(x.shape[-2:])).float()
+            sums["val/recon_train_way"] += float(((rec - x) ** 2).sum()) * 127.5 ** 2
+    finally:
+        raw.train(was_training)
+    return {k: v / max(frames.numel(), 1) for k, v in sums.items()}
+
+
+def heldout_frames(device: torch.device) -> torch.Tensor | None:
+    """The driver's held-out windows (the "val" dataset), read whole onto `device`; None when the
+    job has none."""
+    import ray.train
+
+    try:
+        shard = ray.train.get_dataset_shard("val")
+    except KeyError:
+        return None
+    if shard is None:
+        return None
+    parts = [torch.as_tensor(np.stack(b["frames"])) for b in shard.iter_batches(batch_size=64, batch_format="numpy")]
+    return torch.cat(parts).to(device) if parts else None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -101,6 +155,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def checkpoint(d):
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
 
+    val_frames = heldout_frames(device) if cfg.val_every > 0 and rank == 0 else None
+
+    def check_heldout() -> None:
+        if val_frames is not None:
+            log.write({"step": step, **heldout_reconstruction(val_frames, ema.model, vae, device, cfg.bf16,
+                                                               seed=cfg.seed)})
+
     t_last = clock.start()
     steps_since, reported_step = 0, -1
     while step < cfg.steps:
@@ -128,11 +189,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_last, steps_since = now, 0
             if stop_if_skipped(skipped, step, log):
                 return  # a non-finite step was skipped on the device since the last log step
+        if cfg.val_every > 0 and step % cfg.val_every == 0:
+            check_heldout()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
             reported_step = step
         if step % cfg.log_every == 0 and clock.check():
             log.write({"event": "time_budget", "step": step, "message": f"max_train_s={cfg.max_train_s} spent at step {step}"})
             break
+    if cfg.val_every > 0 and step % cfg.val_every != 0:
+        check_heldout()  # the exported weights' own check
     if reported_step != step:  # stopped by the time budget, or restarted after the last step
         report({"step": step}, checkpoint_fn=checkpoint)
