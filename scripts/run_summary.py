@@ -117,6 +117,12 @@ def stage_table(runs: list[Path], util: pd.DataFrame | None) -> pd.DataFrame:
         else:
             col["VAE"] = (f"{vae.get('wall_s', float('nan')):.0f} s: "
                           + training_summary(run / "vae.metrics.jsonl", "train/recon", util)) if vae else "—"
+        val = [r for r in _metrics(run / "vae.metrics.jsonl") if "val/mse" in r] if vae else []
+        if val:  # the VAE job's held-out check (TrainVAEConfig.val_every), last and lowest
+            last, best = val[-1], min(val, key=lambda r: r["val/mse"])
+            col["VAE held-out MSE: EMA / raw / raw as trained (step)"] = (
+                f"{last['val/mse']:.2f} / {last['val/mse_raw']:.2f} / {last['val/recon_train_way']:.2f} "
+                f"({last['step']:,}); lowest EMA {best['val/mse']:.2f} ({best['step']:,})")
         name = Path(dit["model_path"]).name if dit.get("model_path") else f"dit-{game}"
         col["DiT"] = (f"{dit.get('wall_s', float('nan')):.0f} s: "
                       + training_summary(run / f"{name}.metrics.jsonl", "train/loss", util)) if dit else "—"

@@ -297,9 +297,16 @@ def test_run_summary_names_a_variant_that_reuses_its_pipelines_vae(tmp_path):
         (run / "stages" / "vae.json").write_text(json.dumps({"vae_path": "/elsewhere/Pong/models/vae", "wall_s": 60}))
     (own / "vae.metrics.jsonl").write_text("\n".join(json.dumps(
         {"time": 1.0 + i, "step": 10 * i, "train/recon": 0.5, "train/steps_per_s": 2.0}) for i in range(1, 4)))
+    with open(own / "vae.metrics.jsonl", "a") as fh:  # the held-out check (val_every) of steps 10 and 30
+        for step, mse in ((10, 9.0), (30, 6.5)):
+            fh.write("\n" + json.dumps({"time": 5.0, "step": step, "val/mse": mse, "val/mse_raw": mse - 1,
+                                         "val/recon_train_way": 1.5}))
     table = mod.stage_table([own, variant], None)
     assert table.loc["VAE", "Pong"].startswith("60 s: 30 steps (2.0/s)")
     assert table.loc["VAE", "Pong-T1"] == "reused: Pong's"
+    held = "VAE held-out MSE: EMA / raw / raw as trained (step)"
+    assert table.loc[held, "Pong"] == "6.50 / 5.50 / 1.50 (30); lowest EMA 6.50 (30)"
+    assert table.loc[held, "Pong-T1"] == "—"  # a reused VAE: the pipeline's column has it
     assert "DiT trained on: rows; episodes" not in table.index  # no DiT metrics: nothing claimed
 
 
