@@ -157,8 +157,14 @@ run_variant() {  # $1: 0 for the first variant (it also times TRAIN_BENCH), then
     kill -0 "$vpipe" 2>/dev/null || break
     sleep 5
   done
-  # The variant's DiT with the pipeline's Euler steps and with each of EXTRA_STEPS, as the game's own.
+  # The variant's DiT with the pipeline's Euler steps and with each of EXTRA_STEPS, as the game's own;
+  # a variant's own VAE on training and held-out windows, as the games' (VAE_FLOOR).
   local k epids_v=()
+  if [ "$dit_only" = 0 ] && [ "${VAE_FLOOR:-1}" = 1 ] && [ -f "$vdir/models/vae/vae.pt" ]; then
+    ( python scripts/vae_floor.py --run-dir "$vdir" --windows 64 --device "$([ "$ngpu" -gt 0 ] && echo cuda || echo cpu)" \
+        --out "$vdir/vae_floor.csv" > "$out/vae_floor_$vg-$tag.log" 2>&1
+      mark "vae_floor $vg-$tag exit $?" ) & epids_v+=($!)
+  fi
   evaluate_on "$vg" "$vdir/models/dit-$vg" "eval-$vg-$tag" & epids_v+=($!)
   for k in ${EXTRA_STEPS-1 2}; do
     evaluate_on "$vg" "$vdir/models/dit-$vg" "eval-$vg-$tag-k$k" --sample_steps "$k" & epids_v+=($!)
