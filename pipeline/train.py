@@ -211,7 +211,12 @@ def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path
     if cfg.val_every > 0:  # held-out windows for the loop's reconstruction check
         val, n = spread_window_dataset(cfg.data_root, cfg.game, "test", cfg.clip_length, cfg.clip_stride,
                                        cfg.val_windows)
-        val = val.select_columns(["frames"]) if n else None
+        if n:
+            val = val.select_columns(["frames"])
+        else:  # nothing held out (a tiny collection): the loop checks nothing rather than fail
+            print(f"[train] {cfg.name}: no held-out windows of {cfg.clip_length} frames in {cfg.data_root}; "
+                  f"val_every set to 0", flush=True)
+            val, cfg = None, dataclasses.replace(cfg, val_every=0)
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "vae"}) as tracker:
         tracker.log_params(cfg)
         result = fit(vae_loop, cfg, ds, tracker, val_dataset=val)

@@ -104,16 +104,11 @@ def heldout_reconstruction(frames: torch.Tensor, ema: VideoVAE, raw: VideoVAE, d
 
 
 def heldout_frames(device: torch.device) -> torch.Tensor | None:
-    """The driver's held-out windows (the "val" dataset), read whole onto `device`; None when the
-    job has none."""
+    """The driver's held-out windows (the "val" dataset, given whenever val_every > 0), read whole
+    onto `device`; None when it holds none."""
     import ray.train
 
-    try:
-        shard = ray.train.get_dataset_shard("val")
-    except KeyError:
-        return None
-    if shard is None:
-        return None
+    shard = ray.train.get_dataset_shard("val")
     parts = [torch.as_tensor(np.stack(b["frames"])) for b in shard.iter_batches(batch_size=64, batch_format="numpy")]
     return torch.cat(parts).to(device) if parts else None
 
