@@ -15,7 +15,6 @@ L2 on the [-1, 1] scale x 127.5^2 (as `train/recon` is logged), per split. One t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.clips import read_windows_numpy  # noqa: E402
-from workers.train_common import model_to_pixels, pixels_to_model  # noqa: E402
+from workers.train_vae import reconstruction_error  # noqa: E402
 from workers.world_model import load_vae  # noqa: E402
 
 
@@ -36,24 +35,15 @@ def last_checkpoint_state(run_dir: Path, name: str = "vae") -> dict | None:
     return torch.load(found[-1], map_location="cpu", weights_only=False) if found else None
 
 
-@torch.no_grad()
 def floor(vae, frames: np.ndarray, device: str, bf16: bool, sample: bool, batch: int, seed: int = 0) -> dict:
     """Mean reconstruction error of `frames` (uint8 (N, L, H, W, 3)): MSE of the uint8 output on
     0-255 values, and the L2 of the float output on [-1, 1] x 127.5^2 (the training loss's scale)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    mse_u8, l2 = [], []
+    on_pixels = l2 = 0.0
     for i in range(0, len(frames), batch):
-        x = pixels_to_model(torch.from_numpy(frames[i:i + batch]).to(device))
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.startswith("cuda") else contextlib.nullcontext()
-        with ctx:
-            mean, logvar = vae.encode(x)
-            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g, device=device,
-                                                          dtype=mean.dtype) if sample else mean
-            rec = vae.decode(z, x.shape[1], tuple(x.shape[-2:])).float()
-        l2.append(((rec - x) ** 2).mean((1, 2, 3, 4)).cpu())
-        truth = torch.from_numpy(frames[i:i + batch]).to(device).float()
-        mse_u8.append(((model_to_pixels(rec).float() - truth) ** 2).mean((1, 2, 3, 4)).cpu())
-    return {"mse_0_255": float(torch.cat(mse_u8).mean()), "train_loss_scale": float(torch.cat(l2).mean()) * 127.5 ** 2}
+        a, b = reconstruction_error(vae, torch.from_numpy(frames[i:i + batch]).to(device), bf16, sample, g)
+        on_pixels, l2 = on_pixels + a, l2 + b
+    return {"mse_0_255": on_pixels / frames.size, "train_loss_scale": l2 / frames.size}
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

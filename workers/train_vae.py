@@ -73,6 +73,23 @@ def build_vae(cfg: TrainVAEConfig) -> VideoVAE:
 
 
 @torch.no_grad()
+def reconstruction_error(vae: VideoVAE, frames: torch.Tensor, bf16: bool = False, sample: bool = False,
+                         generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Summed squared error of the VAE's encode-decode of `frames` (uint8 (B, L, H, W, 3), on the
+    VAE's device): (of its uint8 output on 0-255 values, as the evaluation scores it; of its float
+    output on [-1, 1] x 127.5^2, as the training loss measures it). bf16: under bf16 autocast (on
+    a GPU); sample: decoded from a posterior sample instead of the mean."""
+    x = pixels_to_model(frames)
+    with autocast(frames.device, bf16):
+        mean, logvar = vae.encode(x)
+        if sample:
+            mean = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=mean.device,
+                                                             dtype=mean.dtype)
+        rec = vae.decode(mean, x.shape[1], tuple(x.shape[-2:])).float()
+    on_pixels = float(((model_to_pixels(rec).float() - frames.float()) ** 2).sum())
+    return on_pixels, float(((rec - x) ** 2).sum()) * 127.5 ** 2
+
+
 def heldout_reconstruction(frames: torch.Tensor, ema: VideoVAE, raw: VideoVAE, device: torch.device,
                            bf16: bool, batch: int = 16, seed: int = 0) -> dict[str, float]:
     """Reconstruction error of held-out frames (uint8 (N, L, H, W, 3) on `device`), MSE on 0-255:
@@ -87,17 +104,9 @@ def heldout_reconstruction(frames: torch.Tensor, ema: VideoVAE, raw: VideoVAE, d
     raw.eval()
     try:
         for chunk in frames.split(batch):
-            x = pixels_to_model(chunk)
-            truth = chunk.float()
-            for key, vae in (("val/mse", ema), ("val/mse_raw", raw)):
-                mean, _ = vae.encode(x)
-                rec = model_to_pixels(vae.decode(mean, x.shape[1], tuple(x.shape[-2:])))
-                sums[key] += float(((rec.float() - truth) ** 2).sum())
-            with autocast(device, bf16):
-                mean, logvar = raw.encode(x)
-                z = mean + torch.randn(mean.shape, generator=g, device=device, dtype=mean.dtype) * (0.5 * logvar).exp()
-                rec = raw.decode(z, x.shape[1], tuple(x.shape[-2:])).float()
-            sums["val/recon_train_way"] += float(((rec - x) ** 2).sum()) * 127.5 ** 2
+            sums["val/mse"] += reconstruction_error(ema, chunk)[0]
+            sums["val/mse_raw"] += reconstruction_error(raw, chunk)[0]
+            sums["val/recon_train_way"] += reconstruction_error(raw, chunk, bf16, sample=True, generator=g)[1]
     finally:
         raw.train(was_training)
     return {k: v / max(frames.numel(), 1) for k, v in sums.items()}
