@@ -222,10 +222,15 @@ def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path
         result = fit(vae_loop, cfg, ds, tracker, val_dataset=val)
         state = _load_state(result)
         vae = build_vae(cfg)
-        vae.load_state_dict(state["ema"])
+        # The EMA weights of the best check (TrainVAEConfig.export_best), else the last step's.
+        best = state.get("best_ema") is not None
+        vae.load_state_dict(state["best_ema"] if best else state["ema"])
+        exported = int(state["best_step"]) if best else int(state["step"])
         out = save_vae(Path(cfg.run_dir) / "models" / cfg.name, vae)
         tracker.log_artifact(out, "vae")
-        tracker.set_tags({"train/final_step": str(state["step"])})
+        tracker.set_tags({"train/final_step": str(state["step"]), "vae/exported_step": str(exported)})
+        print(f"[train] {cfg.name}: exported the EMA weights of step {exported} of {state['step']}"
+              + (f" (lowest val/mse_train, {state['best_mse']:.3f})" if best else ""), flush=True)
     return out
 
 

@@ -124,6 +124,13 @@ train_bench() {  # DiT training throughput (bench_train, synthetic latents of th
     >> "$out/progress.log" 2>&1
   mark "bench_train (${bench_presets[*]}) exit $?"
 }
+vae_floor() {  # $1 run directory, $2 label: its VAE's error on training and held-out windows, by
+  # weights, precision and latent (scripts/vae_floor.py), beside the evaluation's floor (VAE_FLOOR)
+  [ -f "$1/models/vae/vae.pt" ] || { mark "vae_floor $2: skipped (no VAE)"; return 0; }
+  python scripts/vae_floor.py --run-dir "$1" --windows 64 --device "$([ "$ngpu" -gt 0 ] && echo cuda || echo cpu)" \
+    --out "$1/vae_floor.csv" > "$out/vae_floor_$2.log" 2>&1
+  mark "vae_floor $2 exit $?"
+}
 run_variant() {  # $1: 0 for the first variant (it also times TRAIN_BENCH), then game, tag, settings...
   local first=$1 vg=$2 tag=$3; shift 3
   local vdir="$out/$vg-$tag" vpipe s dit_only=1
@@ -160,10 +167,8 @@ run_variant() {  # $1: 0 for the first variant (it also times TRAIN_BENCH), then
   # The variant's DiT with the pipeline's Euler steps and with each of EXTRA_STEPS, as the game's own;
   # a variant's own VAE on training and held-out windows, as the games' (VAE_FLOOR).
   local k epids_v=()
-  if [ "$dit_only" = 0 ] && [ "${VAE_FLOOR:-1}" = 1 ] && [ -f "$vdir/models/vae/vae.pt" ]; then
-    ( python scripts/vae_floor.py --run-dir "$vdir" --windows 64 --device "$([ "$ngpu" -gt 0 ] && echo cuda || echo cpu)" \
-        --out "$vdir/vae_floor.csv" > "$out/vae_floor_$vg-$tag.log" 2>&1
-      mark "vae_floor $vg-$tag exit $?" ) & epids_v+=($!)
+  if [ "$dit_only" = 0 ] && [ "${VAE_FLOOR:-1}" = 1 ]; then
+    vae_floor "$vdir" "$vg-$tag" & epids_v+=($!)
   fi
   evaluate_on "$vg" "$vdir/models/dit-$vg" "eval-$vg-$tag" & epids_v+=($!)
   for k in ${EXTRA_STEPS-1 2}; do
@@ -194,15 +199,7 @@ for g in "${games[@]}"; do
   done
 done
 if [ "${VAE_FLOOR:-1}" = 1 ]; then
-  # Per game: the VAE's reconstruction error on training and held-out windows, by weights,
-  # precision and latent (scripts/vae_floor.py), beside the pipeline's evaluation of the floor.
-  for g in "${games[@]}"; do
-    [ -f "$out/$g/models/vae/vae.pt" ] || { mark "vae_floor $g: skipped (no VAE)"; continue; }
-    ( python scripts/vae_floor.py --run-dir "$out/$g" --windows 64 --device "$([ "$ngpu" -gt 0 ] && echo cuda || echo cpu)" \
-        --out "$out/$g/vae_floor.csv" > "$out/vae_floor_$g.log" 2>&1
-      mark "vae_floor $g exit $?" ) &
-    epids+=($!)
-  done
+  for g in "${games[@]}"; do vae_floor "$out/$g" "$g" & epids+=($!); done
 fi
 if [ "${#multistep[@]}" -gt 0 ]; then
   # Multi-frame against single-step on the same held-out windows: the game's own DiT in chunks of

@@ -123,6 +123,11 @@ def stage_table(runs: list[Path], util: pd.DataFrame | None) -> pd.DataFrame:
             col["VAE held-out MSE: EMA / raw / raw as trained (step)"] = (
                 f"{last['val/mse']:.2f} / {last['val/mse_raw']:.2f} / {last['val/recon_train_way']:.2f} "
                 f"({last['step']:,}); lowest EMA {best['val/mse']:.2f} ({best['step']:,})")
+            chosen = [r for r in val if "val/best_step" in r]
+            if chosen:  # TrainVAEConfig.export_best: the EMA of the lowest check on training windows
+                c = chosen[-1]
+                col["VAE exported: step; MSE training / held-out windows"] = (
+                    f"{c['step']:,}; {c['val/mse_train']:.2f} / {c['val/mse']:.2f}")
         name = Path(dit["model_path"]).name if dit.get("model_path") else f"dit-{game}"
         col["DiT"] = (f"{dit.get('wall_s', float('nan')):.0f} s: "
                       + training_summary(run / f"{name}.metrics.jsonl", "train/loss", util)) if dit else "—"

@@ -277,6 +277,8 @@ def _check_summary(out: Path) -> None:
     for _, r in vs.iterrows():
         assert f"| Breakout | {r.generation_length} | {r.mse:.2f} / {r.paper_mse:.2f} / {r.copy_last_mse:.2f} |" in text
     assert "| VAE |" in text and " steps (" in text and "| eval-Breakout |" in text
+    # the smoke preset checks its VAE (val_every) and exports the best check's EMA weights
+    assert "| VAE exported: step; MSE training / held-out windows |" in text
 
 
 @pytest.mark.timeout(3000)

@@ -37,9 +37,9 @@ def _cfg(tmp: Path, **kw) -> TrainVAEConfig:
     return TrainVAEConfig(**{**base, **kw})
 
 
-def _fit(cfg, ds):
+def _fit(cfg, ds, val=None):
     with Tracker(cfg.run_dir, cfg.name) as tracker:
-        return fit(vae_loop, cfg, ds, tracker), tracker.run_id
+        return fit(vae_loop, cfg, ds, tracker, val_dataset=val), tracker.run_id
 
 
 def _starts(cfg) -> list[int]:
@@ -134,15 +134,17 @@ def test_unknown_setting_is_an_error():
     assert config_from_dict(TrainVAEConfig, {"betas": [0.8, 0.9]}).betas == (0.8, 0.9)
 
 
-def test_device_loader_ddp_reads_each_shard_once_and_survives_a_crash(tmp_path, tiny_dataset):
+def test_device_loader_ddp_reads_each_shard_once_and_survives_a_crash(tmp_path, tiny_dataset, windows_ds):
     """The default "device" loader: two DDP workers each read their shard of recorded Breakout
     rows once into memory, train on random windows, and a crashed worker group reloads its shards
-    and continues from the checkpoint."""
+    and continues from the checkpoint. The checks' best EMA weights (export_best) are kept in the
+    checkpoints and come through the restart."""
     from pipeline.train import frame_dataset
 
     ds = frame_dataset(tiny_dataset.root, "Breakout", "train")
-    cfg = _cfg(tmp_path, steps=12, fail_at_step=7, max_failures=1, data_loader="device")
-    _fit(cfg, ds)
+    cfg = _cfg(tmp_path, steps=12, fail_at_step=7, max_failures=1, data_loader="device", val_every=2,
+               val_windows=3)
+    result, _ = _fit(cfg, ds, val=windows_ds.select_columns(["frames"]))
     lines = [json.loads(x) for x in metrics_path(tmp_path, "vae").read_text().splitlines()]
     loads = [e for e in lines if e.get("event") == "frame_store"]
     # one load per worker per attempt (rank 0 logs: one line per attempt)
@@ -153,7 +155,37 @@ def test_device_loader_ddp_reads_each_shard_once_and_survives_a_crash(tmp_path, 
     assert [r["step"] for r in rows] == list(range(1, 13))
     losses = np.array([r["train/loss"] for r in rows])
     assert losses[-3:].mean() < 0.8 * losses[:3].mean(), losses
-    assert _starts(cfg)[1] in (4, 6)
+    restart = _starts(cfg)[1]
+    assert restart in (4, 6)
+    checks = [r for r in rows if "val/mse_train" in r]
+    assert [r["step"] for r in checks][-3:] == [8, 10, 12] and all(r["val/mse_train"] > 0 for r in checks)
+    state = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)
+    assert state["best_step"] in {r["step"] for r in checks}
+    # The kept weights are re-scored after the restart; a later check replaces them only when lower.
+    after = [r["val/mse_train"] for r in checks if r["step"] > restart]
+    assert state["best_mse"] <= min(after) + 1e-9
+    best_lines = [r["step"] for r in checks if "val/best_step" in r]
+    assert best_lines and best_lines[-1] == state["best_step"]
+    assert set(state["best_ema"]) == set(state["ema"])
+
+
+def test_best_weights_keep_a_copy_of_the_lowest_check():
+    """BestWeights.offer keeps a copy (not a view) of the weights of the lowest MSE offered; a NaN
+    or a higher MSE leaves it; its checkpoint entries restore it."""
+    from workers.train_vae import BestWeights
+
+    model = torch.nn.Linear(3, 2)
+    best = BestWeights()
+    assert best.state() == {}
+    for step, mse in [(1, 3.0), (2, 1.0), (3, 2.0), (4, float("nan"))]:
+        with torch.no_grad():
+            model.weight.fill_(step)
+        assert best.offer(step, mse, model) == (step in (1, 2))
+    assert (best.step, best.mse) == (2, 1.0)
+    assert bool((best.weights["weight"] == 2).all()) and bool((model.weight == 4).all())
+    again = BestWeights(best.state())
+    assert (again.step, again.mse) == (2, 1.0) and again.weights["weight"] is best.weights["weight"]
+    assert not again.offer(5, 1.0, model)  # a tie keeps the earlier weights
 
 
 def test_optimizer_step_leaves_the_grad_norm_on_the_device_and_stops_on_nan(tmp_path):

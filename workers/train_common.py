@@ -327,12 +327,20 @@ def load_checkpoint_state(map_location: str | torch.device = "cpu") -> dict[str,
         return torch.load(Path(d) / "state.pt", map_location=map_location, weights_only=False)
 
 
-def restore(device: torch.device, model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, sched) -> int:
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step")
+"""What every `save_checkpoint` writes; a loop's own entries (`extra`) come beside them."""
+
+
+def restore(device: torch.device, model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, sched,
+            extra: dict[str, Any] | None = None) -> int:
     """Loads the latest reported checkpoint (a resumed run, or a FailureConfig restart) into the
-    model, EMA, optimizer and scheduler; returns the step to continue from (0 when fresh)."""
+    model, EMA, optimizer and scheduler; returns the step to continue from (0 when fresh). The
+    loop's own entries of that checkpoint (`save_checkpoint`'s `extra`) go into `extra`."""
     state = load_checkpoint_state(device)
     if state is None:
         return 0
+    if extra is not None:
+        extra.update({k: v for k, v in state.items() if k not in CHECKPOINT_KEYS})
     model.load_state_dict(state["model"])
     ema.model.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])

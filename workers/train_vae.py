@@ -61,6 +61,13 @@ class TrainVAEConfig(TrainSettings):
     above `train/recon` is told apart as the frames' or the way the VAE is run."""
     val_windows: int = 32
     """Held-out windows (of clip_length frames, spread over the test split's episodes) it scores."""
+    export_best: bool = True
+    """With val_every > 0: export the EMA weights of the check whose reconstruction MSE on
+    `val_windows` fixed training windows (`val/mse_train`, scored as `val/mse`) was lowest, instead
+    of the last step's. The L2 VAE's loss spikes now and then (a 1000x jump in one step, seen in
+    every GPU run since the L2 loss); the EMA then takes thousands of steps to shed it, and the
+    last step's weights can reconstruct 2-6x worse than before the spike. Chosen on training
+    windows, so the held-out windows stay unseen by any choice."""
 
 
 def build_vae(cfg: TrainVAEConfig) -> VideoVAE:
@@ -112,6 +119,36 @@ def heldout_reconstruction(frames: torch.Tensor, ema: VideoVAE, raw: VideoVAE, d
     return {k: v / max(frames.numel(), 1) for k, v in sums.items()}
 
 
+class BestWeights:
+    """The EMA weights of the lowest-scoring check so far (rank 0), kept on the device."""
+
+    def __init__(self, state: dict[str, Any] | None = None):
+        state = state or {}
+        self.weights: dict[str, torch.Tensor] | None = state.get("best_ema")
+        self.step: int = int(state.get("best_step", -1))
+        self.mse: float = float(state.get("best_mse", float("inf")))
+
+    def offer(self, step: int, mse: float, model: VideoVAE) -> bool:
+        """Keeps `model`'s weights if `mse` is the lowest yet; True when it is."""
+        if not mse < self.mse:  # a NaN never wins
+            return False
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.step, self.mse = step, mse
+        return True
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint's entries (none before the first check)."""
+        if self.weights is None:
+            return {}
+        return {"best_ema": self.weights, "best_step": self.step, "best_mse": self.mse}
+
+
+def mean_reconstruction_mse(vae: VideoVAE, frames: torch.Tensor, batch: int = 16) -> float:
+    """MSE on 0-255 of `vae`'s float32 posterior-mean encode-decode of uint8 `frames` (N, L, H, W, 3)."""
+    total = sum(reconstruction_error(vae, chunk)[0] for chunk in frames.split(batch))
+    return total / max(frames.numel(), 1)
+
+
 def heldout_frames(device: torch.device) -> torch.Tensor | None:
     """The driver's held-out windows (the "val" dataset, given whenever val_every > 0), read whole
     onto `device`; None when it holds none."""
@@ -137,7 +174,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     clock = RunClock(cfg, device)
     sched = make_scheduler(opt, cfg, clock)
     skipped = skip_counter(opt, device)  # the fused optimiser's non-finite steps, read at log steps
-    step = restore(device, vae, ema, opt, sched)  # a resumed run, or a FailureConfig restart
+    restored: dict[str, Any] = {}  # the checkpoint's kept best weights, if any
+    step = restore(device, vae, ema, opt, sched, restored)  # a resumed run, or a FailureConfig restart
     model = ray.train.torch.prepare_model(vae)  # DDP over the workers (gloo on CPU, NCCL on GPU)
     if cfg.compile:
         model = torch.compile(model)
@@ -157,14 +195,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return next(batches)["frames"].to(device, non_blocking=True)  # (B, L, H, W, 3)
 
     def checkpoint(d):
-        save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
+        save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg,
+                        extra=best.state() if best is not None else None)
 
     val_frames = heldout_frames(device) if cfg.val_every > 0 and rank == 0 else None
+    best, select_frames = None, None
+    if cfg.val_every > 0 and cfg.export_best and rank == 0:
+        best = BestWeights(restored)
+        if cfg.data_loader == "device":  # fixed windows, drawn apart from the training draws
+            select_frames = store.sample(cfg.val_windows, cfg.clip_length,
+                                         torch.Generator(device=device).manual_seed(cfg.seed + 104_729))[0]
+        else:  # the first clips of rank 0's shard
+            select_frames = torch.cat([next_frames(step) for _ in range(-(-cfg.val_windows // cfg.batch_size))])
+            select_frames = select_frames[:cfg.val_windows]
+        if best.weights is not None:  # restarted: score the kept weights on this run's windows
+            kept = build_vae(cfg).to(device).eval()
+            kept.load_state_dict(best.weights)
+            best.mse = mean_reconstruction_mse(kept, select_frames)
+            del kept
 
     def check_heldout() -> None:
+        line: dict[str, Any] = {"step": step}
         if val_frames is not None:
-            log.write({"step": step, **heldout_reconstruction(val_frames, ema.model, vae, device, cfg.bf16,
-                                                               seed=cfg.seed)})
+            line.update(heldout_reconstruction(val_frames, ema.model, vae, device, cfg.bf16, seed=cfg.seed))
+        if best is not None:
+            line["val/mse_train"] = mean_reconstruction_mse(ema.model, select_frames)
+            if best.offer(step, line["val/mse_train"], ema.model):
+                line["val/best_step"] = step
+        if len(line) > 1:
+            log.write(line)
 
     t_last = clock.start()
     steps_since, reported_step = 0, -1
