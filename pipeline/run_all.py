@@ -94,7 +94,9 @@ def gpu() -> Preset:
     used L1. The DiT trains on 64 clips a step (32 in runs 1-9): in GPU run 9 it kept the GPU
     96-98 % busy against 67-69 % at 32 (the short generated lengths' kernels are small), saw 1.55x
     the clips in the same 12 minutes, and scored per window 7 % better than 32 on Pong at T = 4
-    and within 1 % on Breakout."""
+    and within 1 % on Breakout. The VAE exports the EMA weights of its best check (every 500
+    steps, about 0.12 s each in run 10), not the last step's: in run 10 every game's VAE loss
+    spiked after 4,000-9,000 steps and the last step's weights reconstructed 2-6x worse."""
     gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
     return Preset(
         games=("Breakout",),
@@ -105,7 +107,7 @@ def gpu() -> Preset:
         vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "temporal_kernel": 1, "recon_kind": "l2",
              "steps": 50_000, "max_train_s": 300,
              "batch_size": 16, "clip_length": 4, "lr": 4e-4, "warmup_steps": 200, "lr_cooldown": 0.2, "checkpoint_every": 1000,
-             "log_every": 50, "val_every": 1000, "val_windows": 32},
+             "log_every": 50, "val_every": 500, "val_windows": 32},
         dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 100_000, "max_train_s": 720, "snapshot_s": (480,),
              "batch_size": 64, "horizon": 4, "horizon_choices": (1, 2, 4), "sample_steps": 4, "lr": 3e-4,
              "warmup_steps": 300, "lr_cooldown": 0.2, "checkpoint_every": 2000, "log_every": 50},
