@@ -95,8 +95,9 @@ def gpu() -> Preset:
     96-98 % busy against 67-69 % at 32 (the short generated lengths' kernels are small), saw 1.55x
     the clips in the same 12 minutes, and scored per window 7 % better than 32 on Pong at T = 4
     and within 1 % on Breakout. The VAE exports the EMA weights of its best check (every 500
-    steps, about 0.12 s each in run 10), not the last step's: in run 10 every game's VAE loss
-    spiked after 4,000-9,000 steps and the last step's weights reconstructed 2-6x worse."""
+    steps; run 10's checks, one encode-decode fewer, took about 0.12 s), not the last step's: in
+    run 10 every game's VAE loss spiked after 4,000-9,000 steps and the last step's weights
+    reconstructed 2-6x worse."""
     gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
     return Preset(
         games=("Breakout",),

@@ -147,10 +147,11 @@ class MetricsFollower(threading.Thread):
         self.drain()
 
 
-def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Tracker, val_dataset=None):
+def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Tracker,
+        side_datasets: dict[str, Any] | None = None):
     """Build and fit the TorchTrainer of one job; returns its Result (checkpoint = last good one).
-    `val_dataset` (held-out windows) reaches every worker whole, as the "val" dataset; the
-    training one is split over them."""
+    `side_datasets` (the VAE job's "val" held-out windows and "select" training windows) reach
+    every worker whole; the training one is split over them."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -160,7 +161,7 @@ def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Trac
         train_loop_config=dataclasses.asdict(cfg),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
-        datasets={"train": dataset, **({"val": val_dataset} if val_dataset is not None else {})},
+        datasets={"train": dataset, **(side_datasets or {})},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             storage_path=cfg.run_dir, name=cfg.name,
@@ -207,19 +208,22 @@ def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path
     _ensure_ray()
     build_vae(cfg)  # a bad preset fails here, before any worker starts
     ds = training_dataset(cfg, cfg.clip_length, cfg.clip_stride)
-    val = None
-    if cfg.val_every > 0:  # held-out windows for the loop's reconstruction check
-        val, n = spread_window_dataset(cfg.data_root, cfg.game, "test", cfg.clip_length, cfg.clip_stride,
-                                       cfg.val_windows)
-        if n:
-            val = val.select_columns(["frames"])
-        else:  # nothing held out (a tiny collection): the loop checks nothing rather than fail
-            print(f"[train] {cfg.name}: no held-out windows of {cfg.clip_length} frames in {cfg.data_root}; "
-                  f"val_every set to 0", flush=True)
-            val, cfg = None, dataclasses.replace(cfg, val_every=0)
+    side = {}  # the loop's checks: held-out windows, and the training windows export_best scores
+    if cfg.val_every > 0:
+        for name, split in (("val", "test"), ("select", "train")):
+            if name == "select" and not cfg.export_best:
+                continue
+            windows, n = spread_window_dataset(cfg.data_root, cfg.game, split, cfg.clip_length, cfg.clip_stride,
+                                               cfg.val_windows)
+            if not n:  # a tiny collection: the loop checks nothing rather than fail
+                print(f"[train] {cfg.name}: no {split} windows of {cfg.clip_length} frames in {cfg.data_root}; "
+                      f"val_every set to 0", flush=True)
+                side, cfg = {}, dataclasses.replace(cfg, val_every=0)
+                break
+            side[name] = windows.select_columns(["frames"])
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "vae"}) as tracker:
         tracker.log_params(cfg)
-        result = fit(vae_loop, cfg, ds, tracker, val_dataset=val)
+        result = fit(vae_loop, cfg, ds, tracker, side_datasets=side)
         state = _load_state(result)
         vae = build_vae(cfg)
         # The EMA weights of the best check (TrainVAEConfig.export_best), else the last step's.

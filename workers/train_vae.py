@@ -63,8 +63,8 @@ class TrainVAEConfig(TrainSettings):
     """Held-out windows (of clip_length frames, spread over the test split's episodes) it scores."""
     export_best: bool = True
     """With val_every > 0: export the EMA weights of the check whose reconstruction MSE on
-    `val_windows` fixed training windows (`val/mse_train`, scored as `val/mse`) was lowest, instead
-    of the last step's. The L2 VAE's loss spikes now and then (25-2,400x in one logged step, seen in
+    `val_windows` windows of the training split, spread over its episodes (`val/mse_train`, scored
+    as `val/mse`), was lowest, instead of the last step's. The L2 VAE's loss spikes now and then (25-2,400x in one logged step, seen in
     every GPU run since the L2 loss); the EMA then takes thousands of steps to shed it, and the
     last step's weights can reconstruct 2-6x worse than before the spike. Chosen on training
     windows, so the held-out windows stay unseen by any choice."""
@@ -149,12 +149,16 @@ def mean_reconstruction_mse(vae: VideoVAE, frames: torch.Tensor, batch: int = 16
     return total / max(frames.numel(), 1)
 
 
-def heldout_frames(device: torch.device) -> torch.Tensor | None:
-    """The driver's held-out windows (the "val" dataset, given whenever val_every > 0), read whole
-    onto `device`; None when it holds none."""
+def whole_dataset_frames(name: str, device: torch.device) -> torch.Tensor | None:
+    """A side dataset of the driver's, given whole to every worker, read onto `device`: "val", the
+    held-out windows (whenever val_every > 0), or "select", the fixed training windows that
+    export_best scores. None when it holds no window."""
     import ray.train
 
-    shard = ray.train.get_dataset_shard("val")
+    shard = ray.train.get_dataset_shard(name)
+    if shard is None:
+        raise RuntimeError(f"the VAE job was given no {name!r} dataset: with val_every > 0 the driver passes "
+                           f"'val' (held-out windows) and, with export_best, 'select' (training windows)")
     parts = [torch.as_tensor(np.stack(b["frames"])) for b in shard.iter_batches(batch_size=64, batch_format="numpy")]
     return torch.cat(parts).to(device) if parts else None
 
@@ -198,21 +202,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg,
                         extra=best.state() if best is not None else None)
 
-    val_frames = heldout_frames(device) if cfg.val_every > 0 and rank == 0 else None
+    val_frames = whole_dataset_frames("val", device) if cfg.val_every > 0 and rank == 0 else None
     best, select_frames = None, None
     if cfg.val_every > 0 and cfg.export_best and rank == 0:
-        best = BestWeights(restored)
-        if cfg.data_loader == "device":  # fixed windows, drawn apart from the training draws
-            select_frames = store.sample(cfg.val_windows, cfg.clip_length,
-                                         torch.Generator(device=device).manual_seed(cfg.seed + 104_729))[0]
-        else:  # the first clips of rank 0's shard
-            select_frames = torch.cat([next_frames(step) for _ in range(-(-cfg.val_windows // cfg.batch_size))])
-            select_frames = select_frames[:cfg.val_windows]
-        if best.weights is not None:  # restarted: score the kept weights on this run's windows
-            kept = build_vae(cfg).to(device).eval()
-            kept.load_state_dict(best.weights)
-            best.mse = mean_reconstruction_mse(kept, select_frames)
-            del kept
+        best, select_frames = BestWeights(restored), whole_dataset_frames("select", device)
+        if select_frames is None:
+            raise RuntimeError("export_best: the 'select' dataset holds no window of the training split")
 
     def check_heldout() -> None:
         line: dict[str, Any] = {"step": step}
