@@ -64,10 +64,11 @@ class TrainVAEConfig(TrainSettings):
     export_best: bool = True
     """With val_every > 0: export the EMA weights of the check whose reconstruction MSE on
     `val_windows` windows of the training split, spread over its episodes (`val/mse_train`, scored
-    as `val/mse`), was lowest, instead of the last step's. The L2 VAE's loss spikes now and then (25-2,400x in one logged step, seen in
-    every GPU run since the L2 loss); the EMA then takes thousands of steps to shed it, and the
-    last step's weights can reconstruct 2-6x worse than before the spike. Chosen on training
-    windows, so the held-out windows stay unseen by any choice."""
+    as `val/mse`), was lowest, instead of the last step's. The L2 VAE's loss spikes now and then
+    (25-2,400x in one logged step, in every GPU run since the L2 loss); the EMA then takes
+    thousands of steps to shed it, and the last step's weights can reconstruct 2-6x worse than
+    before the spike. Chosen on training windows, so the held-out windows stay unseen by any
+    choice."""
 
 
 def build_vae(cfg: TrainVAEConfig) -> VideoVAE:
