@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.clips import read_windows_numpy  # noqa: E402
-from workers.train_vae import reconstruction_error  # noqa: E402
+from workers.train_vae import mean_reconstruction_error  # noqa: E402
 from workers.world_model import load_vae  # noqa: E402
 
 
@@ -39,11 +39,8 @@ def floor(vae, frames: np.ndarray, device: str, bf16: bool, sample: bool, batch:
     """Mean reconstruction error of `frames` (uint8 (N, L, H, W, 3)): MSE of the uint8 output on
     0-255 values, and the L2 of the float output on [-1, 1] x 127.5^2 (the training loss's scale)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    on_pixels = l2 = 0.0
-    for i in range(0, len(frames), batch):
-        a, b = reconstruction_error(vae, torch.from_numpy(frames[i:i + batch]).to(device), bf16, sample, g)
-        on_pixels, l2 = on_pixels + a, l2 + b
-    return {"mse_0_255": on_pixels / frames.size, "train_loss_scale": l2 / frames.size}
+    on_pixels, l2 = mean_reconstruction_error(vae, torch.from_numpy(frames).to(device), bf16, sample, g, batch)
+    return {"mse_0_255": on_pixels, "train_loss_scale": l2}
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -98,6 +98,18 @@ def reconstruction_error(vae: VideoVAE, frames: torch.Tensor, bf16: bool = False
     return on_pixels, float(((rec - x) ** 2).sum()) * 127.5 ** 2
 
 
+def mean_reconstruction_error(vae: VideoVAE, frames: torch.Tensor, bf16: bool = False, sample: bool = False,
+                              generator: torch.Generator | None = None, batch: int = 16) -> tuple[float, float]:
+    """`reconstruction_error` of uint8 `frames` (N, L, H, W, 3), `batch` windows at a time, as means
+    per value: (MSE on 0-255, the training loss's L2 x 127.5^2)."""
+    on_pixels = l2 = 0.0
+    for chunk in frames.split(batch):
+        a, b = reconstruction_error(vae, chunk, bf16, sample, generator)
+        on_pixels, l2 = on_pixels + a, l2 + b
+    n = max(frames.numel(), 1)
+    return on_pixels / n, l2 / n
+
+
 def heldout_reconstruction(frames: torch.Tensor, ema: VideoVAE, raw: VideoVAE, device: torch.device,
                            bf16: bool, batch: int = 16, seed: int = 0) -> dict[str, float]:
     """Reconstruction error of held-out frames (uint8 (N, L, H, W, 3) on `device`), MSE on 0-255:
@@ -107,17 +119,14 @@ def heldout_reconstruction(frames: torch.Tensor, ema: VideoVAE, raw: VideoVAE, d
     - `val/recon_train_way`: the raw weights run as a training step runs them (bf16 autocast on a
       GPU, a posterior sample), float output: `train/recon` x 127.5^2, but on held-out frames."""
     g = torch.Generator(device=device).manual_seed(seed)
-    sums = {"val/mse": 0.0, "val/mse_raw": 0.0, "val/recon_train_way": 0.0}
     was_training = raw.training
     raw.eval()
     try:
-        for chunk in frames.split(batch):
-            sums["val/mse"] += reconstruction_error(ema, chunk)[0]
-            sums["val/mse_raw"] += reconstruction_error(raw, chunk)[0]
-            sums["val/recon_train_way"] += reconstruction_error(raw, chunk, bf16, sample=True, generator=g)[1]
+        return {"val/mse": mean_reconstruction_error(ema, frames, batch=batch)[0],
+                "val/mse_raw": mean_reconstruction_error(raw, frames, batch=batch)[0],
+                "val/recon_train_way": mean_reconstruction_error(raw, frames, bf16, True, g, batch)[1]}
     finally:
         raw.train(was_training)
-    return {k: v / max(frames.numel(), 1) for k, v in sums.items()}
 
 
 class BestWeights:
@@ -142,12 +151,6 @@ class BestWeights:
         if self.weights is None:
             return {}
         return {"best_ema": self.weights, "best_step": self.step, "best_mse": self.mse}
-
-
-def mean_reconstruction_mse(vae: VideoVAE, frames: torch.Tensor, batch: int = 16) -> float:
-    """MSE on 0-255 of `vae`'s float32 posterior-mean encode-decode of uint8 `frames` (N, L, H, W, 3)."""
-    total = sum(reconstruction_error(vae, chunk)[0] for chunk in frames.split(batch))
-    return total / max(frames.numel(), 1)
 
 
 def whole_dataset_frames(name: str, device: torch.device) -> torch.Tensor | None:
@@ -215,7 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if val_frames is not None:
             line.update(heldout_reconstruction(val_frames, ema.model, vae, device, cfg.bf16, seed=cfg.seed))
         if best is not None:
-            line["val/mse_train"] = mean_reconstruction_mse(ema.model, select_frames)
+            line["val/mse_train"] = mean_reconstruction_error(ema.model, select_frames)[0]
             if best.offer(step, line["val/mse_train"], ema.model):
                 line["val/best_step"] = step
         if len(line) > 1:
