@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Packs .devpkg/, what a GPU-machine call carries besides the working tree (see scripts/device_env.sh):
-# - the bundle of ../shared/tools/device-bundle.sh (Ray, RLlib, gymnasium, ale-py, MLflow), repacked
-#   with `xz -9e`: 2 MB smaller than the bundle's own compression;
-# - the LPIPS weights (bash scripts/setup.sh makes them).
-# The device tool caps a call's tree, carried paths included, at 64 MiB: the bundle (47 MB) and the
-# weights (10 MB) leave about 7 MiB for the tracked files. The script ends with the sum, and fails
-# when the sum is over the cap.
+# - the bundle of ../shared/tools/device-bundle.sh (Ray, RLlib, gymnasium, ale-py, MLflow), less what
+#   the run never loads (Ray's dashboard UI, Serve and LLM packages: gpu_run.sh starts Ray with
+#   --include-dashboard false), repacked with `xz -9e`: 3.5 MB smaller than the bundle as made;
+# - the LPIPS weights (bash scripts/setup.sh makes them), xz-compressed (0.9 MB smaller).
+# The device tool caps a call's tree, carried paths included, at 64 MiB: the bundle (45.6 MB) and
+# the weights (9.1 MB) leave about 9 MiB for the tracked files. The script ends with the sum, and
+# fails when the sum is over the cap.
 #   bash scripts/device_pack.sh            (about 5 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +17,11 @@ bash ../shared/tools/device-bundle.sh
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 tar -xJf .devpkg/devsite.tar.xz -C "$tmp"
+rm -rf "$tmp/ray/dashboard/client" "$tmp/ray/serve" "$tmp/ray/llm"
 tar -C "$tmp" -cf - . | xz -9e -T0 > .devpkg/devsite.tar.xz.part
 mv .devpkg/devsite.tar.xz.part .devpkg/devsite.tar.xz
-cp "$weights" .devpkg/lpips_alex_v0.1.pt
+rm -f .devpkg/lpips_alex_v0.1.pt
+xz -9e -T0 -c "$weights" > .devpkg/lpips_alex_v0.1.pt.xz
 # What a call carrying .devpkg sends: tracked files, untracked files git does not ignore, .devpkg.
 git ls-files -z --cached --others --exclude-standard | "$PY" -c '
 import os, sys
