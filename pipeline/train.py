@@ -31,7 +31,7 @@ import sys
 import threading
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 # `python pipeline/<x>.py` puts pipeline/ on sys.path, not the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,26 +53,34 @@ from workers.world_model import load_vae, save_vae, save_world_model, world_mode
 
 
 # -- data ------------------------------------------------------------------------------------------
-def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int):
+def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int,
+                 episodes: Collection[str] | None = None):
     """Ray Dataset of windows (`frames` uint8 (L, 210, 160, 3), `actions` int64 (L,)) of one split
-    of one game (every game when `game` is empty)."""
+    of one game (every game when `game` is empty); of the given episodes alone when `episodes` is
+    set: their rows are kept before the shuffle that gathers episodes, so the others cost a read only."""
     from workers.clips import parquet_files, read_episodes, window_dataset
-    from workers.schema import GAME
+    from workers.schema import EPISODE_ID, GAME
 
-    episodes = read_episodes(data_root)
+    rows = read_episodes(data_root)
     if game:
-        episodes = episodes.filter(expr=f"{GAME} == '{game}'")
+        rows = rows.filter(expr=f"{GAME} == '{game}'")
+    if episodes is not None:
+        from ray.data.expressions import col
+
+        rows = rows.filter(expr=col(EPISODE_ID).is_in(sorted(episodes)))
     # One shuffle partition per file, as window_dataset does for a path: Ray's default of 200
     # partitions costs minutes of scheduling on a small machine.
     partitions = max(1, min(200, len(parquet_files(data_root))))
-    return window_dataset(episodes, length=length, stride=stride, split=split, num_partitions=partitions)
+    return window_dataset(rows, length=length, stride=stride, split=split, num_partitions=partitions)
 
 
 def spread_window_dataset(data_root: str, game: str, split: str, length: int, stride: int, n: int | None,
                           keys: set[tuple[str, int]] | None = None):
     """`n` windows of a split (`clip_dataset`), spread evenly over its windows in (episode, start)
     order so that every episode weighs in (all of them when n is None); or exactly the windows
-    `keys` ((episode_id, start_step) pairs) when given. Chosen from the small columns alone."""
+    `keys` ((episode_id, start_step) pairs) when given. Chosen from the small columns alone; only
+    the chosen windows' episodes are cut into windows (32 spread windows of Breakout's 361 training
+    episodes touch 32 of them)."""
     from workers.clips import spread_indices, window_keys_of_split
     from workers.schema import EPISODE_ID
 
@@ -80,7 +88,7 @@ def spread_window_dataset(data_root: str, game: str, split: str, length: int, st
         every = window_keys_of_split(data_root, length, stride, split=split, game=game)
         keys = {every[i] for i in spread_indices(len(every), n)}
     chosen = frozenset(keys)
-    ds = clip_dataset(data_root, game, split, length, stride)
+    ds = clip_dataset(data_root, game, split, length, stride, episodes={e for e, _ in chosen} or None)
     return ds.filter(lambda row: (str(row[EPISODE_ID]), int(row["start_step"])) in chosen), len(chosen)
 
 

@@ -270,6 +270,30 @@ def test_vae_logs_its_heldout_floor_as_the_evaluation_scores_it(trained, data_ro
     assert run.data.tags["vae/exported_step"] == str(chosen["step"])
 
 
+def test_spread_windows_cut_only_their_episodes(data_root):
+    """clip_dataset(episodes=...) keeps those episodes' rows before they are cut into windows: the
+    windows are the whole split's windows of those episodes, frame for frame, and no other's;
+    spread_window_dataset cuts only the episodes of the windows it chose."""
+    from pipeline.train import clip_dataset, spread_window_dataset
+    from workers.clips import spread_indices, window_keys_of_split
+
+    every = {(r["episode_id"], int(r["start_step"])): r for r in clip_dataset(data_root, "", "train", 4, 8).take_all()}
+    eids = sorted({e for e, _ in every})
+    assert len(eids) >= 2
+    some = clip_dataset(data_root, "", "train", 4, 8, episodes={eids[-1]}).take_all()
+    assert sorted((r["episode_id"], int(r["start_step"])) for r in some) == sorted(k for k in every if k[0] == eids[-1])
+    for r in some:
+        np.testing.assert_array_equal(r["frames"], every[(r["episode_id"], int(r["start_step"]))]["frames"])
+        np.testing.assert_array_equal(r["actions"], every[(r["episode_id"], int(r["start_step"]))]["actions"])
+    keys = window_keys_of_split(data_root, 4, 8, split="train")
+    assert sorted(every) == keys
+    ds, n = spread_window_dataset(data_root, "", "train", 4, 8, 3)
+    got = {(r["episode_id"], int(r["start_step"])): r for r in ds.take_all()}
+    assert n == 3 and sorted(got) == [keys[i] for i in spread_indices(len(keys), 3)]
+    for k, r in got.items():
+        np.testing.assert_array_equal(r["frames"], every[k]["frames"])
+
+
 def test_snapshots_export_the_same_run_with_less_training(trained):
     """snapshot_s: the EMA weights at 0 s of training (the first step) are exported as their own
     world model beside the final one; a snapshot time the run never reached exports nothing."""
