@@ -58,15 +58,15 @@ def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int
     """Ray Dataset of windows (`frames` uint8 (L, 210, 160, 3), `actions` int64 (L,)) of one split
     of one game (every game when `game` is empty); of the given episodes alone when `episodes` is
     set: their rows are kept before the shuffle that gathers episodes, so the others cost a read only."""
+    from ray.data.expressions import col
+
     from workers.clips import parquet_files, read_episodes, window_dataset
     from workers.schema import EPISODE_ID, GAME
 
     rows = read_episodes(data_root)
     if game:
-        rows = rows.filter(expr=f"{GAME} == '{game}'")
+        rows = rows.filter(expr=col(GAME) == game)
     if episodes is not None:
-        from ray.data.expressions import col
-
         rows = rows.filter(expr=col(EPISODE_ID).is_in(sorted(episodes)))
     # One shuffle partition per file, as window_dataset does for a path: Ray's default of 200
     # partitions costs minutes of scheduling on a small machine.
@@ -80,7 +80,7 @@ def spread_window_dataset(data_root: str, game: str, split: str, length: int, st
     order so that every episode weighs in (all of them when n is None); or exactly the windows
     `keys` ((episode_id, start_step) pairs) when given. Chosen from the small columns alone; only
     the chosen windows' episodes are cut into windows (32 spread windows of Breakout's 361 training
-    episodes touch 32 of them)."""
+    episodes touch at most 32 of them)."""
     from workers.clips import spread_indices, window_keys_of_split
     from workers.schema import EPISODE_ID
 

@@ -270,10 +270,11 @@ def test_vae_logs_its_heldout_floor_as_the_evaluation_scores_it(trained, data_ro
     assert run.data.tags["vae/exported_step"] == str(chosen["step"])
 
 
-def test_spread_windows_cut_only_their_episodes(data_root):
+def test_spread_windows_cut_only_their_episodes(data_root, monkeypatch):
     """clip_dataset(episodes=...) keeps those episodes' rows before they are cut into windows: the
     windows are the whole split's windows of those episodes, frame for frame, and no other's;
     spread_window_dataset cuts only the episodes of the windows it chose."""
+    import pipeline.train as train_module
     from pipeline.train import clip_dataset, spread_window_dataset
     from workers.clips import spread_indices, window_keys_of_split
 
@@ -287,9 +288,13 @@ def test_spread_windows_cut_only_their_episodes(data_root):
         np.testing.assert_array_equal(r["actions"], every[(r["episode_id"], int(r["start_step"]))]["actions"])
     keys = window_keys_of_split(data_root, 4, 8, split="train")
     assert sorted(every) == keys
+    asked = []  # the episodes spread_window_dataset has clip_dataset cut (the real one runs)
+    monkeypatch.setattr(train_module, "clip_dataset",
+                        lambda *a, **kw: asked.append(kw.get("episodes")) or clip_dataset(*a, **kw))
     ds, n = spread_window_dataset(data_root, "", "train", 4, 8, 3)
     got = {(r["episode_id"], int(r["start_step"])): r for r in ds.take_all()}
     assert n == 3 and sorted(got) == [keys[i] for i in spread_indices(len(keys), 3)]
+    assert asked == [{e for e, _ in got}]
     for k, r in got.items():
         np.testing.assert_array_equal(r["frames"], every[k]["frames"])
 
@@ -312,6 +317,7 @@ def test_snapshots_export_the_same_run_with_less_training(trained):
 
 def test_evaluate_driver_tables_figures_and_copy_last(trained, data_root):
     from mlflow.tracking import MlflowClient
+    from ray.data.expressions import col
 
     from pipeline.evaluate import EvalConfig, main
     from pipeline.tracking import load_table, local_tracking_uri
@@ -325,7 +331,7 @@ def test_evaluate_driver_tables_figures_and_copy_last(trained, data_root):
     tables = main(cfg)
 
     # Independent copy-last over every test window of the game, straight from the Parquet data.
-    eps = read_episodes(data_root).filter(expr=f"game == '{GAME}'")
+    eps = read_episodes(data_root).filter(expr=col("game") == GAME)
     w = window_dataset(eps, N_COND + 3, 16, split="test", num_partitions=4).take_all()
     frames = np.stack([r["frames"] for r in w]).astype(np.float64)
     mse = ((frames[:, N_COND:] - frames[:, N_COND - 1:N_COND]) ** 2).mean(axis=(2, 3, 4))  # (N, 3)
