@@ -56,21 +56,31 @@ class ProbeVAEGridConfig:
 
 def play(game: str, frames: int, seed: int) -> np.ndarray:
     """(frames, 210, 160, 3) uint8 RGB of one ALE env under random actions, resetting at game over."""
+    return play_episodes(game, frames, seed)[0]
+
+
+def play_episodes(game: str, frames: int, seed: int, frameskip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`play`, and the episode number of each frame (it rises by one at each reset). `frameskip`
+    replaces the v5 env's 4 emulator frames per step."""
     import ale_py
     import gymnasium as gym
 
     gym.register_envs(ale_py)
-    env = gym.make(resolve_env_id(game), repeat_action_probability=0.0)
+    env = gym.make(resolve_env_id(game), repeat_action_probability=0.0,
+                   **({} if frameskip is None else {"frameskip": frameskip}))
     obs, _ = env.reset(seed=seed)
     rng = np.random.default_rng(seed)
     out = np.empty((frames, *obs.shape), dtype=np.uint8)
+    episode = np.empty(frames, dtype=np.int64)
+    n = 0
     for i in range(frames):
-        out[i] = obs
+        out[i], episode[i] = obs, n
         obs, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
         if term or trunc:
             obs, _ = env.reset()
+            n += 1
     env.close()
-    return out
+    return out, episode
 
 
 def main(cfg: ProbeVAEGridConfig) -> list[dict]:

@@ -358,3 +358,32 @@ def test_bench_ddp_summary_rates_efficiency_and_loss_at_equal_samples(tmp_path):
     (tmp_path / "short.jsonl").write_text(json.dumps({"time": 1.0, "step": 5, "train/loss": 1.0}))
     with pytest.raises(ValueError, match="short.jsonl: 1 logged steps"):
         read_metrics(tmp_path / "short.jsonl")
+
+
+def test_probe_copy_last_scores_windows_within_episodes_on_real_ale_play(tmp_path, capsys):
+    """probe_copy_last: copy-last's window MSE from real ALE frames, checked window by window
+    against a direct computation; no window spans a reset; a coarser frame skip changes the play."""
+    from benchmarks.probe_copy_last import ProbeCopyLastConfig, copy_last_mse
+    from benchmarks.probe_copy_last import main as probe_main
+    from benchmarks.probe_vae_grid import play_episodes
+
+    frames, episode = play_episodes("Breakout", 40, 0, frameskip=1)
+    assert frames.shape == (40, 210, 160, 3) and (np.diff(episode) >= 0).all()
+    # Two plays glued into one: the second starts a new episode, so no window may span the seam.
+    glued, eps = np.concatenate([frames, frames[::-1]]), np.concatenate([episode, episode + episode[-1] + 1])
+    for horizon in (1, 4):
+        want = [np.mean([((glued[i + t].astype(np.float64) - glued[i]) ** 2).mean() for t in range(1, horizon + 1)])
+                for i in range(len(glued) - horizon) if eps[i] == eps[i + horizon]]
+        mean, median, windows = copy_last_mse(glued, eps, horizon)
+        assert windows == len(want) == 80 - horizon - horizon  # the windows of each half alone
+        assert mean == pytest.approx(np.mean(want), rel=1e-5) and median == pytest.approx(np.median(want), rel=1e-5)
+    out = tmp_path / "copy_last.csv"
+    rows = probe_main(ProbeCopyLastConfig(games=("Breakout",), frameskips=(4, 1), frames=40, horizons=(1, 4),
+                                          out=str(out)))
+    assert [(r["frameskip"], r["T"]) for r in rows] == [(4, 1), (4, 4), (1, 1), (1, 4)]
+    assert all(r["copy_last_mse"] > 0 for r in rows) and rows[0]["copy_last_mse"] != rows[2]["copy_last_mse"]
+    assert rows[1]["paper_model_mse"] == pytest.approx(14.3638)
+    assert "| Breakout | 1 | 4 |" in capsys.readouterr().out
+    assert len(list(csv.DictReader(out.open()))) == 4
+    with pytest.raises(ValueError, match="frameskips"):
+        probe_main(ProbeCopyLastConfig(frameskips=(0,)))
