@@ -69,7 +69,11 @@ class CollectConfig:
     explore: bool = True
     """sample actions from the policy (True) or take its mode"""
     test_fraction: float = 0.1
-    """share of episodes in the test split (hash of the episode id)"""
+    """share of episodes in the test split (hash of the episode id), read only by a run's final
+    evaluation"""
+    val_fraction: float = 0.1
+    """share of episodes in the val split (the same hash, next to test's range), read by everything
+    that selects: the VAE's held-out check, evaluations during development, lever choices"""
     seed: int = 0
     frameskip: int = 4
     repeat_action_probability: float = 0.0
@@ -87,6 +91,9 @@ class CollectConfig:
             raise ValueError(f"gpus_per_env_runner must be >= 0, got {self.gpus_per_env_runner}")
         if not 0.0 <= self.test_fraction <= 1.0:
             raise ValueError(f"test_fraction must be in [0, 1], got {self.test_fraction}")
+        if not (0.0 <= self.val_fraction and self.val_fraction + self.test_fraction <= 1.0 + 1e-9):
+            raise ValueError(f"val_fraction must be in [0, 1 - test_fraction = {1 - self.test_fraction:g}], "
+                             f"got {self.val_fraction}")
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -118,6 +125,7 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None,
     algo = build_recorder_algo(env_id, cfg.agent, settings, num_env_runners=cfg.num_env_runners,
                                cpus_per_env_runner=cpus, run_id=cfg.run_id,
                                seed=cfg.seed, test_fraction=cfg.test_fraction,
+                               val_fraction=cfg.val_fraction,
                                checkpoint=checkpoint,
                                num_envs_per_env_runner=cfg.num_envs_per_env_runner,
                                gpus_per_env_runner=cfg.gpus_per_env_runner if cfg.policy == "ppo" else 0.0)

@@ -4,7 +4,7 @@
         --data_root /abs/data --game Breakout
 
 For each game: windows of n + max(horizons) frames from the test split (episodes never seen in
-training), rolled out once to the longest horizon through Ray Data (`workers.evaluate.ScoreWindows`),
+training; `split="val"` scores the val split while choosing settings), rolled out once to the longest horizon through Ray Data (`workers.evaluate.ScoreWindows`),
 scored per frame at native 210x160 beside the copy-last-frame baseline and the VAE's reconstruction
 of the true frames (method `vae_recon`, the floor under the model's error). Horizons past the model's
 trained length are chained chunks. A shorter horizon that the model was trained to generate gets
@@ -12,7 +12,7 @@ its own rollout of that many frames (column `rollout` = "direct", as in the pape
 other is scored on the first frames of the long rollout ("prefix"). Outputs, under `<run_dir>/eval/<name>/` and in one MLflow run:
 
 - `tables/generation_length.json`: game x generation length x method, MSE/PSNR/LPIPS mean and std
-  over windows (the layout of the paper's Table 2; Tables 3 and 4 are the same rows across runs
+  over windows, with 95 % intervals over the held-out episodes (`CI_COLUMNS`) (the layout of the paper's Table 2; Tables 3 and 4 are the same rows across runs
   that differ in action_mode / action_encoder, which are columns here);
 - `tables/per_frame.json`: the same per generated frame;
 - `tables/vs_paper.json`: where the paper reports the setting (`pipeline/paper.py`), its cells beside
@@ -39,10 +39,17 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import figures, paper  # noqa: E402
+from pipeline.stats import pooled_rows  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 from pipeline.train import _ensure_ray, parse_config, pop_tracking_uri, spread_window_dataset  # noqa: E402
 from workers.evaluate import METRICS, ScoreWindows, frame_table, horizon_table, score_windows, window_actions  # noqa: E402
 from workers.world_model import load_world_model  # noqa: E402
+
+
+CI_COLUMNS = ("mse_ci_low", "mse_ci_high", "lpips_ci_low", "lpips_ci_high", "db_over_copy_last", "db_ci_low",
+              "db_ci_high", "episodes")
+"""Columns of the generation_length table beside the means: 95 % episode-bootstrap intervals, the dB
+over copy-last (paired on the same windows) and the number of held-out episodes."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,9 @@ class EvalConfig:
     model_path: str = ""
     """World-model directory written by train_dit_main (or downloaded from MLflow)."""
     data_root: str = ""
-    """Root of the collected episodes; the test split is used."""
+    """Root of the collected episodes."""
+    split: str = "test"
+    """Episode split scored: `test` for a run's final evaluation, `val` while choosing settings."""
     games: tuple[str, ...] = ()
     """Games to score; empty = the game the model was trained on."""
     name: str = "eval"
@@ -92,6 +101,10 @@ class EvalConfig:
     """Score on a GPU."""
 
     def __post_init__(self) -> None:
+        from workers.schema import SPLITS
+
+        if self.split not in SPLITS:
+            raise ValueError(f"EvalConfig.split={self.split!r} is no split; splits are {list(SPLITS)}")
         if not self.horizons or min(self.horizons) < 1:
             raise ValueError(f"EvalConfig.horizons must be positive ints, got {self.horizons}")
         if self.windows_of and len(self.games) != 1:
@@ -116,7 +129,7 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
     than the longest that the model was trained to generate (`trained`) also gets its own rollout."""
     H = max(cfg.horizons)
     # max_windows spread over the split, or exactly the windows of an earlier evaluation
-    ds, n = spread_window_dataset(cfg.data_root, game, "test", n_cond + H, cfg.stride, cfg.max_windows,
+    ds, n = spread_window_dataset(cfg.data_root, game, cfg.split, n_cond + H, cfg.stride, cfg.max_windows,
                                   keys=window_keys(cfg.windows_of) if cfg.windows_of else None)
     ds = ds.materialize()  # once: scoring and the figures read the same windows
     if ds.count() != n:
@@ -133,7 +146,9 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
                                "vae_recon": cfg.vae_recon})
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
-        raise ValueError(f"no test windows of {n_cond + H} frames for game {game!r} under {cfg.data_root}")
+        old = (" (a collection made before the val split existed has none: collect with "
+               "CollectConfig.val_fraction > 0)" if cfg.split == "val" else "")
+        raise ValueError(f"no {cfg.split} windows of {n_cond + H} frames for game {game!r} under {cfg.data_root}{old}")
     return {k: np.concatenate([np.stack(p[k]) for p in parts]) for k in parts[0]}, ds
 
 
@@ -224,11 +239,15 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
         for game in games:
             scores, ds = score_game(cfg, game, world_model.n_cond, world_model.trained_horizons)
             np.savez_compressed(out_dir / f"{game}_scores.npz", **{k.replace("/", "__"): v for k, v in scores.items()})
+            # 95 % intervals over the split's episodes (pipeline/stats.py), beside each mean
+            cis = {(r["method"], r["T"]): r for r in pooled_rows([scores], tuple(sorted(cfg.horizons)))}
             scores = {k: v for k, v in scores.items() if "/" in k}  # drop the window ids
             for row in horizon_table(scores, tuple(sorted(cfg.horizons))):
-                lengths.append({"game": game, **row, **model_cols})
+                ci = cis[(row["method"], row["generation_length"])]
+                row.update({k: ci[k] for k in CI_COLUMNS if k in ci})
+                lengths.append({"game": game, "split": cfg.split, **row, **model_cols})
                 tracker.log_metrics({f"eval/{game}/{row['method']}/{m}_h{row['generation_length']}": row[m]
-                                     for m in (*METRICS, "psnr_of_mean_mse") if m in row}, step=0)
+                                     for m in (*METRICS, *CI_COLUMNS, "psnr_of_mean_mse") if m in row}, step=0)
             for row in frame_table(scores):
                 per_frame.append({"game": game, **row})
             # The scores are on disk before any figure is drawn: figures never cost a table.

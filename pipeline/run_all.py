@@ -5,7 +5,7 @@
 
 `ray.init()` joins the cluster that `ray job submit` (or RAY_ADDRESS) points at, or starts a local
 one. A preset picks the scale: `smoke` (minutes on 2 CPU cores; what CI runs), `gpu` (one GPU box,
-about 25 minutes end to end), `paper` (1M steps per game, the large model; a GPU cluster).
+about 20 minutes a game), `paper` (1M steps per game, the large model; a GPU cluster).
 `--set section.field=value` replaces single settings of the preset, e.g. `--set
 vae.latent_channels=16 dit.max_train_s=600`.
 
@@ -32,6 +32,7 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import collect, evaluate, sweep  # noqa: E402
+from pipeline import results as results_record  # noqa: E402
 from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.train import train_dit_main, train_vae_main  # noqa: E402
 from workers.rollout import AgentConfig  # noqa: E402
@@ -68,7 +69,7 @@ def smoke() -> Preset:
     return Preset(
         games=("Breakout", "Pong"),
         collect={"policy": "ppo", "steps_per_game": 600, "steps_per_round": 300, "num_env_runners": 2,
-                 "cpus_per_env_runner": 0.5, "test_fraction": 0.3,
+                 "cpus_per_env_runner": 0.5, "test_fraction": 0.3, "val_fraction": 0.2,
                  "agent": {"train_steps": 256, "train_batch_size": 256, "minibatch_size": 64, "num_epochs": 1}},
         vae={**cpu, "vae_preset": "tiny", "temporal_kernel": 1, "steps": 30, "batch_size": 2, "clip_length": 8, "warmup_steps": 5,
              "checkpoint_every": 15, "log_every": 5, "val_every": 15, "val_windows": 4},
@@ -82,38 +83,33 @@ def smoke() -> Preset:
 
 
 def gpu() -> Preset:
-    """One GPU box (16 cores, one H100), ~24 minutes end to end: a briefly trained PPO agent,
-    17 minutes of world-model training: a frame-wise VAE (5 min; the DiT job then encodes every
-    training frame once) and one DiT for generation lengths 1, 2 and 4 (12 min), sampled with 4
-    Euler steps. GPU run 4 (docs/results.md) measured the choices: its DiT's error at T = 4 fell
-    14-22 % from 240 s to 480 s of training, and 4 Euler steps scored as well as 8 at half the
-    generation cost. The snapshot at 480 s scores the same run with run 4's training time (constant
-    rate until then); both models' learning rates then fall linearly to 0 over the last 20 % of
-    their budgets. The VAE trains on L2: in equal time, a CPU probe (benchmarks/probe_vae_grid.py)
-    found its reconstruction MSE 2.5-8 times below L1's on Breakout, Pong and DemonAttack; runs 1-5
-    used L1. The DiT trains on 64 clips a step (32 in runs 1-9): in GPU run 9 it kept the GPU
-    96-98 % busy against 67-69 % at 32 (the short generated lengths' kernels are small), saw 1.55x
-    the clips in the same 12 minutes, and scored per window 7 % better than 32 on Pong at T = 4
-    and within 1 % on Breakout. The VAE exports the EMA weights of its best check (every 500
-    steps; run 10's checks, one encode-decode fewer, took about 0.12 s), not the last step's: in
-    run 10 every game's VAE loss spiked after 4,000-9,000 steps and the last step's weights
-    reconstructed 2-6x worse. With it, GPU run 11 beat the paper in every MSE and PSNR cell of
-    Breakout and Pong (Breakout's T = 4: 13.3 against run 10's 19.8)."""
+    """One GPU box (16 cores, one H100 or H200), about 20 minutes a game: the reported runs.
+
+    - Collection: a briefly trained PPO agent records 120k steps; 20 % of the episodes are test
+      and 20 % val (split by episode hash), at least 30 held-out episodes of each per game, so
+      that intervals over episodes mean something.
+    - Step budgets, not clocks, so that runs on H100 and H200 pool into one table: a frame-wise L2
+      VAE (5,000 steps; it exports the EMA weights of its best check on fixed training windows,
+      since its loss can spike late), then one DiT for generation lengths 1, 2 and 4 on 64 clips
+      a step (2,500 steps), both with a linear learning-rate cooldown over their last 20 %.
+    - 4 Euler steps (as good as 8 at half the cost); evaluation at T = 1, 2, 4 on 256 test
+      windows spread over the test episodes. `docs/history.md` has the measurements behind each
+      choice."""
     gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
     return Preset(
         games=("Breakout",),
-        collect={"policy": "ppo", "steps_per_game": 60_000, "steps_per_round": 4000, "num_env_runners": 14,
-                 "cpus_per_env_runner": 1.0, "test_fraction": 0.1,
+        collect={"policy": "ppo", "steps_per_game": 120_000, "steps_per_round": 4000, "num_env_runners": 14,
+                 "cpus_per_env_runner": 1.0, "test_fraction": 0.2, "val_fraction": 0.2,
                  "agent": {"train_steps": 64_000, "train_batch_size": 8000, "minibatch_size": 500, "num_epochs": 2,
                            "learner_device": "auto", "learner_threads": 8}},
         vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "temporal_kernel": 1, "recon_kind": "l2",
-             "steps": 50_000, "max_train_s": 300,
+             "steps": 5_000, "max_train_s": 0.0,
              "batch_size": 16, "clip_length": 4, "lr": 4e-4, "warmup_steps": 200, "lr_cooldown": 0.2, "checkpoint_every": 1000,
              "log_every": 50, "val_every": 500, "val_windows": 32},
-        dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 100_000, "max_train_s": 720, "snapshot_s": (480,),
+        dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 2_500, "max_train_s": 0.0,
              "batch_size": 64, "horizon": 4, "horizon_choices": (1, 2, 4), "sample_steps": 4, "lr": 3e-4,
-             "warmup_steps": 300, "lr_cooldown": 0.2, "checkpoint_every": 2000, "log_every": 50},
-        evaluate={"horizons": (1, 2, 4, 8, 16), "max_windows": 256, "stride": 8, "batch_size": 32,
+             "warmup_steps": 300, "lr_cooldown": 0.2, "checkpoint_every": 1000, "log_every": 50},
+        evaluate={"horizons": (1, 2, 4), "max_windows": 256, "stride": 8, "batch_size": 32,
                   "num_cpus": 4, "use_gpu": True, "figure_windows": 2},
     )
 
@@ -169,6 +165,51 @@ def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
     return dataclasses.replace(preset, **parts)
 
 
+# Fields that do not change what a run trains or how its Table 2 is scored: where it runs, with
+# what resources, under which names, and the training seeds (seeds of one version pool).
+_UNVERSIONED = {"run_dir", "data_root", "name", "game", "games", "run_id", "vae_path", "model_path", "seed",
+                "num_workers", "cpus_per_worker", "use_gpu", "num_cpus", "figure_windows",
+                "action_sequences", "windows_of", "checkpoint_every", "log_every", "num_env_runners",
+                "cpus_per_env_runner", "gpus_per_env_runner", "learner_threads", "learner_device",
+                "steps_per_round", "data_loader"}
+_EVAL_VERSIONED = ("split", "horizons", "stride", "max_windows", "sample_steps", "lpips", "vae_recon")
+
+
+def resolved_settings(preset: Preset) -> dict[str, dict[str, Any]]:
+    """Every setting of the preset's configs, defaults included (what a run actually trains with)."""
+    c = dict(preset.collect)
+    agent = AgentConfig(**c.pop("agent", {}))
+    return {"collect": dataclasses.asdict(collect.CollectConfig(agent=agent, **c)),
+            "vae": dataclasses.asdict(config_from_dict(TrainVAEConfig, dict(preset.vae))),
+            "dit": dataclasses.asdict(config_from_dict(TrainDiTConfig, dict(preset.dit))),
+            "evaluate": dataclasses.asdict(config_from_dict(evaluate.EvalConfig, dict(preset.evaluate)))}
+
+
+def preset_version(preset: Preset) -> str:
+    """A short hash of the resolved settings that decide what a run trains and how its Table 2 is
+    scored: runs of one version (any game, any training seed, any machine) pool into one table;
+    a changed setting or default makes a new version. Step budgets, not clocks, keep runs on
+    different GPUs comparable."""
+    settings = resolved_settings(preset)
+
+    def keep(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: keep(v) if isinstance(v, dict) else v for k, v in sorted(d.items()) if k not in _UNVERSIONED}
+
+    versioned = {k: keep(v) for k, v in settings.items() if k != "evaluate"}
+    versioned["evaluate"] = {k: settings["evaluate"][k] for k in _EVAL_VERSIONED}
+    blob = json.dumps(versioned, sort_keys=True, default=list)
+    import hashlib
+
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def with_seed(preset: Preset, seed: int) -> Preset:
+    """The preset with its training seeds (VAE, DiT) and the evaluation's sampling seed set to
+    `seed`; the collection keeps its own, so seeds of one version can share a collection."""
+    return dataclasses.replace(preset, vae={**preset.vae, "seed": seed}, dit={**preset.dit, "seed": seed},
+                               evaluate={**preset.evaluate, "seed": seed})
+
+
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, cause: BaseException):
         super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
@@ -206,15 +247,20 @@ def _run_stage(out: Path, stage: str, force: set[str], fn: Callable[[], dict[str
 
 def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), stages: tuple[str, ...] = STAGES,
          tracking_uri: str | None = None, games: tuple[str, ...] = (),
-         sets: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """Run the stages of a preset; `games` replaces the preset's games (the DiT trains on the first)
-    and `sets` replaces single settings (`with_overrides`)."""
+         sets: tuple[str, ...] = (), seed: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run the stages of a preset; `games` replaces the preset's games (the DiT trains on the first),
+    `sets` replaces single settings (`with_overrides`) and `seed` the training seeds (`with_seed`).
+    The evaluation's scores and settings are recorded under `<out>/results/<run-id>/`
+    (`pipeline/results.py` pools such records into the results tables)."""
     if preset_name not in PRESETS:
         raise SystemExit(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
     unknown = (set(force) - {"all"} | set(stages)) - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
     preset = with_overrides(PRESETS[preset_name](), sets)
+    if seed is not None:
+        preset = with_seed(preset, seed)
+    version = preset_version(preset)
     if games:
         from workers.atari import game_name, resolve_env_id
 
@@ -224,7 +270,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     force_set = set(STAGES) if "all" in force else set(force)
     data_root = str(out_dir / "data")
     game = preset.games[0]
-    print(f"[run_all] preset={preset_name} out={out_dir}" + (f" set={list(sets)}" if sets else ""), flush=True)
+    print(f"[run_all] preset={preset_name} version={version} out={out_dir}" + (f" set={list(sets)}" if sets else "")
+          + (f" seed={seed}" if seed is not None else ""), flush=True)
 
     import ray
 
@@ -262,7 +309,14 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         tables = evaluate.main(cfg, tracking_uri=tracking_uri)
         df = tables["generation_length"]
         print(df.to_string(index=False), flush=True)
-        return {"eval_dir": str(out_dir / "eval" / cfg.name), "table": df.to_dict(orient="records")}
+        eval_dir = out_dir / "eval" / cfg.name
+        record = results_record.record_run(
+            out_dir / "results", eval_dir / f"{game}_scores.npz", preset=preset_name, version=version, game=game,
+            seed=int(preset.dit.get("seed", 0)), split=cfg.split, settings=resolved_settings(preset),
+            stage_walls={k: v.get("wall_s") for k, v in results.items() if isinstance(v, dict)},
+            command=" ".join([os.path.basename(sys.executable), *sys.argv]))
+        print(f"[run_all] evaluation recorded in {record}", flush=True)
+        return {"eval_dir": str(eval_dir), "record": str(record), "table": df.to_dict(orient="records")}
 
     def do_sweep() -> dict[str, Any]:
         tables = {}
@@ -306,13 +360,16 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="replace preset settings (repeatable: every --set counts), e.g. "
                         "vae.latent_channels=16 dit.max_train_s=600 "
                         "collect.agent.train_steps=8000 (sections: collect, collect.agent, vae, dit, evaluate)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="training seed of the VAE and the DiT (and the evaluation's noise); the collection "
+                        "keeps the preset's seed, so seeds of one preset version can share it")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     a = _parse()
     try:
-        main(a.preset, a.out, tuple(a.force), tuple(a.stages), a.tracking_uri, tuple(a.games), tuple(a.sets))
+        main(a.preset, a.out, tuple(a.force), tuple(a.stages), a.tracking_uri, tuple(a.games), tuple(a.sets), a.seed)
     except StageFailed as exc:
         print(f"[run_all] ERROR: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -218,13 +218,16 @@ def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path
     ds = training_dataset(cfg, cfg.clip_length, cfg.clip_stride)
     side = {}  # the loop's checks: held-out windows, and the training windows export_best scores
     if cfg.val_every > 0:
-        for name, split in (("val", "test"), ("select", "train")):
+        # The held-out check reads the val split (test is read by a run's final evaluation only).
+        for name, split in (("val", "val"), ("select", "train")):
             if name == "select" and not cfg.export_best:
                 continue
             windows, n = spread_window_dataset(cfg.data_root, cfg.game, split, cfg.clip_length, cfg.clip_stride,
                                                cfg.val_windows)
             if not n:  # a tiny collection: the loop checks nothing rather than fail
-                print(f"[train] {cfg.name}: no {split} windows of {cfg.clip_length} frames in {cfg.data_root}; "
+                why = (" (a collection made before the val split existed has none: collect with "
+                       "CollectConfig.val_fraction > 0)" if split == "val" else "")
+                print(f"[train] {cfg.name}: no {split} windows of {cfg.clip_length} frames in {cfg.data_root}{why}; "
                       f"val_every set to 0", flush=True)
                 side, cfg = {}, dataclasses.replace(cfg, val_every=0)
                 break

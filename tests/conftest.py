@@ -5,7 +5,8 @@
   If Ray is already initialised (another fixture started it) that cluster is reused.
 - `tiny_dataset` (session, needs `ray_local`): a real episode dataset collected once per session
   by `pipeline/collect.py` with the random policy: Pong and Breakout, ~300 recorded steps each,
-  two RLlib env runners, half the episodes in the test split. Returns a `TinyDataset` with
+  two RLlib env runners, half the episodes in the test split and none in val (two-split data, as
+  collected before the val split existed). Returns a `TinyDataset` with
   `root` (dataset root: read it with `workers.clips.window_dataset(root, ...)` or
   `read_windows_numpy`) and `manifest` (the collection manifest dict). Treat it as read-only.
 """
@@ -49,5 +50,5 @@ def tiny_dataset(ray_local, tmp_path_factory) -> TinyDataset:
     root = str(tmp_path_factory.mktemp("tiny_dataset"))
     manifest = main(CollectConfig(data_root=root, run_id="tiny", games=("Pong", "Breakout"),
                                   policy="random", steps_per_game=300, steps_per_round=200,
-                                  num_env_runners=2, test_fraction=0.5, seed=1))
+                                  num_env_runners=2, test_fraction=0.5, val_fraction=0.0, seed=1))
     return TinyDataset(root=root, manifest=manifest)

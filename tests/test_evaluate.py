@@ -159,8 +159,8 @@ GAME = "Breakout"
 
 @pytest.fixture(scope="module")
 def data_root(tiny_dataset, tmp_path_factory) -> str:
-    """The tiny collected dataset with the split relabelled so that each game has a train and a test
-    episode: the collected one has two episodes per game whose hash split varies between sessions
+    """The tiny collected dataset with the split relabelled so that each game has a train, a val and
+    a test episode: the collected one has two episodes per game whose hash split varies between sessions
     (episode ids carry worker pids), so a game may have no held-out episode at all."""
     import glob
     import os
@@ -179,10 +179,12 @@ def data_root(tiny_dataset, tmp_path_factory) -> str:
             seen[game] = seen.get(game, 0) + 1
             part = table.filter(pa.compute.equal(table["episode_id"], eid))
             i = part.schema.get_field_index("split")
-            part = part.set_column(i, "split", pa.array([split] * part.num_rows, part.schema.field("split").type))
-            dst = out / (rel + f".{split}.parquet")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(part, dst, compression="zstd")
+            # val holds a copy of each test episode: two episodes a game are too few for three splits
+            for name in (split, "val") if split == "test" else (split,):
+                part = part.set_column(i, "split", pa.array([name] * part.num_rows, part.schema.field("split").type))
+                dst = out / (rel + f".{name}.parquet")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(part, dst, compression="zstd")
     assert all(n >= 2 for n in seen.values()), seen
     return str(out)
 
@@ -235,7 +237,7 @@ def test_training_runs_are_in_mlflow_with_a_loadable_model(trained, tmp_path):
 
 
 def test_vae_logs_its_heldout_floor_as_the_evaluation_scores_it(trained, data_root):
-    """val_every: rank 0 of the VAE job scores held-out windows (spread over the test split) at
+    """val_every: rank 0 of the VAE job scores held-out windows (spread over the val split) at
     every val_every steps, merged with that step's training line, in the JSONL and MLflow. The
     exported VAE is the EMA of the check with the lowest `val/mse_train` (fixed training windows),
     so its floor on those frames, computed here independently, is that check's `val/mse`; the raw
@@ -252,7 +254,7 @@ def test_vae_logs_its_heldout_floor_as_the_evaluation_scores_it(trained, data_ro
     val = [r for r in rows if "val/mse" in r]
     assert [r["step"] for r in val] == [2, 4]
     assert all("train/recon" in r and "val/mse_raw" in r and r["val/recon_train_way"] > 0 for r in val)
-    ds, n = spread_window_dataset(data_root, GAME, "test", 4, 8, 3)
+    ds, n = spread_window_dataset(data_root, GAME, "val", 4, 8, 3)
     frames = torch.from_numpy(np.stack([r["frames"] for r in ds.take_all()]))
     assert n == len(frames) == 3
     vae = load_vae(Path(run_dir) / "models" / "vae")

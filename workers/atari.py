@@ -96,7 +96,8 @@ class RawFrameRecorder(gym.Wrapper):
     `flush_open()` closes a game cut by the end of collection (last row truncated, no action)."""
 
     def __init__(self, env: gym.Env, *, env_id: str, settings: EnvSettings, run_id: str,
-                 seed: int, worker_index: int, test_fraction: float):
+                 seed: int, worker_index: int, test_fraction: float,
+                 val_fraction: float = 0.0):
         super().__init__(env)
         self.env_id, self.game = env_id, game_name(env_id)
         self.env_config = settings.to_json()
@@ -108,12 +109,12 @@ class RawFrameRecorder(gym.Wrapper):
         # seeded, since the seed then drives the emulator's action repeats.
         self._reseed_every_game = settings.repeat_action_probability > 0
         self._seeded = False
-        self.test_fraction = test_fraction
+        self.test_fraction, self.val_fraction = test_fraction, val_fraction
         # Seeds for resets nobody seeded (RLlib autoresets): drawn here so every game has one.
         instance = next(_instances)
         self._rng = np.random.default_rng([seed, worker_index, instance])
         # `<run>.<game>.s<seed>.w<worker>.<env>.<game number>~<pid>.<nonce>`. The part before "~"
-        # is the same in every collection of the same settings, and the train/test split hashes
+        # is the same in every collection of the same settings, and the train/val/test split hashes
         # that part alone (schema.split_of): a rerun holds out the games at the same positions
         # (runner, env, game number), the same games where the collection replays. The part after it
         # keeps ids unique across processes, and when RLlib restarts a crashed runner in the same run.
@@ -138,7 +139,7 @@ class RawFrameRecorder(gym.Wrapper):
         obs, info = self.env.reset(seed=seed if apply else None, options=options)
         self._seeded = True
         eid = f"{self._prefix}.{next(self._games)}{self._suffix}"
-        self._open = dict(id=eid, seed=seed, split=S.split_of(eid, self.test_fraction), step=0,
+        self._open = dict(id=eid, seed=seed, split=S.split_of(eid, self.test_fraction, self.val_fraction), step=0,
                           frame=obs, lives=self._lives(), ret=0.0)
         return obs, info
 
@@ -208,7 +209,7 @@ def make_atari_env(env_config: dict) -> gym.Env:
     """RLlib env creator (module level so env runners can unpickle it).
 
     env_config keys: env_id, settings (EnvSettings as dict), dim, framestack, and, when
-    recording, record=True with run_id, seed, test_fraction. `worker_index` comes from RLlib's
+    recording, record=True with run_id, seed, test_fraction (and val_fraction). `worker_index` comes from RLlib's
     EnvContext when present."""
     settings = EnvSettings(**env_config["settings"])
     env = make_raw_env(env_config["env_id"], settings)
@@ -216,7 +217,8 @@ def make_atari_env(env_config: dict) -> gym.Env:
         env = RawFrameRecorder(env, env_id=env_config["env_id"], settings=settings,
                                run_id=env_config["run_id"], seed=env_config["seed"],
                                worker_index=getattr(env_config, "worker_index", 0),
-                               test_fraction=env_config["test_fraction"])
+                               test_fraction=env_config["test_fraction"],
+                               val_fraction=env_config.get("val_fraction", 0.0))
     # frameskip=1: ALE already skips 4 frames; a second skip would desynchronise recorder and agent
     from ray.rllib.env.wrappers.atari_wrappers import wrap_atari_for_new_api_stack
     return wrap_atari_for_new_api_stack(env, dim=env_config["dim"], frameskip=1,

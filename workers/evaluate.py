@@ -116,22 +116,31 @@ class ScoreWindows:
         return scores
 
 
+def window_scores(scores: dict[str, np.ndarray], method: str, metric: str, h: int) -> tuple[np.ndarray, str] | None:
+    """One number per window: `metric` of `method` averaged over generated frames 1..h (the paper's
+    Table 2 cell for T = h), from the model's own h-frame rollout where scores hold one
+    ("model_T{h}/..."; rollout "direct"), else from the first h frames of the long rollout
+    ("prefix"). None where the scores lack the metric."""
+    own = method == "model" and f"model_T{h}/{metric}" in scores
+    key = f"model_T{h}/{metric}" if own else f"{method}/{metric}"
+    if key not in scores:
+        return None
+    return scores[key][:, :h].mean(axis=1), "direct" if own else "prefix"  # (N,)
+
+
 def horizon_table(scores: dict[str, np.ndarray], horizons: tuple[int, ...]) -> list[dict[str, Any]]:
     """Per-window per-frame scores -> rows {method, generation_length, rollout, metric mean/std over
-    windows}: a window's score over generation length h is the mean over the h frames of the
-    model's own h-frame rollout where scores hold one ("model_T{h}/..."; rollout "direct"), else
-    over the first h frames of the long rollout (rollout "prefix")."""
+    windows} (`window_scores`)."""
     rows = []
     for method in (m for m in METHODS if f"{m}/mse" in scores):
         for h in horizons:
-            own = method == "model" and f"model_T{h}/mse" in scores
             row: dict[str, Any] = {"method": method, "generation_length": h,
-                                   "rollout": "direct" if own else "prefix"}
+                                   "rollout": "direct" if method == "model" and f"model_T{h}/mse" in scores else "prefix"}
             for metric in METRICS:
-                key = f"model_T{h}/{metric}" if own else f"{method}/{metric}"
-                if key not in scores:
+                got = window_scores(scores, method, metric, h)
+                if got is None:
                     continue
-                per_window = scores[key][:, :h].mean(axis=1)  # (N,)
+                per_window = got[0]
                 row[metric] = float(per_window.mean())
                 row[f"{metric}_std"] = float(per_window.std())
             row["psnr_of_mean_mse"] = psnr_of_mean_mse(row["mse"])

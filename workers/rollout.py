@@ -89,7 +89,7 @@ def ppo_config(env_id: str, agent: AgentConfig, settings: EnvSettings, *, num_en
                rollout_fragment_length: int | str = "auto", record: dict | None = None,
                gpus_per_env_runner: float = 0.0, learner_gpus: int = 0):
     """One PPOConfig builder chain for training (record=None) and recording (record=dict of
-    run_id, seed, test_fraction). Several envs per runner batch the policy's forward pass and
+    run_id, seed, test_fraction, val_fraction). Several envs per runner batch the policy's forward pass and
     RLlib's per-step connector work over the envs."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
@@ -169,7 +169,7 @@ def train_ppo(env_id: str, agent: AgentConfig, checkpoint_dir: str, *, num_env_r
 
 def build_recorder_algo(env_id: str, agent: AgentConfig, settings: EnvSettings, *,
                         num_env_runners: int, cpus_per_env_runner: float, run_id: str, seed: int,
-                        test_fraction: float, checkpoint: str | None,
+                        test_fraction: float, checkpoint: str | None, val_fraction: float = 0.0,
                         num_envs_per_env_runner: int = 1, gpus_per_env_runner: float = 0.0):
     """A PPO algorithm whose env runners record; weights from `checkpoint` when given. With
     `gpus_per_env_runner` > 0 each runner holds its copy of the module on that GPU share."""
@@ -177,7 +177,8 @@ def build_recorder_algo(env_id: str, agent: AgentConfig, settings: EnvSettings, 
                      cpus_per_env_runner=cpus_per_env_runner,
                      num_envs_per_env_runner=num_envs_per_env_runner,
                      gpus_per_env_runner=gpus_per_env_runner,
-                     record=dict(run_id=run_id, seed=seed, test_fraction=test_fraction))
+                     record=dict(run_id=run_id, seed=seed, test_fraction=test_fraction,
+                                 val_fraction=val_fraction))
     algo = cfg.build_algo()
     if checkpoint is not None:
         # Only the module: optimizer and metrics of the training run are irrelevant here. The

@@ -50,7 +50,8 @@ SPLIT = "split"
 
 FRAME_SHAPE = (210, 160, 3)  # (H, W, C) raw ALE screen
 NO_ACTION = -1  # action of an episode's last row: no action follows the final frame
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+"""Episode splits: `val` chooses settings and models, `test` is read by a run's final evaluation only."""
 COMPRESSION = "zstd"
 # Measured on the binary frame column (1,024 frames of random play, B/frame at zstd level 1 / 3 / 6):
 # Pong 62 / 79 / 69, Breakout 84 / 116 / 107, DemonAttack 157 / 153 / 87; writing costs
@@ -158,13 +159,18 @@ EPISODE_ID_PROCESS_SEP = "~"
 settings; what precedes it does not (workers/atari.py)."""
 
 
-def split_of(episode_id: str, test_fraction: float) -> str:
-    """Deterministic train/test assignment of an episode: a hash of its id up to the process part
-    (`EPISODE_ID_PROCESS_SEP`), so that a rerun of the same collection settings holds out the
-    games at the same positions (runner, env, game number), whichever processes recorded them."""
+def split_of(episode_id: str, test_fraction: float, val_fraction: float = 0.0) -> str:
+    """Deterministic train/val/test assignment of an episode: a hash of its id up to the process
+    part (`EPISODE_ID_PROCESS_SEP`), so that a rerun of the same collection settings holds out the
+    games at the same positions (runner, env, game number), whichever processes recorded them.
+    The hash's lowest `test_fraction` of the range is `test`, the next `val_fraction` is `val`:
+    adding a val split leaves every test episode where it was and takes val out of train."""
     key = episode_id.split(EPISODE_ID_PROCESS_SEP, 1)[0]
-    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little")
-    return "test" if (h % 1_000_000) < round(test_fraction * 1_000_000) else "train"
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little") % 1_000_000
+    test_end = round(test_fraction * 1_000_000)
+    if h < test_end:
+        return "test"
+    return "val" if h < test_end + round(val_fraction * 1_000_000) else "train"
 
 
 def check_columns(schema: pa.Schema, source: str) -> None:

@@ -1,0 +1,261 @@
+"""The results tables, built from the recorded evaluations of every run of the current preset version.
+
+    python -m pipeline.results tables                      # docs/results/runs/* -> docs/results/current/
+    python -m pipeline.results tables --runs R --out O --preset gpu
+    python -m pipeline.results tables --run docs/results/runs/<run-id> ...   # only these runs
+
+A run of `pipeline/run_all.py` records its evaluation in `<out>/results/<run-id>/`: `run.json` (preset,
+preset version, game, training seed, split, the resolved settings, the command, commit, GPU, date
+and stage wall times) and `<game>_scores.npz` (per-window, per-frame scores with the window keys
+episode_id and start_step). Committed under `docs/results/runs/<run-id>/`, such records accumulate
+across runs and machines; `tables` pools, per game, every run of the preset's *current* version on
+the test split (one training seed each) into `table2.csv`: each mean over seeds with a 95 % bootstrap
+interval over test episodes (`pipeline/stats.py`), the seed-to-seed std, the dB over copy-last with
+its paired interval, and the paper's cells labelled as measured on other data; `table2.meta.json`
+lists the pooled runs (commit, command, GPU, date) and those left out, and why. Runs of other
+versions are listed, never pooled; naming one explicitly with `--run` is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+GAMES_ORDER = ("Breakout", "Pong", "DemonAttack")
+TABLE2_COLUMNS = ["game", "T", "method", "mse", "mse_ci_low", "mse_ci_high", "mse_std_seeds", "psnr_of_mean_mse",
+                  "db_over_copy_last", "db_ci_low", "db_ci_high", "lpips", "lpips_ci_low", "lpips_ci_high", "seeds",
+                  "windows", "episodes"]
+TABLE2_T = (1, 2, 4)
+PAPER_METHOD = "paper (other data)"
+DEFAULT_RUNS = Path("docs/results/runs")
+DEFAULT_OUT = Path("docs/results/current")
+
+
+class ResultsError(ValueError):
+    """A run record or request that the tables cannot use, named."""
+
+
+# -- recording one run ---------------------------------------------------------------------------
+def _commit() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("AWM_COMMIT", "unknown")  # e.g. under `ray job submit`, which uploads no .git
+
+
+def _gpu() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+        names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
+        if out.returncode == 0 and names:
+            return f"{len(names)}x {names[0]}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "none (CPU)"
+
+
+def record_run(results_dir: str | Path, scores_file: str | Path, *, preset: str, version: str, game: str,
+               seed: int, split: str, settings: dict[str, Any], stage_walls: dict[str, Any],
+               command: str) -> Path:
+    """Write `<results_dir>/<run-id>/` (run.json and the scores file): what `tables` pools."""
+    scores_file = Path(scores_file)
+    if not scores_file.is_file():
+        raise FileNotFoundError(f"record_run: no scores file at {scores_file}")
+    now = dt.datetime.now(dt.timezone.utc)
+    run_id = f"{preset}-{version}-{game}-s{seed}-{now:%Y%m%dT%H%M%S}"
+    out = Path(results_dir) / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(scores_file, out / f"{game}_scores.npz")
+    meta = {"run_id": run_id, "preset": preset, "preset_version": version, "game": game, "seed": seed,
+            "split": split, "date": now.isoformat(timespec="seconds"), "commit": _commit(), "gpu": _gpu(),
+            "command": command, "stage_wall_s": stage_walls, "settings": settings}
+    tmp = out / ".run.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1, default=list))
+    os.replace(tmp, out / "run.json")
+    return out
+
+
+# -- reading records -------------------------------------------------------------------------------
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(run.json, scores with '/' keys) of a recorded run; a record without window keys is refused."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "run.json"
+    if not meta_path.is_file():
+        raise ResultsError(f"{run_dir}: no run.json (not a recorded run)")
+    meta = json.loads(meta_path.read_text())
+    for key in ("preset", "preset_version", "game", "seed", "split"):
+        if key not in meta:
+            raise ResultsError(f"{meta_path}: no {key!r}")
+    scores_path = run_dir / f"{meta['game']}_scores.npz"
+    if not scores_path.is_file():
+        raise ResultsError(f"{run_dir}: no scores file {scores_path.name}")
+    with np.load(scores_path, allow_pickle=False) as z:
+        scores = {k.replace("__", "/"): z[k] for k in z.files}
+    if "episode_id" not in scores or "start_step" not in scores:
+        raise ResultsError(f"{scores_path}: no window keys (episode_id, start_step): scores cannot be paired "
+                           f"or resampled by episode")
+    return meta, scores
+
+
+def current_version(preset: str) -> str:
+    """The version of a preset as the code defines it now."""
+    from pipeline.run_all import PRESETS, preset_version
+
+    if preset not in PRESETS:
+        raise ResultsError(f"unknown preset {preset!r}; presets are {sorted(PRESETS)}")
+    return preset_version(PRESETS[preset]())
+
+
+def select_runs(run_dirs: list[Path], preset: str, version: str, explicit: bool
+                ) -> tuple[list[tuple[dict, dict]], list[dict[str, str]]]:
+    """The runs to pool (preset and version match, test split) and the others with the reason. Named
+    explicitly, a run that does not match is an error."""
+    pooled, left = [], []
+    for d in run_dirs:
+        meta, scores = load_run(d)
+        why = None
+        if meta["preset"] != preset:
+            why = f"preset {meta['preset']!r}, not {preset!r}"
+        elif meta["preset_version"] != version:
+            why = f"preset version {meta['preset_version']}, not the current {version}"
+        elif meta["split"] != "test":
+            why = f"scored on the {meta['split']!r} split, not test"
+        if why and explicit:
+            raise ResultsError(f"{d}: {why}: only runs of the current version on the test split pool")
+        if why:
+            left.append({"run_id": meta.get("run_id", d.name), "why": why})
+        else:
+            pooled.append((meta, scores))
+    return pooled, left
+
+
+# -- Table 2 ---------------------------------------------------------------------------------------
+def table2(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
+    """Per game and T: model, copy-last and the VAE's floor pooled over seeds, and the paper's cells."""
+    from pipeline.paper import PAPER
+    from pipeline.stats import pooled_rows
+
+    by_game: dict[str, list[dict]] = {}
+    for meta, scores in pooled:
+        by_game.setdefault(meta["game"], []).append(scores)
+    rows = []
+    for game in sorted(by_game, key=lambda g: (GAMES_ORDER.index(g) if g in GAMES_ORDER else 99, g)):
+        runs = by_game[game]
+        for r in pooled_rows(runs, TABLE2_T, n_boot=n_boot):
+            rows.append({"game": game, **r})
+        for T in TABLE2_T:
+            if (game, "future", "embedding", T) in PAPER:
+                mse, psnr, lpips = PAPER[(game, "future", "embedding", T)]
+                rows.append({"game": game, "T": T, "method": PAPER_METHOD, "mse": mse, "psnr_of_mean_mse": psnr,
+                             "lpips": lpips})
+    df = pd.DataFrame(rows)
+    for c in TABLE2_COLUMNS:
+        if c not in df:
+            df[c] = np.nan
+    order = {m: i for i, m in enumerate(("model", "copy_last", "vae_recon", PAPER_METHOD))}
+    df = df.assign(_o=df["method"].map(order)).sort_values(["game", "T", "_o"], kind="stable",
+                                                           key=lambda s: s.map(lambda g: GAMES_ORDER.index(g)
+                                                                               if g in GAMES_ORDER else 99)
+                                                           if s.name == "game" else s)
+    return df[TABLE2_COLUMNS].reset_index(drop=True)
+
+
+def markdown_table2(df: pd.DataFrame) -> str:
+    """Table 2 as Markdown: MSE [95 % CI] (± seed std), PSNR of the mean MSE, dB over copy-last
+    [CI], LPIPS, per game and T."""
+    def f(x, nd=2):
+        return "" if pd.isna(x) else f"{x:.{nd}f}"
+
+    lines = ["| game | T | method | MSE [95 % CI] | seed std | PSNR | dB over copy-last [95 % CI] | LPIPS | seeds | "
+             "windows | episodes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in df.itertuples():
+        mse = f(r.mse) + (f" [{f(r.mse_ci_low)}, {f(r.mse_ci_high)}]" if not pd.isna(r.mse_ci_low) else "")
+        db = (f"{f(r.db_over_copy_last)} [{f(r.db_ci_low)}, {f(r.db_ci_high)}]"
+              if not pd.isna(r.db_over_copy_last) and r.method != "copy_last" else "")
+        n = "" if pd.isna(r.seeds) else str(int(r.seeds))
+        lines.append(f"| {r.game} | {r.T} | {r.method} | {mse} | {f(r.mse_std_seeds)} | {f(r.psnr_of_mean_mse)} | "
+                     f"{db} | {f(r.lpips, 4)} | {n} | {'' if pd.isna(r.windows) else int(r.windows)} | "
+                     f"{'' if pd.isna(r.episodes) else int(r.episodes)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset: str = "gpu",
+                 runs: list[Path] | None = None, version: str | None = None, n_boot: int = 2000,
+                 command: str = "") -> pd.DataFrame:
+    """Write `table2.csv`, `table2.md` and `table2.meta.json` under `out` from the recorded runs."""
+    version = version or current_version(preset)
+    explicit = bool(runs)
+    if runs:
+        missing = [str(r) for r in runs if not Path(r).is_dir()]
+        if missing:
+            raise ResultsError(f"no run folder at {missing}")
+        dirs = [Path(r) for r in runs]
+    else:
+        if not Path(runs_root).is_dir():
+            raise ResultsError(f"no runs folder at {runs_root}")
+        dirs = sorted(p for p in Path(runs_root).iterdir() if (p / "run.json").is_file())
+    pooled, left = select_runs(dirs, preset, version, explicit)
+    if not pooled:
+        raise ResultsError(f"no recorded run of preset {preset!r} version {version} on the test split in "
+                           f"{runs if explicit else runs_root} ({len(left)} other runs: {left[:3]})")
+    df = table2(pooled, n_boot=n_boot)
+    _write(out / "table2.csv", df.to_csv(index=False, float_format="%.6g"))
+    _write(out / "table2.md", markdown_table2(df))
+    meta = {"table": "table2", "preset": preset, "preset_version": version, "ci": "95 % percentile bootstrap over "
+            f"test episodes, {n_boot} resamples; mean over training seeds", "T": "mean over generated frames 1..T",
+            "built_by": command or f"python -m pipeline.results tables --preset {preset}",
+            "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "runs": [{k: m.get(k) for k in ("run_id", "game", "seed", "commit", "command", "gpu", "date")}
+                     for m, _ in pooled],
+            "not_pooled": left,
+            "paper": "the paper's cells (method 'paper (other data)') were measured on data and at a resolution "
+                     "it does not state; ALE's DemonAttack frames change 24-113x more than its model error"}
+    _write(out / "table2.meta.json", json.dumps(meta, indent=1))
+    return df
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True)
+    t = sub.add_parser("tables", help="build docs/results/current/ from the recorded runs")
+    t.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="folder of recorded runs (<run-id>/run.json)")
+    t.add_argument("--run", type=Path, nargs="*", default=[], help="pool only these run folders")
+    t.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the tables go")
+    t.add_argument("--preset", default="gpu", help="preset whose current version is pooled")
+    t.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    a = p.parse_args(argv)
+    try:
+        df = build_tables(a.runs, a.out, a.preset, a.run or None, n_boot=a.n_boot,
+                          command="python -m pipeline.results " + " ".join(argv if argv is not None else sys.argv[1:]))
+    except ResultsError as exc:
+        print(f"[results] {exc}", file=sys.stderr)
+        return 2
+    print(markdown_table2(df))
+    print(f"[results] wrote {a.out}/table2.csv, table2.md, table2.meta.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Confidence intervals over held-out episodes, and pairing by window key.
+
+Windows of one episode are correlated (they overlap, and share a game's state), so a bootstrap that
+resamples windows alone understates the spread. `EpisodeBootstrap` resamples *episodes* with
+replacement, and every window of a drawn episode comes with it. Several training seeds are pooled:
+each seed's mean is taken on the same resampled episodes when the seeds share a collection (their
+evaluations read the same episodes), and on its own collection's resample otherwise (a stratified
+bootstrap, one stratum per collection). A statistic of several methods (a difference, a ratio of
+means) is computed on the same draws, so it is paired.
+
+Scores of two methods or two runs are paired by window key (episode_id, start_step), never by row
+order: `align` refuses two score sets whose keys differ, so no method loses windows alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CI_LEVEL = 0.95
+N_BOOT = 2000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its percentile bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def excludes(self, x: float = 0.0) -> bool:
+        return not (self.low <= x <= self.high)
+
+
+def window_keys(episode_id, start_step) -> list[tuple[str, int]]:
+    """(episode_id, start_step) of each window, as plain Python values."""
+    return [(str(e), int(s)) for e, s in zip(episode_id, start_step)]
+
+
+def align(keys_a: list[tuple[str, int]], keys_b: list[tuple[str, int]], what: str = "scores") -> np.ndarray:
+    """Index into b of each of a's windows (`b[idx]` lines b up with a). The key sets must be equal:
+    pairing never drops a window of one side."""
+    if len(set(keys_a)) != len(keys_a) or len(set(keys_b)) != len(keys_b):
+        raise ValueError(f"{what}: a window key (episode_id, start_step) appears twice")
+    pos = {k: i for i, k in enumerate(keys_b)}
+    missing = [k for k in keys_a if k not in pos]
+    extra = len(keys_b) - (len(keys_a) - len(missing))
+    if missing or extra:
+        raise ValueError(f"{what}: the two score sets hold different windows ({len(missing)} only in the first, "
+                         f"{extra} only in the second; e.g. {missing[:2]}): compare on the same windows")
+    return np.array([pos[k] for k in keys_a], dtype=np.int64)
+
+
+class EpisodeBootstrap:
+    """Episode resamples for S runs (seeds), each scored on windows of held-out episodes.
+
+    `episode_ids[r]` is the episode of each of run r's windows. Runs whose windows come from the same
+    set of episodes share one collection and hence one resample of it."""
+
+    def __init__(self, episode_ids: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0):
+        if not episode_ids or any(len(e) == 0 for e in episode_ids):
+            raise ValueError("EpisodeBootstrap: every run needs at least one window")
+        self.n_boot = n_boot
+        rng = np.random.default_rng(seed)
+        draws: dict[tuple[str, ...], np.ndarray] = {}  # collection (its episodes) -> counts (B, E)
+        self._runs = []  # per run: (window -> episode column, counts (B, E))
+        for eids in episode_ids:
+            names, inverse = np.unique(np.asarray(eids).astype(str), return_inverse=True)
+            key = tuple(names)
+            if key not in draws:
+                picks = rng.integers(0, len(names), size=(n_boot, len(names)))
+                draws[key] = np.stack([np.bincount(p, minlength=len(names)) for p in picks]).astype(np.float64)
+            self._runs.append((inverse, draws[key]))
+        self.episodes = [counts.shape[1] for _, counts in self._runs]
+        """Held-out episodes of each run."""
+
+    @property
+    def num_runs(self) -> int:
+        return len(self._runs)
+
+    def run_means(self, values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """values[r]: one number per window of run r -> (each run's mean (S,), its bootstrap
+        replicates (B, S))."""
+        if len(values) != len(self._runs):
+            raise ValueError(f"EpisodeBootstrap: {len(values)} value arrays for {len(self._runs)} runs")
+        point, boot = [], []
+        for v, (inverse, counts) in zip(values, self._runs):
+            v = np.asarray(v, dtype=np.float64)
+            if v.shape != inverse.shape:
+                raise ValueError(f"EpisodeBootstrap: {v.shape[0]} values for {inverse.shape[0]} windows")
+            E = counts.shape[1]
+            sums = np.bincount(inverse, weights=v, minlength=E)
+            ns = np.bincount(inverse, minlength=E).astype(np.float64)
+            point.append(v.mean())
+            boot.append((counts @ sums) / (counts @ ns))
+        return np.array(point), np.stack(boot, axis=1)
+
+    def mean(self, values: list[np.ndarray]) -> tuple[Interval, np.ndarray]:
+        """The mean over runs of each run's window mean, its interval, and its replicates (B,)."""
+        point, boot = self.run_means(values)
+        reps = boot.mean(axis=1)
+        return interval(point.mean(), reps), reps
+
+
+def interval(value: float, replicates: np.ndarray, level: float = CI_LEVEL) -> Interval:
+    """Percentile interval of bootstrap replicates around a point estimate."""
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(replicates, [a, 1.0 - a])
+    return Interval(float(value), float(lo), float(hi))
+
+
+def psnr_of_mse(mse, peak: float = 255.0):
+    """PSNR (dB) of a mean squared error on the 0-255 scale."""
+    return 10.0 * np.log10(peak ** 2 / np.asarray(mse, dtype=np.float64))
+
+
+def db_ratio(mse_reference, mse_model):
+    """dB gained over a reference: PSNR(model) - PSNR(reference) of mean MSEs."""
+    return 10.0 * np.log10(np.asarray(mse_reference, dtype=np.float64) / np.asarray(mse_model, dtype=np.float64))
+
+
+def pooled_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_boot: int = N_BOOT,
+                seed: int = 0) -> list[dict]:
+    """Table 2 rows pooled over runs (training seeds) of one game: for each generation length T and
+    method, each metric's mean over seeds of the per-window mean over frames 1..T, its 95 % episode
+    bootstrap interval and the seed-to-seed std; the PSNR of the mean MSE; and the dB over copy-last
+    (paired: the same resampled windows) with its interval. `runs[r]` is an evaluation's scores
+    (`<game>_scores.npz`: `<method>/<metric>` arrays (N, frames), `episode_id`, `start_step`)."""
+    from workers.evaluate import METHODS, METRICS, window_scores
+
+    for i, r in enumerate(runs):
+        if "episode_id" not in r or "start_step" not in r:
+            raise ValueError(f"scores of run {i} hold no window keys (episode_id, start_step)")
+    boot = EpisodeBootstrap([r["episode_id"] for r in runs], n_boot=n_boot, seed=seed)
+    S = len(runs)
+    rows = []
+    for h in horizons:
+        copy_pt, copy_b = boot.run_means([window_scores(r, "copy_last", "mse", h)[0] for r in runs])
+        for method in METHODS:
+            if not all(f"{method}/mse" in r for r in runs):
+                continue
+            row = {"method": method, "T": h, "seeds": S,
+                   "windows": int(round(np.mean([len(r["episode_id"]) for r in runs]))),
+                   "episodes": int(round(np.mean(boot.episodes)))}
+            for metric in METRICS:
+                got = [window_scores(r, method, metric, h) for r in runs]
+                if any(g is None for g in got):
+                    continue
+                pt, b = boot.run_means([g[0] for g in got])
+                ci = interval(pt.mean(), b.mean(axis=1))
+                row.update({metric: ci.value, f"{metric}_ci_low": ci.low, f"{metric}_ci_high": ci.high,
+                            f"{metric}_std_seeds": float(pt.std(ddof=1)) if S > 1 else float("nan")})
+                if metric == "mse":
+                    row["psnr_of_mean_mse"] = float(psnr_of_mse(ci.value))
+                    db = interval(db_ratio(copy_pt.mean(), pt.mean()), db_ratio(copy_b.mean(axis=1), b.mean(axis=1)))
+                    row.update({"db_over_copy_last": db.value, "db_ci_low": db.low, "db_ci_high": db.high})
+            row["rollout"] = window_scores(runs[0], method, "mse", h)[1]
+            rows.append(row)
+    return rows

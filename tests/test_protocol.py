@@ -1,0 +1,196 @@
+"""The evaluation protocol: three splits by episode, episode-bootstrap intervals, pairing by window
+key, and the results tables pooling only runs of the current preset version. No Ray: seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workers import schema as S
+
+
+def _ids(n: int, run: str = "r") -> list[str]:
+    return [f"{run}.Pong.s0.w{i % 7}.{i % 3}.{i}~{1000 + i}.abcdef" for i in range(n)]
+
+
+def test_three_splits_are_disjoint_stable_and_keep_the_test_bucket():
+    ids = _ids(20_000)
+    three = [S.split_of(e, 0.2, 0.2) for e in ids]
+    two = [S.split_of(e, 0.2) for e in ids]
+    # one split per episode, each about its share of the episodes
+    share = {s: three.count(s) / len(ids) for s in S.SPLITS}
+    assert share["test"] == pytest.approx(0.2, abs=0.015) and share["val"] == pytest.approx(0.2, abs=0.015)
+    assert share["train"] == pytest.approx(0.6, abs=0.015)
+    # adding val leaves every test episode in test, and takes val out of train only
+    assert all((a == "test") == (b == "test") for a, b in zip(three, two))
+    assert {b for a, b in zip(three, two) if a == "val"} == {"train"}
+    # stable: a rerun (other process part of the id) gives the same split
+    again = [S.split_of(e.split(S.EPISODE_ID_PROCESS_SEP)[0] + "~99.ffffff", 0.2, 0.2) for e in ids]
+    assert again == three
+
+
+def test_bad_split_fractions_and_split_names_are_refused():
+    from pipeline.collect import CollectConfig
+    from pipeline.evaluate import EvalConfig
+
+    with pytest.raises(ValueError, match="val_fraction"):
+        CollectConfig(test_fraction=0.6, val_fraction=0.5)
+    with pytest.raises(ValueError, match="'valid' is no split"):
+        EvalConfig(split="valid")
+
+
+def _population(rng, n_eps: int, effect_sd: float = 2.0, noise_sd: float = 3.0):
+    """Windows of episodes with an episode effect: the windows of one episode are correlated."""
+    sizes = rng.integers(3, 12, size=n_eps)
+    eff = rng.normal(0, effect_sd, size=n_eps)
+    eids = np.repeat(np.arange(n_eps), sizes).astype(str)
+    vals = 10 + np.repeat(eff, sizes) + rng.normal(0, noise_sd, size=sizes.sum())
+    return eids, vals
+
+
+def test_episode_bootstrap_covers_the_true_mean_at_about_the_nominal_rate():
+    from pipeline.stats import EpisodeBootstrap
+
+    rng = np.random.default_rng(0)
+    hits, reps = 0, 200
+    for i in range(reps):
+        eids, vals = _population(rng, 40)
+        # the population mean of a window's expected value is 10 (episode effects have mean 0)
+        ci, _ = EpisodeBootstrap([eids], n_boot=600, seed=i).mean([vals])
+        hits += ci.low <= 10.0 <= ci.high
+    assert 0.88 <= hits / reps <= 0.99, hits / reps
+
+
+def test_window_bootstrap_would_undercover_episode_bootstrap_does_not():
+    """Resampling windows as if independent gives narrower intervals than episodes warrant."""
+    from pipeline.stats import EpisodeBootstrap
+
+    rng = np.random.default_rng(1)
+    eids, vals = _population(rng, 40, effect_sd=4.0, noise_sd=1.0)
+    by_episode, _ = EpisodeBootstrap([eids], n_boot=1000).mean([vals])
+    by_window, _ = EpisodeBootstrap([np.arange(len(vals)).astype(str)], n_boot=1000).mean([vals])
+    assert (by_episode.high - by_episode.low) > 1.8 * (by_window.high - by_window.low)
+
+
+def test_seeds_of_one_collection_share_the_resample():
+    """Two seeds scored on the same windows: the resample of their difference is paired, so a
+    constant offset between them has a zero-width interval."""
+    from pipeline.stats import EpisodeBootstrap
+
+    rng = np.random.default_rng(2)
+    eids, vals = _population(rng, 30)
+    boot = EpisodeBootstrap([eids, eids], n_boot=500)
+    _, reps = boot.run_means([vals, vals + 1.5])
+    assert np.allclose(reps[:, 1] - reps[:, 0], 1.5)
+    other = EpisodeBootstrap([eids, np.char.add(eids, "x")], n_boot=500)  # another collection: independent draws
+    _, reps = other.run_means([vals, vals + 1.5])
+    assert np.std(reps[:, 1] - reps[:, 0]) > 0.1
+
+
+def _scores(rng, n_eps: int = 12, per: int = 4, frames: int = 4, shift: float = 0.0):
+    eids = np.repeat([f"g.e{i}~1.a" for i in range(n_eps)], per)
+    starts = np.tile(np.arange(per) * 8, n_eps)
+    base = rng.gamma(2.0, 5.0, size=(n_eps * per, 1)) * np.linspace(1, 2, frames)
+    out = {"episode_id": eids, "start_step": starts}
+    for method, scale in (("model", 0.5), ("copy_last", 1.0), ("vae_recon", 0.1)):
+        # the model's error is not proportional to copy-last's, window by window
+        mse = base * scale * (rng.lognormal(0, 0.5, size=(len(base), 1)) if method == "model" else 1) + shift
+        out[f"{method}/mse"] = mse
+        out[f"{method}/psnr"] = 10 * np.log10(255 ** 2 / mse)
+        out[f"{method}/lpips"] = mse / 1000
+    for T in (1, 2, 4):
+        out[f"model_T{T}/mse"] = out["model/mse"][:, :T] * 0.9
+        out[f"model_T{T}/psnr"] = 10 * np.log10(255 ** 2 / out[f"model_T{T}/mse"])
+        out[f"model_T{T}/lpips"] = out[f"model_T{T}/mse"] / 1000
+    return out
+
+
+def test_pairing_uses_window_keys_not_row_order():
+    from pipeline.stats import align, pooled_rows, window_keys
+
+    rng = np.random.default_rng(3)
+    a = _scores(rng)
+    perm = rng.permutation(len(a["episode_id"]))
+    shuffled = {k: v[perm] for k, v in a.items()}
+    # the paired model - copy-last difference (dB over copy-last) is the same on a shuffled file
+    r1 = {(r["method"], r["T"]): r for r in pooled_rows([a], (1, 2, 4), n_boot=300)}
+    r2 = {(r["method"], r["T"]): r for r in pooled_rows([shuffled], (1, 2, 4), n_boot=300)}
+    for key in r1:
+        assert r1[key]["db_over_copy_last"] == pytest.approx(r2[key]["db_over_copy_last"], rel=1e-12)
+        assert r1[key]["mse"] == pytest.approx(r2[key]["mse"], rel=1e-12)
+    # across files: align lines b up with a by key
+    ka, kb = window_keys(a["episode_id"], a["start_step"]), window_keys(shuffled["episode_id"], shuffled["start_step"])
+    idx = align(ka, kb)
+    assert np.array_equal(shuffled["model/mse"][idx], a["model/mse"])
+    with pytest.raises(ValueError, match="different windows"):
+        align(ka, kb[:-1])  # a window missing on one side is never dropped silently
+
+
+def test_pooled_rows_match_a_direct_computation():
+    from pipeline.stats import pooled_rows
+
+    rng = np.random.default_rng(4)
+    runs = [_scores(rng), _scores(rng)]
+    rows = {(r["method"], r["T"]): r for r in pooled_rows(runs, (1, 2, 4), n_boot=300)}
+    per_seed = [r["model_T4/mse"].mean(axis=1).mean() for r in runs]
+    got = rows[("model", 4)]
+    assert got["mse"] == pytest.approx(np.mean(per_seed)) and got["seeds"] == 2
+    assert got["mse_std_seeds"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert got["mse_ci_low"] < got["mse"] < got["mse_ci_high"]
+    copy = np.mean([r["copy_last/mse"][:, :4].mean(axis=1).mean() for r in runs])
+    assert got["db_over_copy_last"] == pytest.approx(10 * np.log10(copy / got["mse"]))
+    assert got["db_ci_low"] < got["db_over_copy_last"] < got["db_ci_high"]
+    assert rows[("copy_last", 2)]["rollout"] == "prefix" and got["rollout"] == "direct"
+
+
+def _record(root: Path, rng, *, version: str, seed: int, game: str = "Pong", split: str = "test",
+            keys: bool = True) -> Path:
+    from pipeline.results import record_run
+
+    scores = _scores(rng)
+    if not keys:
+        scores = {k: v for k, v in scores.items() if "/" in k}
+    f = root / f"tmp_{seed}_{version}.npz"
+    np.savez_compressed(f, **{k.replace("/", "__"): v for k, v in scores.items()})
+    return record_run(root / "runs", f, preset="gpu", version=version, game=game, seed=seed, split=split,
+                      settings={}, stage_walls={"dit": 1.0}, command="test")
+
+
+def test_table_builder_pools_only_the_current_preset_version(tmp_path):
+    from pipeline.results import ResultsError, build_tables, current_version
+
+    v = current_version("gpu")
+    rng = np.random.default_rng(5)
+    ok = [_record(tmp_path, rng, version=v, seed=s) for s in (0, 1, 2)]
+    old = _record(tmp_path, rng, version="0000000000", seed=3)
+    on_val = _record(tmp_path, rng, version=v, seed=4, split="val")
+    out = tmp_path / "current"
+    df = build_tables(tmp_path / "runs", out, "gpu", n_boot=200)
+    meta = json.loads((out / "table2.meta.json").read_text())
+    assert sorted(r["run_id"] for r in meta["runs"]) == sorted(p.name for p in ok)
+    assert {r["run_id"] for r in meta["not_pooled"]} == {old.name, on_val.name}
+    model4 = df[(df.game == "Pong") & (df["T"] == 4) & (df.method == "model")].iloc[0]
+    assert model4.seeds == 3 and model4.episodes == 12 and model4.windows == 48
+    assert set(df.method) == {"model", "copy_last", "vae_recon", "paper (other data)"}
+    assert (out / "table2.csv").read_text().splitlines()[0].startswith("game,T,method,mse,mse_ci_low")
+    # bad input, named: a run of another version asked for by name, a scores file without window keys
+    with pytest.raises(ResultsError, match="preset version 0000000000"):
+        build_tables(tmp_path / "runs", out, "gpu", runs=[old, *ok], n_boot=50)
+    nokeys = _record(tmp_path, rng, version=v, seed=5, keys=False)
+    with pytest.raises(ResultsError, match="no window keys"):
+        build_tables(tmp_path / "runs", out, "gpu", runs=[nokeys], n_boot=50)
+
+
+def test_preset_version_ignores_seeds_and_resources_not_settings():
+    from pipeline.run_all import PRESETS, preset_version, with_overrides, with_seed
+
+    gpu = PRESETS["gpu"]()
+    v = preset_version(gpu)
+    assert preset_version(with_seed(gpu, 7)) == v
+    assert preset_version(with_overrides(gpu, ("dit.num_workers=2", "evaluate.batch_size=8"))) == v
+    assert preset_version(with_overrides(gpu, ("dit.steps=10",))) != v
+    assert preset_version(with_overrides(gpu, ("evaluate.split=val",))) != v
+    assert preset_version(PRESETS["smoke"]()) != v
