@@ -39,7 +39,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import figures, paper  # noqa: E402
-from pipeline.stats import pooled_rows  # noqa: E402
+from pipeline.stats import action_rows, pooled_rows  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 from pipeline.train import _ensure_ray, parse_config, pop_tracking_uri, spread_window_dataset  # noqa: E402
 from workers.evaluate import METRICS, ScoreWindows, frame_table, horizon_table, score_windows, window_actions  # noqa: E402
@@ -95,6 +95,10 @@ class EvalConfig:
     """Scores file (`<game>_scores.npz`) of an earlier evaluation on the same data: score exactly its
     windows (by episode_id and start_step) instead of `max_windows` of its own, so that two models
     are compared on the same held-out windows. Needs one game."""
+    action_tests: bool = True
+    """Also roll out every window with permuted and with NOOP future actions on the same noise
+    (`workers.evaluate.action_rollouts`; the model's trained length), and report how much the
+    recorded actions beat them (`action_fidelity` table): whether the model follows its actions."""
     num_cpus: float = 1.0
     """CPUs of the scoring actor."""
     use_gpu: bool = False
@@ -143,7 +147,8 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
                                "sample_steps": cfg.sample_steps or None, "seed": cfg.seed,
                                "device": "cuda" if cfg.use_gpu else "cpu",
                                "direct": tuple(h for h in cfg.horizons if h in trained and h < H),
-                               "vae_recon": cfg.vae_recon})
+                               "vae_recon": cfg.vae_recon,
+                               "action_horizon": max(trained) if cfg.action_tests and trained else 0})
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         old = (" (a collection made before the val split existed has none: collect with "
@@ -231,7 +236,7 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
     out_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib.pyplot as plt
 
-    lengths, per_frame = [], []
+    lengths, per_frame, fidelity = [], [], []
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "eval"}) as tracker:
         # Namespaced: a sweep trial logs its training and evaluation into one run.
         tracker.log_params({"eval": dataclasses.asdict(cfg)})
@@ -241,6 +246,7 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
             np.savez_compressed(out_dir / f"{game}_scores.npz", **{k.replace("/", "__"): v for k, v in scores.items()})
             # 95 % intervals over the split's episodes (pipeline/stats.py), beside each mean
             cis = {(r["method"], r["T"]): r for r in pooled_rows([scores], tuple(sorted(cfg.horizons)))}
+            ids = scores["episode_id"]
             scores = {k: v for k, v in scores.items() if "/" in k}  # drop the window ids
             for row in horizon_table(scores, tuple(sorted(cfg.horizons))):
                 ci = cis[(row["method"], row["generation_length"])]
@@ -250,8 +256,14 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
                                      for m in (*METRICS, *CI_COLUMNS, "psnr_of_mean_mse") if m in row}, step=0)
             for row in frame_table(scores):
                 per_frame.append({"game": game, **row})
+            for row in action_rows([{**scores, "episode_id": ids}], tuple(sorted(cfg.horizons))):
+                fidelity.append({"game": game, "split": cfg.split, **row})
+                tracker.log_metrics({f"eval/{game}/action/{k}_h{row['T']}": v for k, v in row.items()
+                                     if k not in ("T", "seeds")}, step=0)
             # The scores are on disk before any figure is drawn: figures never cost a table.
             tables = {"generation_length": pd.DataFrame(lengths), "per_frame": pd.DataFrame(per_frame)}
+            if fidelity:
+                tables["action_fidelity"] = pd.DataFrame(fidelity)
             write_tables(out_dir, tables)
             if cfg.figure_windows > 0:
                 draw_figures(cfg, world_model.n_cond, ds, game, out_dir, tracker)

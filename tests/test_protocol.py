@@ -194,3 +194,63 @@ def test_preset_version_ignores_seeds_and_resources_not_settings():
     assert preset_version(with_overrides(gpu, ("dit.steps=10",))) != v
     assert preset_version(with_overrides(gpu, ("evaluate.split=val",))) != v
     assert preset_version(PRESETS["smoke"]()) != v
+
+
+class _FakeWorldModel:
+    """A stand-in with WorldModel's predict contract on 8x8 frames: the next frame is the last
+    condition frame brightened by 20 x the action, plus noise from the generator; `uses_actions`
+    False ignores the actions (a copy-last with noise)."""
+
+    def __init__(self, uses_actions: bool, num_actions: int = 4):
+        from types import SimpleNamespace
+
+        self.n_cond, self.action_mode, self.uses = 2, "future", uses_actions
+        self.dit = SimpleNamespace(cfg=SimpleNamespace(num_actions=num_actions))
+
+    def predict(self, cond, actions, horizon, generator=None):
+        import torch
+
+        last = cond[:, -1:].float()  # (B, 1, H, W, 3)
+        steps = torch.cumsum(actions[:, -horizon:].float(), dim=1) if self.uses else torch.zeros(len(cond), horizon)
+        noise = torch.randn(len(cond), horizon, *cond.shape[2:], generator=generator)
+        return (last + 20 * steps[:, :, None, None, None] + noise).clamp(0, 255).to(torch.uint8)
+
+
+def _action_windows(rng, n: int = 64, H: int = 4):
+    """Windows whose true frames follow the fake model's rule with each window's own actions."""
+    import torch
+
+    actions = torch.from_numpy(rng.integers(0, 4, size=(n, 2 + H))).long()
+    start = torch.from_numpy(rng.integers(0, 60, size=(n, 1, 8, 8, 3))).float()
+    frames = [start, start]
+    for k in range(H):
+        frames.append(frames[-1] + 20 * actions[:, 1 + k].float()[:, None, None, None, None])
+    return torch.cat(frames, dim=1).clamp(0, 255).to(torch.uint8), actions
+
+
+def test_action_tests_separate_a_model_that_follows_its_actions_from_one_that_does_not():
+    import torch
+
+    from pipeline.stats import action_rows
+    from workers.evaluate import score_windows
+
+    rng = np.random.default_rng(6)
+    frames, actions = _action_windows(rng)
+    eids = np.array([f"e{i // 4}" for i in range(len(frames))])  # 16 episodes of 4 windows
+    got = {}
+    for uses in (True, False):
+        scores, _ = score_windows(_FakeWorldModel(uses), frames, actions, 4, None, torch.Generator().manual_seed(0),
+                                  action_horizon=4)
+        rows = {r["T"]: r for r in action_rows([{**scores, "episode_id": eids}], (1, 2, 4), n_boot=300)}
+        got[uses] = rows
+    follows, ignores = got[True], got[False]
+    for T in (1, 2, 4):
+        assert follows[T]["dpsnr_perm_ci_low"] > 1.0 and follows[T]["dpsnr_noop_ci_low"] > 1.0
+        # the same noise for every rollout: a model that ignores actions differs by exactly nothing
+        assert ignores[T]["dpsnr_vs_permuted"] == pytest.approx(0.0, abs=1e-9)
+        assert ignores[T]["dpsnr_vs_noop"] == pytest.approx(0.0, abs=1e-9)
+    assert follows[4]["recorded_better_permuted"] > 0.9 and follows[4]["windows_permuted"] < len(frames) + 1
+    bad = actions.clone()
+    bad[0, 2] = 7  # a future action of the rollout
+    with pytest.raises(ValueError, match=r"valid are 0\.\.3"):
+        score_windows(_FakeWorldModel(True), frames, bad, 4, None, torch.Generator().manual_seed(0), action_horizon=4)

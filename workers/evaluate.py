@@ -55,15 +55,64 @@ def _scores(pred: Tensor, truth: Tensor, lpips_model) -> dict[str, np.ndarray]:
     return {k: v.numpy().astype(np.float64) for k, v in s.items()}  # each (B, H)
 
 
+ACTION_TESTS = ("recorded", "permuted", "noop")
+"""Rollouts of the action-fidelity test (`action_rollouts`): the recorded future actions, the future
+actions of another window of the batch, and a constant NOOP (action 0), on the same condition frames
+and the same noise."""
+NOOP = 0
+
+
+def wrong_actions(acts: Tensor, n_future: int, kind: str) -> Tensor:
+    """The rollout actions (B, A) with their last `n_future` (the future ones) replaced: "permuted"
+    by those of the next window in the batch (a cyclic shift: no window keeps its own unless all
+    are equal), "noop" by NOOP; "recorded" leaves them."""
+    out = acts.clone()
+    if kind == "permuted":
+        out[:, -n_future:] = torch.roll(acts[:, -n_future:], shifts=1, dims=0)
+    elif kind == "noop":
+        out[:, -n_future:] = NOOP
+    elif kind != "recorded":
+        raise ValueError(f"action test {kind!r}; expected one of {ACTION_TESTS}")
+    return out
+
+
+@torch.no_grad()
+def action_rollouts(world_model: WorldModel, cond: Tensor, truth: Tensor, acts: Tensor, h: int,
+                    generator: torch.Generator | None) -> dict[str, np.ndarray]:
+    """The action-fidelity test on one batch: rollouts of `h` frames with the recorded, permuted and
+    NOOP future actions from the same condition frames and the same noise (the generator's state
+    is replayed for each), scored by MSE and PSNR against the truth: "action_<kind>/mse" (B, h)
+    ..., and "action_<kind>/differs" (B,) whether the window's actions differ from the recorded
+    ones (differences are taken over those windows only). Actions outside the model's action set
+    are refused, naming the range."""
+    num = getattr(getattr(world_model.dit, "cfg", None), "num_actions", None)
+    if num is not None and ((acts >= num) | (acts < -1)).any():
+        raise ValueError(f"actions outside the game's action set: valid are 0..{num - 1} (and -1 for none), "
+                         f"got {sorted(set(acts[(acts >= num) | (acts < -1)].tolist()))}")
+    state = generator.get_state() if generator is not None else None
+    out = {}
+    for kind in ACTION_TESTS:
+        a = wrong_actions(acts, h, kind)
+        if generator is not None:
+            generator.set_state(state)
+        pred = world_model.predict(cond, a, h, generator=generator)
+        s = score_frames(pred, truth[:, :h])
+        out[f"action_{kind}/mse"] = s["mse"].numpy().astype(np.float64)
+        out[f"action_{kind}/psnr"] = s["psnr"].clamp(max=PSNR_MAX).numpy().astype(np.float64)
+        out[f"action_{kind}/differs"] = (a[:, -h:] != acts[:, -h:]).any(dim=1).numpy()
+    return out
+
+
 @torch.no_grad()
 def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, horizon: int,
                   lpips_model=None, generator: torch.Generator | None = None, direct: tuple[int, ...] = (),
-                  vae_recon: bool = False) -> tuple[dict[str, np.ndarray], Tensor]:
+                  vae_recon: bool = False, action_horizon: int = 0) -> tuple[dict[str, np.ndarray], Tensor]:
     """frames: uint8 (B, n+H', 210, 160, 3) with H' >= horizon; actions: int64 (B, n+H').
 
     Returns ({"model/mse": (B, horizon), "copy_last/mse": ..., psnr, lpips when given, and
     "model_T{h}/mse": (B, h) ... for each h < horizon in `direct`, from a rollout of h frames,
-    and "vae_recon/mse" ... with `vae_recon`: the VAE's encode-decode of the true frames},
+    and "vae_recon/mse" ... with `vae_recon`: the VAE's encode-decode of the true frames, and the
+    action-fidelity rollouts of `action_horizon` frames when it is > 0 (`action_rollouts`)},
     the generated frames uint8 (B, horizon, 210, 160, 3))."""
     n = world_model.n_cond
     if frames.shape[1] < n + horizon or actions.shape[:2] != frames.shape[:2]:
@@ -85,6 +134,10 @@ def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, hori
                                          generator=generator)  # (B, h, ...)
             for k, v in _scores(pred_h, truth[:, :h], lpips_model).items():
                 out[f"model_T{h}/{k}"] = v
+    if action_horizon > 0:
+        h = min(action_horizon, horizon)
+        out.update(action_rollouts(world_model, cond, truth, window_actions(actions, n, h, world_model.action_mode),
+                                   h, generator))
     return out, pred
 
 
@@ -94,9 +147,11 @@ class ScoreWindows:
     `episode_id`/`start_step` when the batch carries them."""
 
     def __init__(self, model_path: str, horizon: int, *, lpips: bool = True, sample_steps: int | None = None,
-                 seed: int = 0, device: str = "cpu", direct: tuple[int, ...] = (), vae_recon: bool = False):
+                 seed: int = 0, device: str = "cpu", direct: tuple[int, ...] = (), vae_recon: bool = False,
+                 action_horizon: int = 0):
         self.world_model = load_world_model(model_path, device, sample_steps=sample_steps)
         self.horizon, self.direct, self.vae_recon = horizon, tuple(direct), vae_recon
+        self.action_horizon = action_horizon
         self.lpips_model = None
         if lpips:
             from models.lpips import LPIPS
@@ -108,7 +163,7 @@ class ScoreWindows:
         frames = torch.from_numpy(np.ascontiguousarray(np.stack(batch["frames"])))
         actions = torch.from_numpy(np.stack(batch["actions"]).astype(np.int64))
         scores, _ = score_windows(self.world_model, frames, actions, self.horizon, self.lpips_model,
-                                  self.generator, self.direct, self.vae_recon)
+                                  self.generator, self.direct, self.vae_recon, self.action_horizon)
         if "episode_id" in batch:
             scores["episode_id"] = np.asarray(batch["episode_id"]).astype(str)
         if "start_step" in batch:

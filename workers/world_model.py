@@ -132,6 +132,10 @@ class WorldModel:
             raise ValueError(f"actions must be (B, {want}) for horizon {horizon} in mode "
                              f"{self.action_mode!r}, got {tuple(actions.shape)}")
         actions = actions.long()
+        num = self.dit.cfg.num_actions
+        if ((actions >= num) | (actions < -1)).any():
+            raise ValueError(f"actions outside the game's action set: valid are 0..{num - 1} (and -1 for none), got "
+                             f"{sorted(set(actions[(actions >= num) | (actions < -1)].tolist()))}")
         # A horizon the model was trained for is one chunk of exactly that length. Otherwise chunks
         # of the longest trained length are chained; past the requested horizon the last action is
         # repeated and the extra frames are dropped.
