@@ -89,9 +89,9 @@ def gpu() -> Preset:
       and 20 % val (split by episode hash), at least 30 held-out episodes of each per game, so
       that intervals over episodes mean something.
     - Step budgets, not clocks, so that runs on H100 and H200 pool into one table: a frame-wise L2
-      VAE (5,000 steps; it exports the EMA weights of its best check on fixed training windows,
+      VAE (4,000 steps; it exports the EMA weights of its best check on fixed training windows,
       since its loss can spike late), then one DiT for generation lengths 1, 2 and 4 on 64 clips
-      a step (2,500 steps), both with a linear learning-rate cooldown over their last 20 %.
+      a step (2,000 steps), both with a linear learning-rate cooldown over their last 20 %.
     - 4 Euler steps (as good as 8 at half the cost); evaluation at T = 1, 2, 4 on 256 test
       windows spread over the test episodes. `docs/history.md` has the measurements behind each
       choice."""
@@ -103,10 +103,10 @@ def gpu() -> Preset:
                  "agent": {"train_steps": 64_000, "train_batch_size": 8000, "minibatch_size": 500, "num_epochs": 2,
                            "learner_device": "auto", "learner_threads": 8}},
         vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "temporal_kernel": 1, "recon_kind": "l2",
-             "steps": 5_000, "max_train_s": 0.0,
+             "steps": 4_000, "max_train_s": 0.0,
              "batch_size": 16, "clip_length": 4, "lr": 4e-4, "warmup_steps": 200, "lr_cooldown": 0.2, "checkpoint_every": 1000,
              "log_every": 50, "val_every": 500, "val_windows": 32},
-        dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 2_500, "max_train_s": 0.0,
+        dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 2_000, "max_train_s": 0.0,
              "batch_size": 64, "horizon": 4, "horizon_choices": (1, 2, 4), "sample_steps": 4, "lr": 3e-4,
              "warmup_steps": 300, "lr_cooldown": 0.2, "checkpoint_every": 1000, "log_every": 50},
         evaluate={"horizons": (1, 2, 4), "max_windows": 256, "stride": 8, "batch_size": 32,
