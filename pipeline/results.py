@@ -175,6 +175,37 @@ def table2(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
     return df[TABLE2_COLUMNS].reset_index(drop=True)
 
 
+AF_COLUMNS = ["game", "test_set", "T", "idm_acc_real", "idm_f1_real", "idm_acc_generated", "idm_f1_generated",
+              "dpsnr_vs_permuted", "dpsnr_ci_low", "dpsnr_ci_high", "dpsnr_vs_noop", "dpsnr_noop_ci_low",
+              "dpsnr_noop_ci_high", "recorded_better_permuted", "seeds", "windows"]
+
+
+def action_fidelity(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
+    """Per game and T: how much the recorded actions beat permuted and NOOP ones (dB, paired, with
+    95 % episode intervals), pooled over seeds; the inverse-dynamics columns stay empty until that
+    classifier is trained."""
+    from pipeline.stats import action_rows
+
+    by_game: dict[str, list[dict]] = {}
+    for meta, scores in pooled:
+        if "action_recorded/mse" in scores:
+            by_game.setdefault(meta["game"], []).append(scores)
+    rows = []
+    for game in sorted(by_game, key=lambda g: (GAMES_ORDER.index(g) if g in GAMES_ORDER else 99, g)):
+        for r in action_rows(by_game[game], TABLE2_T, n_boot=n_boot):
+            rows.append({"game": game, "test_set": "test", "T": r["T"], "seeds": r["seeds"],
+                         "dpsnr_vs_permuted": r.get("dpsnr_vs_permuted"), "dpsnr_ci_low": r.get("dpsnr_perm_ci_low"),
+                         "dpsnr_ci_high": r.get("dpsnr_perm_ci_high"), "dpsnr_vs_noop": r.get("dpsnr_vs_noop"),
+                         "dpsnr_noop_ci_low": r.get("dpsnr_noop_ci_low"), "dpsnr_noop_ci_high": r.get("dpsnr_noop_ci_high"),
+                         "recorded_better_permuted": r.get("recorded_better_permuted"),
+                         "windows": r.get("windows_permuted")})
+    df = pd.DataFrame(rows)
+    for c in AF_COLUMNS:
+        if c not in df:
+            df[c] = np.nan
+    return df[AF_COLUMNS]
+
+
 def markdown_table2(df: pd.DataFrame) -> str:
     """Table 2 as Markdown: MSE [95 % CI] (± seed std), PSNR of the mean MSE, dB over copy-last
     [CI], LPIPS, per game and T."""
@@ -233,6 +264,14 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
             "paper": "the paper's cells (method 'paper (other data)') were measured on data and at a resolution "
                      "it does not state; ALE's DemonAttack frames change 24-113x more than its model error"}
     _write(out / "table2.meta.json", json.dumps(meta, indent=1))
+    af = action_fidelity(pooled, n_boot=n_boot)
+    if len(af):
+        _write(out / "action_fidelity.csv", af.to_csv(index=False, float_format="%.6g"))
+        _write(out / "action_fidelity.meta.json", json.dumps(
+            {**meta, "table": "action_fidelity", "windows": "windows whose permuted future actions differ from "
+             "the recorded ones (summed over seeds)", "dpsnr": "PSNR of the mean MSE with the recorded actions minus "
+             "with permuted (another window's) or NOOP future actions, same condition frames and noise",
+             "idm": "not measured yet (no inverse-dynamics classifier)"}, indent=1))
     return df
 
 

@@ -176,6 +176,7 @@ def test_table_builder_pools_only_the_current_preset_version(tmp_path):
     assert model4.seeds == 3 and model4.episodes == 12 and model4.windows == 48
     assert set(df.method) == {"model", "copy_last", "vae_recon", "paper (other data)"}
     assert (out / "table2.csv").read_text().splitlines()[0].startswith("game,T,method,mse,mse_ci_low")
+    assert not (out / "action_fidelity.csv").exists()  # these scores carry no action-fidelity rollouts
     # bad input, named: a run of another version asked for by name, a scores file without window keys
     with pytest.raises(ResultsError, match="preset version 0000000000"):
         build_tables(tmp_path / "runs", out, "gpu", runs=[old, *ok], n_boot=50)
