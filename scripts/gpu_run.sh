@@ -2,7 +2,7 @@
 # The GPU-machine run behind docs/results.md: the `gpu` preset of the pipeline on one or more
 # games (collect with PPO on the CPU cores, VAE + DiT on a GPU, evaluation at 210x160), then the
 # generation, training-throughput, multi-frame-vs-single-step and collection benchmarks.
-#   . scripts/device_env.sh && bash scripts/gpu_run.sh /tmp/gpurun [Breakout | "Pong DemonAttack"]
+#   bash scripts/gpu_run.sh /tmp/gpurun [Breakout | "Pong DemonAttack"]
 # Each game's pipeline writes under $1/<game>/. Several games run at once on one Ray head that
 # holds every GPU of the machine (each training job and evaluation takes one GPU), so a 4-GPU
 # machine does three games in the time of one. Settings, all from the environment:

@@ -103,7 +103,7 @@ def test_dockerfile_copies_and_runs_existing_files(dockerfile):
 
 def test_dockerignore_keeps_local_environments_out():
     ignored = set((DOCKER / "Dockerfile.dockerignore").read_text().split())
-    assert {".git", ".venv", ".devpkg", "mlruns"} <= ignored
+    assert {".git", ".venv", "mlruns"} <= ignored
 
 
 # ---------------------------------------------------------------- compose
