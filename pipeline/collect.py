@@ -253,8 +253,10 @@ def _parse(argv=None) -> CollectConfig:
     for f in list(fields(CollectConfig)) + list(fields(AgentConfig)):
         if f.name == "agent":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(AgentConfig() if f.name in agent_names else CollectConfig(), f.name)
+        # AgentConfig's fields are --agent-<name>: both configs have a `seed`, for instance
+        is_agent = f in fields(AgentConfig)
+        flag = ("--agent-" if is_agent else "--") + f.name.replace("_", "-")
+        default = getattr(AgentConfig() if is_agent else CollectConfig(), f.name)
         if f.name == "games":
             p.add_argument(flag, nargs="+", default=list(default))
         elif isinstance(default, bool):
@@ -263,7 +265,7 @@ def _parse(argv=None) -> CollectConfig:
             typ = str if default is None else type(default)
             p.add_argument(flag, type=typ, default=default)
     a = vars(p.parse_args(argv))
-    agent = AgentConfig(**{k: a.pop(k) for k in list(a) if k in agent_names})
+    agent = AgentConfig(**{k: a.pop(f"agent_{k}") for k in agent_names})
     a["games"] = tuple(a["games"])
     return CollectConfig(**a, agent=agent)
 
