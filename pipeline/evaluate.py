@@ -84,6 +84,9 @@ class EvalConfig:
     floor under the model's error, which says how much of it the VAE accounts for."""
     sample_steps: int = 0
     """Euler steps; 0 = the model's own setting."""
+    guidance_scale: float = 0.0
+    """Classifier-free guidance over actions at sampling (1 = none; 0 = the model's own setting);
+    above 1 it needs a DiT trained with `action_dropout` > 0."""
     seed: int = 0
     """Seed of the sampler's noise."""
     figure_windows: int = 2
@@ -148,7 +151,8 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
                                "device": "cuda" if cfg.use_gpu else "cpu",
                                "direct": tuple(h for h in cfg.horizons if h in trained and h < H),
                                "vae_recon": cfg.vae_recon,
-                               "action_horizon": max(trained) if cfg.action_tests and trained else 0})
+                               "action_horizon": max(trained) if cfg.action_tests and trained else 0,
+                               "guidance_scale": cfg.guidance_scale or None})
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         old = (" (a collection made before the val split existed has none: collect with "
@@ -158,7 +162,7 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
 
 
 def figure_rollouts(model_path: str, sample_steps: int | None, device: str, frames: np.ndarray, actions: np.ndarray,
-                    horizon: int, action_sequences: tuple[str, ...], seed: int
+                    horizon: int, action_sequences: tuple[str, ...], seed: int, guidance_scale: float | None = None
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The figures' generated frames, computed where scoring runs (a Ray task with the scoring
     actor's resources: on the GPU when evaluation uses one, never on the driver's CPU).
@@ -166,7 +170,7 @@ def figure_rollouts(model_path: str, sample_steps: int | None, device: str, fram
     frames: uint8 (B, n + horizon, H, W, 3) and actions (B, n + horizon) of the strip windows ->
     (the rollouts uint8 (B, horizon, H, W, 3), {sequence: uint8 (len, H, W, 3)} rolled out from
     the first window's condition frames with each action sequence)."""
-    wm = load_world_model(model_path, device, sample_steps=sample_steps)
+    wm = load_world_model(model_path, device, sample_steps=sample_steps, guidance_scale=guidance_scale)
     f, a = torch.from_numpy(frames), torch.from_numpy(actions)
     g = torch.Generator(device=device).manual_seed(seed)
     _, pred = score_windows(wm, f, a, horizon, None, g)
@@ -199,7 +203,8 @@ def draw_figures(cfg: EvalConfig, n_cond: int, ds, game: str, out_dir: Path, tra
     actions = np.stack(batch["actions"]).astype(np.int64)
     task = scoring_task(figure_rollouts, cfg)
     pred, rollouts = ray.get(task.remote(cfg.model_path, cfg.sample_steps or None, "cuda" if cfg.use_gpu else "cpu",
-                                         frames, actions, H, tuple(cfg.action_sequences), cfg.seed))
+                                         frames, actions, H, tuple(cfg.action_sequences), cfg.seed,
+                                         cfg.guidance_scale or None))
     for i in range(len(frames)):
         fig = figures.frame_strip(frames[i, :n], pred[i], frames[i, n:n + H],
                                   title=f"{game}: condition | generated / truth")
@@ -225,13 +230,15 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
     if not cfg.model_path:
         raise ValueError("EvalConfig.model_path is empty: point it at a trained world-model directory")
     _ensure_ray()
-    world_model = load_world_model(cfg.model_path, sample_steps=cfg.sample_steps or None)
+    world_model = load_world_model(cfg.model_path, sample_steps=cfg.sample_steps or None,
+                                   guidance_scale=cfg.guidance_scale or None)
     meta = json.loads((Path(cfg.model_path) / "world_model.json").read_text())
     games = cfg.games or ((meta.get("game"),) if meta.get("game") else ())
     if not games:
         raise ValueError("EvalConfig.games is empty and the model records no game: name the games")
     model_cols = {"action_mode": world_model.action_mode, "action_encoder": meta["dit"]["action_encoder"],
-                  "train_horizon": world_model.horizon, "sample_steps": world_model.sampler.cfg.num_steps}
+                  "train_horizon": world_model.horizon, "sample_steps": world_model.sampler.cfg.num_steps,
+                  "guidance_scale": world_model.sampler.cfg.guidance_scale}
     out_dir = Path(cfg.run_dir) / "eval" / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib.pyplot as plt

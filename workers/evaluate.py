@@ -148,8 +148,9 @@ class ScoreWindows:
 
     def __init__(self, model_path: str, horizon: int, *, lpips: bool = True, sample_steps: int | None = None,
                  seed: int = 0, device: str = "cpu", direct: tuple[int, ...] = (), vae_recon: bool = False,
-                 action_horizon: int = 0):
-        self.world_model = load_world_model(model_path, device, sample_steps=sample_steps)
+                 action_horizon: int = 0, guidance_scale: float | None = None):
+        self.world_model = load_world_model(model_path, device, sample_steps=sample_steps,
+                                            guidance_scale=guidance_scale)
         self.horizon, self.direct, self.vae_recon = horizon, tuple(direct), vae_recon
         self.action_horizon = action_horizon
         self.lpips_model = None

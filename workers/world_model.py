@@ -171,8 +171,10 @@ def save_world_model(path: str | Path, vae: VideoVAE, dit: STDiT, meta: dict[str
 
 
 def load_world_model(path: str | Path, map_location: str | torch.device = "cpu",
-                     sample_steps: int | None = None) -> WorldModel:
-    """A WorldModel from a directory written by save_world_model (e.g. an MLflow artifact)."""
+                     sample_steps: int | None = None, guidance_scale: float | None = None) -> WorldModel:
+    """A WorldModel from a directory written by save_world_model (e.g. an MLflow artifact);
+    `sample_steps` and `guidance_scale` (classifier-free guidance over actions; needs a DiT trained
+    with action dropout) replace the model's own sampler settings."""
     path = Path(path)
     meta_file = path / "world_model.json"
     if not meta_file.is_file():
@@ -183,7 +185,8 @@ def load_world_model(path: str | Path, map_location: str | torch.device = "cpu",
     dit.load_state_dict(torch.load(path / "dit.pt", map_location=map_location, weights_only=True))
     dit = dit.to(map_location).eval().requires_grad_(False)
     steps = sample_steps or meta["sample_steps"]
+    g = meta.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
     return WorldModel(vae, dit, latent_scale=meta["latent_scale"], n_cond=meta["n_cond"],
                       horizon=meta["horizon"], action_mode=meta["action_mode"],
-                      sampler=EulerSamplerConfig(num_steps=steps),
+                      sampler=EulerSamplerConfig(num_steps=steps, guidance_scale=g),
                       trained_horizons=tuple(meta.get("trained_horizons", ())))
