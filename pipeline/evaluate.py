@@ -258,7 +258,7 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
             for row in horizon_table(scores, tuple(sorted(cfg.horizons))):
                 ci = cis[(row["method"], row["generation_length"])]
                 row.update({k: ci[k] for k in CI_COLUMNS if k in ci})
-                lengths.append({"game": game, "split": cfg.split, **row, **model_cols})
+                lengths.append({"game": game, **row, **model_cols, "split": cfg.split})
                 tracker.log_metrics({f"eval/{game}/{row['method']}/{m}_h{row['generation_length']}": row[m]
                                      for m in (*METRICS, *CI_COLUMNS, "psnr_of_mean_mse") if m in row}, step=0)
             for row in frame_table(scores):

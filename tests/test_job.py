@@ -223,6 +223,18 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     # model, copy-last and the VAE's reconstruction, at generation lengths 1, 2 and 4
     assert eval_csv[0].startswith("game,method,generation_length") and len(eval_csv) == 1 + 3 * 3
     assert {line.split(",")[1] for line in eval_csv[1:]} == {"model", "copy_last", "vae_recon"}
+    # The evaluation's record (pipeline/results.py) pools into the results tables, with the action tests
+    from pipeline.results import build_tables, load_run
+
+    records = list((out / "results").glob("smoke-*-Breakout-s0-*"))
+    assert len(records) == 1, records
+    meta, scores = load_run(records[0])
+    assert (meta["preset"], meta["split"], meta["seed"]) == ("smoke", "test", 0) and meta["stage_wall_s"]["dit"] > 0
+    assert {"action_recorded/mse", "action_permuted/mse", "action_noop/differs", "episode_id"} <= set(scores)
+    table2 = build_tables(out / "results", out / "current", "smoke", n_boot=200)
+    assert set(table2.method) >= {"model", "copy_last"} and (table2.seeds.dropna() == 1).all()
+    assert (out / "current" / "action_fidelity.csv").is_file()
+    assert (out / "eval" / "eval-Breakout" / "action_fidelity.csv").is_file()
     table3 = (out / "sweeps" / "sweep-table3" / "table3.md").read_text()
     assert "past_future" in table3 and "copy_last" in table3 and "±" in table3
 
