@@ -107,7 +107,8 @@ class EpisodeBootstrap:
 def interval(value: float, replicates: np.ndarray, level: float = CI_LEVEL) -> Interval:
     """Percentile interval of bootstrap replicates around a point estimate."""
     a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(replicates, [a, 1.0 - a])
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.quantile(replicates, [a, 1.0 - a])
     return Interval(float(value), float(lo), float(hi))
 
 
@@ -117,8 +118,10 @@ def psnr_of_mse(mse, peak: float = 255.0):
 
 
 def db_ratio(mse_reference, mse_model):
-    """dB gained over a reference: PSNR(model) - PSNR(reference) of mean MSEs."""
-    return 10.0 * np.log10(np.asarray(mse_reference, dtype=np.float64) / np.asarray(mse_model, dtype=np.float64))
+    """dB gained over a reference: PSNR(model) - PSNR(reference) of mean MSEs (inf or NaN where a mean
+    is 0, e.g. copy-last on windows where nothing moved: undefined, not dropped)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 10.0 * np.log10(np.asarray(mse_reference, dtype=np.float64) / np.asarray(mse_model, dtype=np.float64))
 
 
 def pooled_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_boot: int = N_BOOT,
