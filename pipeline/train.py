@@ -60,18 +60,29 @@ def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int
     set: their rows are kept before the shuffle that gathers episodes, so the others cost a read only."""
     from ray.data.expressions import col
 
-    from workers.clips import parquet_files, read_episodes, window_dataset
+    import pyarrow.parquet as pq
+    import ray
+
+    from workers.clips import parquet_files, window_dataset
     from workers.schema import EPISODE_ID, GAME
 
-    rows = read_episodes(data_root)
+    files = parquet_files(data_root)
+    if episodes is not None:
+        # Only the files holding those episodes are read, and the episodes are picked after the
+        # shuffle that gathers them: a filter before it leaves empty blocks, which Ray Data's hash
+        # shuffle cannot concatenate ("Schema at index 1 was different").
+        wanted = set(episodes)
+        files = [f for f in files if wanted & set(pq.read_table(f, columns=[EPISODE_ID])[EPISODE_ID].to_pylist())]
+        if not files:
+            raise ValueError(f"none of the {len(wanted)} episodes asked for is in {data_root}")
+    rows = ray.data.read_parquet(files, partitioning=None)  # as workers.clips.read_episodes
     if game:
         rows = rows.filter(expr=col(GAME) == game)
-    if episodes is not None:
-        rows = rows.filter(expr=col(EPISODE_ID).is_in(sorted(episodes)))
     # One shuffle partition per file, as window_dataset does for a path: Ray's default of 200
     # partitions costs minutes of scheduling on a small machine.
-    partitions = max(1, min(200, len(parquet_files(data_root))))
-    return window_dataset(rows, length=length, stride=stride, split=split, num_partitions=partitions)
+    partitions = max(1, min(200, len(files)))
+    return window_dataset(rows, length=length, stride=stride, split=split, num_partitions=partitions,
+                          episodes=episodes)
 
 
 def spread_window_dataset(data_root: str, game: str, split: str, length: int, stride: int, n: int | None,

@@ -299,6 +299,8 @@ def test_spread_windows_cut_only_their_episodes(data_root, monkeypatch):
     assert asked == [{e for e, _ in got}]
     for k, r in got.items():
         np.testing.assert_array_equal(r["frames"], every[k]["frames"])
+    with pytest.raises(ValueError, match="none of the 1 episodes asked for"):
+        clip_dataset(data_root, "", "train", 4, 8, episodes={"no-such-episode"})
 
 
 def test_snapshots_export_the_same_run_with_less_training(trained):

@@ -62,9 +62,13 @@ def _check_actions(actions: np.ndarray, env_id: str, env_config: str, where: str
                              f"action space [0, {n}) (or -1 on an episode's last row)")
 
 
-def _windows_of_episode(batch: pa.Table, length: int, stride: int) -> Iterator[dict]:
-    """map_groups UDF: one episode's rows (an Arrow table) -> batches of windows."""
+def _windows_of_episode(batch: pa.Table, length: int, stride: int, episodes: frozenset | None = None
+                        ) -> Iterator[dict]:
+    """map_groups UDF: one episode's rows (an Arrow table) -> batches of windows (none for an episode
+    outside `episodes`, when given)."""
     eid = str(batch[S.EPISODE_ID][0].as_py())
+    if episodes is not None and eid not in episodes:
+        return
     # Rows arrive in any order (an episode may span files). Only the small columns are sorted by
     # step; the frames stay a view of the batch, read through `order` when windows are cut.
     order = np.argsort(batch[S.STEP].to_numpy(), kind="stable")
@@ -111,9 +115,10 @@ def keep_episode_share(ds, share: float):
 
 
 def window_dataset(ds_or_path, length: int = 32, stride: int = 4, split: str | None = None,
-                   num_partitions: int | None = None):
+                   num_partitions: int | None = None, episodes=None):
     """Sliding windows within episodes as a Ray Dataset with rows `frames` uint8 (L,210,160,3),
-    `actions` int64 (L,), `episode_id`, `start_step`. `split` keeps only "train" or "test". `num_partitions` sets the
+    `actions` int64 (L,), `episode_id`, `start_step`. `split` keeps one split, `episodes` (ids) only those
+    episodes' windows. `num_partitions` sets the
     shuffle that gathers episodes (default: one per input file, at most 200)."""
     if length < 1 or stride < 1:
         raise ValueError(f"window length and stride must be >= 1, got {length}, {stride}")
@@ -134,7 +139,8 @@ def window_dataset(ds_or_path, length: int = 32, stride: int = 4, split: str | N
 
         ds = ds.filter(expr=col(S.SPLIT) == split)
     return ds.groupby(S.EPISODE_ID, num_partitions=num_partitions).map_groups(
-        _windows_of_episode, fn_kwargs=dict(length=length, stride=stride), batch_format="pyarrow")
+        _windows_of_episode, batch_format="pyarrow",
+        fn_kwargs=dict(length=length, stride=stride, episodes=frozenset(episodes) if episodes is not None else None))
 
 
 def split_sample(frames, actions, n_cond: int, horizon: int, action_mode: str = "future"):
