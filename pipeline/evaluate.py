@@ -102,6 +102,12 @@ class EvalConfig:
     """Also roll out every window with permuted and with NOOP future actions on the same noise
     (`workers.evaluate.action_rollouts`; the model's trained length), and report how much the
     recorded actions beat them (`action_fidelity` table): whether the model follows its actions."""
+    idm_steps: int = 2000
+    """Training steps of the inverse-dynamics model (`workers/inverse_dynamics.py`) that reads the
+    action tests' recorded rollouts: trained once per collection and game on real training pairs,
+    cached under `<run_dir>/idm/`; 0 = no inverse-dynamics measure."""
+    idm_max_pairs: int = 8192
+    """Real training pairs the inverse-dynamics model sees at most (a seeded subset)."""
     num_cpus: float = 1.0
     """CPUs of the scoring actor."""
     use_gpu: bool = False
@@ -130,7 +136,18 @@ def window_keys(scores_file: str) -> set[tuple[str, int]]:
         return {(str(e), int(s)) for e, s in zip(z["episode_id"], z["start_step"])}
 
 
-def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...] = ()
+def prepare_idm(data_root: str, game: str, steps: int, max_pairs: int, cache_dir: str, split: str,
+                device: str) -> tuple[str, dict]:
+    """The collection's inverse-dynamics model for a game (trained on its train split once, then
+    cached): its folder, and its accuracy on the real pairs of `split` (the ceiling)."""
+    from workers.inverse_dynamics import IDMConfig, cached_idm
+
+    _, meta = cached_idm(data_root, game, IDMConfig(steps=steps, max_pairs=max_pairs), cache_dir,
+                         eval_split=split, device=device)
+    return meta["path"], {k: meta[k] for k in ("eval", "train", "trained") if k in meta}
+
+
+def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...] = (), idm_path: str = ""
                ) -> tuple[dict[str, np.ndarray], Any]:
     """Per-window per-frame scores of one game, computed by a Ray Data actor; every horizon shorter
     than the longest that the model was trained to generate (`trained`) also gets its own rollout."""
@@ -152,7 +169,7 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
                                "direct": tuple(h for h in cfg.horizons if h in trained and h < H),
                                "vae_recon": cfg.vae_recon,
                                "action_horizon": max(trained) if cfg.action_tests and trained else 0,
-                               "guidance_scale": cfg.guidance_scale or None})
+                               "guidance_scale": cfg.guidance_scale or None, "idm_path": idm_path})
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         old = (" (a collection made before the val split existed has none: collect with "
@@ -249,7 +266,19 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
         tracker.log_params({"eval": dataclasses.asdict(cfg)})
         tracker.set_tags({"model_path": cfg.model_path})
         for game in games:
-            scores, ds = score_game(cfg, game, world_model.n_cond, world_model.trained_horizons)
+            idm_path = ""
+            if cfg.action_tests and cfg.idm_steps > 0:
+                import ray
+
+                idm_path, idm_meta = ray.get(scoring_task(prepare_idm, cfg).remote(
+                    cfg.data_root, game, cfg.idm_steps, cfg.idm_max_pairs, str(Path(cfg.run_dir) / "idm"), cfg.split,
+                    "cuda" if cfg.use_gpu else "cpu"))
+                if "eval" in idm_meta:
+                    ceiling = idm_meta["eval"]
+                    tracker.log_metrics({f"eval/{game}/action/idm_acc_real_split": ceiling["accuracy"],
+                                         f"eval/{game}/action/idm_f1_real_split": ceiling["macro_f1"]}, step=0)
+                    pd.DataFrame(ceiling["confusion"]).to_csv(out_dir / f"{game}_idm_confusion_real.csv")
+            scores, ds = score_game(cfg, game, world_model.n_cond, world_model.trained_horizons, idm_path)
             np.savez_compressed(out_dir / f"{game}_scores.npz", **{k.replace("/", "__"): v for k, v in scores.items()})
             # 95 % intervals over the split's episodes (pipeline/stats.py), beside each mean
             cis = {(r["method"], r["T"]): r for r in pooled_rows([scores], tuple(sorted(cfg.horizons)))}
@@ -263,6 +292,14 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
                                      for m in (*METRICS, *CI_COLUMNS, "psnr_of_mean_mse") if m in row}, step=0)
             for row in frame_table(scores):
                 per_frame.append({"game": game, **row})
+            if "idm/label" in scores:  # which actions the generated frames lose: rows true, columns read
+                from workers.inverse_dynamics import scores_from_predictions
+
+                lab, gen = scores["idm/label"].reshape(-1), scores["idm/generated"].reshape(-1)
+                conf = scores_from_predictions(gen, lab, int(max(lab.max(), gen.max())) + 1)["confusion"]
+                conf_df = pd.DataFrame(conf).rename_axis("true_action")
+                conf_df.to_csv(out_dir / f"{game}_idm_confusion_generated.csv")
+                tracker.log_table(conf_df.reset_index(), f"tables/{game}_idm_confusion_generated.json")
             for row in action_rows([{**scores, "episode_id": ids}], tuple(sorted(cfg.horizons))):
                 fidelity.append({"game": game, "split": cfg.split, **row})
                 tracker.log_metrics({f"eval/{game}/action/{k}_h{row['T']}": v for k, v in row.items()

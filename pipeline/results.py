@@ -176,14 +176,14 @@ def table2(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
 
 
 AF_COLUMNS = ["game", "test_set", "T", "idm_acc_real", "idm_f1_real", "idm_acc_generated", "idm_f1_generated",
-              "dpsnr_vs_permuted", "dpsnr_ci_low", "dpsnr_ci_high", "dpsnr_vs_noop", "dpsnr_noop_ci_low",
+              "idm_acc_ratio", "dpsnr_vs_permuted", "dpsnr_ci_low", "dpsnr_ci_high", "dpsnr_vs_noop", "dpsnr_noop_ci_low",
               "dpsnr_noop_ci_high", "recorded_better_permuted", "seeds", "windows"]
 
 
 def action_fidelity(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
     """Per game and T: how much the recorded actions beat permuted and NOOP ones (dB, paired, with
-    95 % episode intervals), pooled over seeds; the inverse-dynamics columns stay empty until that
-    classifier is trained."""
+    95 % episode intervals), and the inverse-dynamics model's accuracy and macro-F1 on the generated
+    frames beside the true ones of the same windows (idm_*_real: its ceiling there), pooled over seeds."""
     from pipeline.stats import action_rows
 
     by_game: dict[str, list[dict]] = {}
@@ -198,7 +198,9 @@ def action_fidelity(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.D
                          "dpsnr_ci_high": r.get("dpsnr_perm_ci_high"), "dpsnr_vs_noop": r.get("dpsnr_vs_noop"),
                          "dpsnr_noop_ci_low": r.get("dpsnr_noop_ci_low"), "dpsnr_noop_ci_high": r.get("dpsnr_noop_ci_high"),
                          "recorded_better_permuted": r.get("recorded_better_permuted"),
-                         "windows": r.get("windows_permuted")})
+                         "windows": r.get("windows_permuted"),
+                         **{k: r[k] for k in ("idm_acc_real", "idm_f1_real", "idm_acc_generated", "idm_f1_generated",
+                                              "idm_acc_ratio") if k in r}})
     df = pd.DataFrame(rows)
     for c in AF_COLUMNS:
         if c not in df:
@@ -271,7 +273,8 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
             {**meta, "table": "action_fidelity", "windows": "windows whose permuted future actions differ from "
              "the recorded ones (summed over seeds)", "dpsnr": "PSNR of the mean MSE with the recorded actions minus "
              "with permuted (another window's) or NOOP future actions, same condition frames and noise",
-             "idm": "not measured yet (no inverse-dynamics classifier)"}, indent=1))
+             "idm": "inverse-dynamics model trained on real training pairs of the run's collection, read on the "
+             "recorded rollout's pairs (generated) and the same windows' true pairs (real), frames 1..T"}, indent=1))
     return df
 
 

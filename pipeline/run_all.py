@@ -75,10 +75,10 @@ def smoke() -> Preset:
              "checkpoint_every": 15, "log_every": 5, "val_every": 15, "val_windows": 4},
         dit=dit,
         evaluate={"horizons": (1, 2, 4), "max_windows": 8, "stride": 8, "batch_size": 4, "num_cpus": 0.5,
-                  "figure_windows": 1},
+                  "figure_windows": 1, "idm_steps": 20, "idm_max_pairs": 256},
         sweeps=(("table3", {"seeds": (0,), "overrides": json.dumps({"horizon": [1, 2], "game": "Breakout"}),
                             "dit": json.dumps({**dit, "steps": 12, "checkpoint_every": 12, "horizon_choices": ()}),
-                            "eval_max_windows": 4, "eval_lpips": False}),),
+                            "eval_max_windows": 4, "eval_lpips": False, "eval_idm_steps": 20}),),
     )
 
 

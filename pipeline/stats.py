@@ -192,5 +192,23 @@ def action_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_
                         f"mse_{kind}": float(wp.mean()), f"mse_recorded_vs_{kind}": float(rp.mean()),
                         f"recorded_better_{kind}": float(np.mean(np.concatenate(rec) < np.concatenate(wrong))),
                         f"windows_{kind}": int(sum(k.sum() for k in keep))})
+        if all("idm/label" in r for r in runs):
+            row.update(idm_columns(runs, T))
         rows.append(row)
     return rows
+
+
+def idm_columns(runs: list[dict[str, np.ndarray]], T: int) -> dict:
+    """The inverse-dynamics model's accuracy and macro-F1 over generated frames 1..T of the recorded
+    rollouts ("idm/generated") and over the same pairs of true frames ("idm/real", the ceiling on
+    these windows), pooled over runs, and the ratio generated / real."""
+    from workers.inverse_dynamics import scores_from_predictions
+
+    label = np.concatenate([r["idm/label"][:, :T].reshape(-1) for r in runs])
+    out = {}
+    for name in ("real", "generated"):
+        pred = np.concatenate([r[f"idm/{name}"][:, :T].reshape(-1) for r in runs])
+        s = scores_from_predictions(pred, label, int(max(label.max(), pred.max())) + 1)
+        out.update({f"idm_acc_{name}": s["accuracy"], f"idm_f1_{name}": s["macro_f1"]})
+    out["idm_acc_ratio"] = out["idm_acc_generated"] / out["idm_acc_real"] if out["idm_acc_real"] > 0 else float("nan")
+    return out

@@ -73,6 +73,9 @@ class SweepConfig:
     """Stride of the evaluation windows."""
     eval_lpips: bool = True
     """Score LPIPS in the trials."""
+    eval_idm_steps: int = 2000
+    """Training steps of the inverse-dynamics model that reads every trial's rollouts (trained once
+    per collection and game, shared by the trials; 0 = none)."""
     max_concurrent_trials: int = 1
     """Trials run at once (each holds its TorchTrainer's workers)."""
     use_gpu: bool = False
@@ -120,7 +123,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, 
     tables = evaluate.main(evaluate.EvalConfig(
         run_dir=cfg.run_dir, model_path=str(model_path), data_root=cfg.data_root,
         games=(params["game"],), name=name, horizons=(params["horizon"],),
-        stride=cfg.eval_stride, max_windows=cfg.eval_max_windows, lpips=cfg.eval_lpips,
+        stride=cfg.eval_stride, max_windows=cfg.eval_max_windows, lpips=cfg.eval_lpips, idm_steps=cfg.eval_idm_steps,
         figure_windows=1, action_sequences=(), num_cpus=0.5, use_gpu=cfg.use_gpu), tracking_uri=uri)
     df = tables["generation_length"]
     row = df[df["generation_length"] == params["horizon"]].set_index("method")

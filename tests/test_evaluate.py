@@ -331,7 +331,7 @@ def test_evaluate_driver_tables_figures_and_copy_last(trained, data_root):
     horizons = (1, 2, 3)
     cfg = EvalConfig(run_dir=run_dir, model_path=str(wm_path), data_root=data_root, games=(GAME,),
                      horizons=horizons, stride=16, max_windows=10_000, batch_size=8, figure_windows=1,
-                     action_sequences=("00", "23"))
+                     action_sequences=("00", "23"), idm_steps=0)
     tables = main(cfg)
 
     # Independent copy-last over every test window of the game, straight from the Parquet data.
@@ -387,7 +387,7 @@ def test_tables_are_written_before_the_figures(trained, data_root, monkeypatch, 
     monkeypatch.setattr(ev, "figure_rollouts", dying_task)
     cfg = ev.EvalConfig(run_dir=str(tmp_path), model_path=str(wm_path), data_root=data_root, games=(GAME,),
                         horizons=(1, 2), stride=16, max_windows=4, batch_size=4, figure_windows=1,
-                        action_sequences=("00",), name="dies")
+                        action_sequences=("00",), name="dies", idm_steps=0)
     with pytest.raises(Exception, match="node lost while drawing figures"):
         ev.main(cfg)
     t = pd.read_csv(tmp_path / "eval" / "dies" / "generation_length.csv")
@@ -417,7 +417,7 @@ def test_second_evaluation_scores_the_same_windows(trained, data_root, tmp_path)
 
     _, wm_path, _ = trained
     base = dict(run_dir=str(tmp_path), model_path=str(wm_path), data_root=data_root, games=(GAME,),
-                horizons=(1, 2), stride=16, batch_size=4, figure_windows=0, lpips=False, vae_recon=False)
+                horizons=(1, 2), stride=16, batch_size=4, figure_windows=0, lpips=False, vae_recon=False, idm_steps=0)
     first = ev.main(ev.EvalConfig(**base, max_windows=3, name="first"))["generation_length"]
     scores = tmp_path / "eval" / "first" / f"{GAME}_scores.npz"
     keys = ev.window_keys(str(scores))

@@ -199,7 +199,7 @@ def test_preset_version_ignores_seeds_and_resources_not_settings():
 
 class _FakeWorldModel:
     """A stand-in with WorldModel's predict contract on 8x8 frames: the next frame is the last
-    condition frame brightened by 20 x the action, plus noise from the generator; `uses_actions`
+    condition frame brightened by 10 x the action (never past 255), plus noise from the generator; `uses_actions`
     False ignores the actions (a copy-last with noise)."""
 
     def __init__(self, uses_actions: bool, num_actions: int = 4):
@@ -214,18 +214,18 @@ class _FakeWorldModel:
         last = cond[:, -1:].float()  # (B, 1, H, W, 3)
         steps = torch.cumsum(actions[:, -horizon:].float(), dim=1) if self.uses else torch.zeros(len(cond), horizon)
         noise = torch.randn(len(cond), horizon, *cond.shape[2:], generator=generator)
-        return (last + 20 * steps[:, :, None, None, None] + noise).clamp(0, 255).to(torch.uint8)
+        return (last + 10 * steps[:, :, None, None, None] + noise).clamp(0, 255).to(torch.uint8)
 
 
-def _action_windows(rng, n: int = 64, H: int = 4):
+def _action_windows(rng, n: int = 64, H: int = 4, size: tuple[int, int] = (8, 8)):
     """Windows whose true frames follow the fake model's rule with each window's own actions."""
     import torch
 
     actions = torch.from_numpy(rng.integers(0, 4, size=(n, 2 + H))).long()
-    start = torch.from_numpy(rng.integers(0, 60, size=(n, 1, 8, 8, 3))).float()
+    start = torch.from_numpy(rng.integers(0, 40, size=(n, 1, *size, 3))).float()
     frames = [start, start]
     for k in range(H):
-        frames.append(frames[-1] + 20 * actions[:, 1 + k].float()[:, None, None, None, None])
+        frames.append(frames[-1] + 10 * actions[:, 1 + k].float()[:, None, None, None, None])
     return torch.cat(frames, dim=1).clamp(0, 255).to(torch.uint8), actions
 
 
@@ -255,3 +255,31 @@ def test_action_tests_separate_a_model_that_follows_its_actions_from_one_that_do
     bad[0, 2] = 7  # a future action of the rollout
     with pytest.raises(ValueError, match=r"valid are 0\.\.3"):
         score_windows(_FakeWorldModel(True), frames, bad, 4, None, torch.Generator().manual_seed(0), action_horizon=4)
+
+
+def test_inverse_dynamics_reads_the_recorded_rollouts_of_the_action_tests():
+    """An IDM trained on real pairs of the stand-in game reads a model that follows its actions as
+    well as the true frames, and one that ignores them at about a constant guess."""
+    import torch
+
+    from pipeline.stats import action_rows
+    from workers.evaluate import score_windows
+    from workers.inverse_dynamics import IDMConfig, train_idm
+
+    rng = np.random.default_rng(7)
+    frames, actions = _action_windows(rng, n=48, size=(210, 160))
+    # real training pairs: consecutive true frames of other windows of the same game
+    tf, ta = _action_windows(np.random.default_rng(8), n=96, size=(210, 160))
+    prev, nxt = tf[:, 1:-1].reshape(-1, 210, 160, 3), tf[:, 2:].reshape(-1, 210, 160, 3)
+    idm, _ = train_idm(IDMConfig(pool=10, channels=(8,), hidden=32, steps=150, batch_size=64, lr=3e-3),
+                       prev.numpy(), nxt.numpy(), ta[:, 1:-1].reshape(-1).numpy(), 4)
+    eids = np.array([f"e{i // 4}" for i in range(len(frames))])
+    rows = {}
+    for uses in (True, False):
+        scores, _ = score_windows(_FakeWorldModel(uses), frames, actions, 4, None, torch.Generator().manual_seed(0),
+                                  action_horizon=4, idm=idm)
+        rows[uses] = {r["T"]: r for r in action_rows([{**scores, "episode_id": eids}], (1, 4), n_boot=100)}
+    follows, ignores = rows[True][4], rows[False][4]
+    assert follows["idm_acc_real"] > 0.8 and follows["idm_acc_generated"] > 0.8 and follows["idm_acc_ratio"] > 0.9
+    assert ignores["idm_acc_real"] == pytest.approx(follows["idm_acc_real"])  # same true frames
+    assert ignores["idm_f1_generated"] <= 1 / 4 + 0.1 and ignores["idm_acc_ratio"] < 0.6

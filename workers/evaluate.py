@@ -78,12 +78,15 @@ def wrong_actions(acts: Tensor, n_future: int, kind: str) -> Tensor:
 
 @torch.no_grad()
 def action_rollouts(world_model: WorldModel, cond: Tensor, truth: Tensor, acts: Tensor, h: int,
-                    generator: torch.Generator | None) -> dict[str, np.ndarray]:
+                    generator: torch.Generator | None, idm=None) -> dict[str, np.ndarray]:
     """The action-fidelity test on one batch: rollouts of `h` frames with the recorded, permuted and
     NOOP future actions from the same condition frames and the same noise (the generator's state
     is replayed for each), scored by MSE and PSNR against the truth: "action_<kind>/mse" (B, h)
     ..., and "action_<kind>/differs" (B,) whether the window's actions differ from the recorded
-    ones (differences are taken over those windows only). Actions outside the model's action set
+    ones (differences are taken over those windows only). With an inverse-dynamics model `idm`
+    (`workers.inverse_dynamics`), its reading of each pair of the recorded rollout (the frame before,
+    the last condition frame for the first) and of the same pairs of true frames: "idm/generated",
+    "idm/real" and the actions given "idm/label", each (B, h). Actions outside the model's action set
     are refused, naming the range."""
     num = getattr(getattr(world_model.dit, "cfg", None), "num_actions", None)
     if num is not None and ((acts >= num) | (acts < -1)).any():
@@ -100,13 +103,21 @@ def action_rollouts(world_model: WorldModel, cond: Tensor, truth: Tensor, acts: 
         out[f"action_{kind}/mse"] = s["mse"].numpy().astype(np.float64)
         out[f"action_{kind}/psnr"] = s["psnr"].clamp(max=PSNR_MAX).numpy().astype(np.float64)
         out[f"action_{kind}/differs"] = (a[:, -h:] != acts[:, -h:]).any(dim=1).numpy()
+        if kind == "recorded" and idm is not None:
+            from workers.inverse_dynamics import generated_pairs, idm_predict
+
+            B = len(cond)
+            for name, frames in (("generated", pred), ("real", truth[:, :h])):
+                prev, nxt, _ = generated_pairs(cond[:, -1], frames)
+                out[f"idm/{name}"] = idm_predict(idm, prev, nxt).reshape(B, h)
+            out["idm/label"] = acts[:, -h:].numpy().astype(np.int64)
     return out
 
 
 @torch.no_grad()
 def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, horizon: int,
                   lpips_model=None, generator: torch.Generator | None = None, direct: tuple[int, ...] = (),
-                  vae_recon: bool = False, action_horizon: int = 0) -> tuple[dict[str, np.ndarray], Tensor]:
+                  vae_recon: bool = False, action_horizon: int = 0, idm=None) -> tuple[dict[str, np.ndarray], Tensor]:
     """frames: uint8 (B, n+H', 210, 160, 3) with H' >= horizon; actions: int64 (B, n+H').
 
     Returns ({"model/mse": (B, horizon), "copy_last/mse": ..., psnr, lpips when given, and
@@ -137,7 +148,7 @@ def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, hori
     if action_horizon > 0:
         h = min(action_horizon, horizon)
         out.update(action_rollouts(world_model, cond, truth, window_actions(actions, n, h, world_model.action_mode),
-                                   h, generator))
+                                   h, generator, idm))
     return out, pred
 
 
@@ -148,9 +159,14 @@ class ScoreWindows:
 
     def __init__(self, model_path: str, horizon: int, *, lpips: bool = True, sample_steps: int | None = None,
                  seed: int = 0, device: str = "cpu", direct: tuple[int, ...] = (), vae_recon: bool = False,
-                 action_horizon: int = 0, guidance_scale: float | None = None):
+                 action_horizon: int = 0, guidance_scale: float | None = None, idm_path: str = ""):
         self.world_model = load_world_model(model_path, device, sample_steps=sample_steps,
                                             guidance_scale=guidance_scale)
+        self.idm = None
+        if idm_path:
+            from workers.inverse_dynamics import load_idm
+
+            self.idm = load_idm(idm_path, device)[0]
         self.horizon, self.direct, self.vae_recon = horizon, tuple(direct), vae_recon
         self.action_horizon = action_horizon
         self.lpips_model = None
@@ -164,7 +180,7 @@ class ScoreWindows:
         frames = torch.from_numpy(np.ascontiguousarray(np.stack(batch["frames"])))
         actions = torch.from_numpy(np.stack(batch["actions"]).astype(np.int64))
         scores, _ = score_windows(self.world_model, frames, actions, self.horizon, self.lpips_model,
-                                  self.generator, self.direct, self.vae_recon, self.action_horizon)
+                                  self.generator, self.direct, self.vae_recon, self.action_horizon, self.idm)
         if "episode_id" in batch:
             scores["episode_id"] = np.asarray(batch["episode_id"]).astype(str)
         if "start_step" in batch:

@@ -244,9 +244,10 @@ def _to_tensor(x) -> Tensor:
 
 
 def train_idm(cfg: IDMConfig, prev: np.ndarray, nxt: np.ndarray, actions: np.ndarray,
-              num_actions: int) -> tuple[InverseDynamics, dict]:
-    """Train an IDM on real pairs; the same inputs and seed give the same weights (CPU). Returns the
-    model (eval mode, on CPU) and info: steps, seconds, final loss, class counts and loss weights."""
+              num_actions: int, device: str = "cpu") -> tuple[InverseDynamics, dict]:
+    """Train an IDM on real pairs (on `device`); the same inputs and seed give the same weights (CPU).
+    Returns the model (eval mode, on CPU) and info: steps, seconds, final loss, class counts and loss
+    weights."""
     _check_frames(prev, "prev"), _check_frames(nxt, "nxt")
     actions = np.asarray(actions, dtype=np.int64)
     if not (len(prev) == len(nxt) == len(actions)) or not len(actions):
@@ -266,8 +267,9 @@ def train_idm(cfg: IDMConfig, prev: np.ndarray, nxt: np.ndarray, actions: np.nda
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
         model = InverseDynamics(cfg, num_actions)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32))
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32, device=device))
     rng = np.random.default_rng(cfg.seed)
     perm, pos, losses = rng.permutation(len(actions)), 0, []
     model.train()
@@ -276,13 +278,13 @@ def train_idm(cfg: IDMConfig, prev: np.ndarray, nxt: np.ndarray, actions: np.nda
             perm, pos = rng.permutation(len(actions)), 0
         idx = np.sort(perm[pos:pos + cfg.batch_size])
         pos += cfg.batch_size
-        logits = model(_to_tensor(prev[idx]), _to_tensor(nxt[idx]))  # (b, A)
-        loss = loss_fn(logits, torch.from_numpy(actions[idx]))
+        logits = model(_to_tensor(prev[idx]).to(device), _to_tensor(nxt[idx]).to(device))  # (b, A)
+        loss = loss_fn(logits, torch.from_numpy(actions[idx]).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    model.eval()
+    model = model.cpu().eval()
     info = dict(steps=cfg.steps, seconds=time.time() - t0, pairs=len(actions),
                 loss=float(np.mean(losses[-50:])), class_counts=counts.tolist(), class_weights=weight.tolist())
     return model, info
@@ -381,19 +383,20 @@ def cache_key(data_root: str, game: str, cfg: IDMConfig) -> str:
 
 
 def cached_idm(data_root: str, game: str, cfg: IDMConfig, cache_dir: str, *,
-               eval_split: str | None = None) -> tuple[InverseDynamics, dict]:
+               eval_split: str | None = None, device: str = "cpu") -> tuple[InverseDynamics, dict]:
     """The IDM of a collection's game: loaded from `cache_dir/<game>-<cache_key>` when present, else
     trained on the train split, scored on `eval_split` when given (the real-pair ceiling, stored in
     meta["eval"]) and saved there (written aside and renamed in, so concurrent callers never read half
-    a cache). Returns (model, meta); meta["trained"] says whether this call trained it."""
+    a cache). Returns (model on `device`, meta); meta["trained"] says whether this call trained it, and
+    meta["path"] where it is (`load_idm`)."""
     game = _normalise_game(game)
     target = os.path.join(cache_dir, f"{game}-{cache_key(data_root, game, cfg)}")
     if os.path.exists(os.path.join(target, _META)):
-        model, _, meta = load_idm(target)
-        return model, {**meta, "trained": False}
+        model, _, meta = load_idm(target, device)
+        return model, {**meta, "trained": False, "path": target}
     n_act = dataset_num_actions(data_root, game)
     prev, nxt, actions = pairs_from_dataset(data_root, game, "train", cfg.max_pairs, cfg.seed)
-    model, info = train_idm(cfg, prev, nxt, actions, n_act)
+    model, info = train_idm(cfg, prev, nxt, actions, n_act, device=device)
     del prev, nxt
     meta = dict(data_root=os.path.abspath(data_root), game=game, train=info)
     if eval_split is not None:
@@ -407,4 +410,4 @@ def cached_idm(data_root: str, game: str, cfg: IDMConfig, cache_dir: str, *,
         os.rename(tmp, target)
     except OSError:  # another caller got there first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
-    return model, {**meta, "trained": True}
+    return model.to(device), {**meta, "trained": True, "path": target}
