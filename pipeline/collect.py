@@ -96,6 +96,10 @@ class CollectConfig:
                              f"got {self.val_fraction}")
 
 
+MIN_HELDOUT_EPISODES = 30
+"""Episodes a val or test split should hold for a bootstrap over episodes to mean something."""
+
+
 def _write_json_atomic(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -244,6 +248,11 @@ def main(cfg: CollectConfig) -> dict:
     for game, m in manifest["games"].items():
         print(f"[collect {game}] wrote {m['rows']} rows, {m['episodes']} episodes "
               f"({m['episodes_per_split']}), {m['bytes_per_frame']:.0f} B/frame", flush=True)
+        few = {s: n for s, n in m["episodes_per_split"].items()
+               if s != "train" and n < MIN_HELDOUT_EPISODES and getattr(cfg, f"{s}_fraction") > 0}
+        if few:
+            print(f"[collect {game}] WARNING: {few} held-out episodes: intervals over fewer than "
+                  f"{MIN_HELDOUT_EPISODES} episodes are rough; collect more steps or raise the fractions", flush=True)
     return manifest
 
 

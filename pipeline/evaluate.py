@@ -42,7 +42,8 @@ from pipeline import figures, paper  # noqa: E402
 from pipeline.stats import action_rows, pooled_rows  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 from pipeline.train import _ensure_ray, parse_config, pop_tracking_uri, spread_window_dataset  # noqa: E402
-from workers.evaluate import METRICS, ScoreWindows, frame_table, horizon_table, score_windows, window_actions  # noqa: E402
+from workers.evaluate import (METRICS, ScoreWindows, frame_table, horizon_table, partner_keys,  # noqa: E402
+                              score_windows, window_actions)
 from workers.world_model import load_world_model  # noqa: E402
 
 
@@ -160,6 +161,11 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
         where = f"the {n} windows of {cfg.windows_of}" if cfg.windows_of else f"the {n} windows chosen"
         raise ValueError(f"EvalConfig: {ds.count()} of {where} are in {cfg.data_root} ({game}, length {n_cond + H}, "
                          f"stride {cfg.stride}): same data and settings?")
+    partners = None
+    if cfg.action_tests:  # the permuted test's partners, fixed over the whole set of windows
+        small = ds.select_columns(["episode_id", "start_step", "actions"]).take_all()
+        acts = {(str(r["episode_id"]), int(r["start_step"])): np.asarray(r["actions"], dtype=np.int64) for r in small}
+        partners = {k: acts[v] for k, v in partner_keys(list(acts)).items()} or None
     scored = ds.map_batches(
         ScoreWindows, batch_size=cfg.batch_size, concurrency=1, num_cpus=cfg.num_cpus,
         num_gpus=1 if cfg.use_gpu else 0,
@@ -169,7 +175,8 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
                                "direct": tuple(h for h in cfg.horizons if h in trained and h < H),
                                "vae_recon": cfg.vae_recon,
                                "action_horizon": max(trained) if cfg.action_tests and trained else 0,
-                               "guidance_scale": cfg.guidance_scale or None, "idm_path": idm_path})
+                               "guidance_scale": cfg.guidance_scale or None, "idm_path": idm_path,
+                               "partner_actions": partners})
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         old = (" (a collection made before the val split existed has none: collect with "
@@ -270,9 +277,14 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
             if cfg.action_tests and cfg.idm_steps > 0:
                 import ray
 
-                idm_path, idm_meta = ray.get(scoring_task(prepare_idm, cfg).remote(
-                    cfg.data_root, game, cfg.idm_steps, cfg.idm_max_pairs, str(Path(cfg.run_dir) / "idm"), cfg.split,
-                    "cuda" if cfg.use_gpu else "cpu"))
+                try:
+                    idm_path, idm_meta = ray.get(scoring_task(prepare_idm, cfg).remote(
+                        cfg.data_root, game, cfg.idm_steps, cfg.idm_max_pairs, str(Path(cfg.run_dir) / "idm"),
+                        cfg.split, "cuda" if cfg.use_gpu else "cpu"))
+                except Exception as exc:  # noqa: BLE001 - e.g. a split without frame pairs: Table 2 still runs
+                    print(f"[evaluate] {game}: no inverse-dynamics model ({type(exc).__name__}: {exc}); "
+                          f"the action tests run without it", flush=True)
+                    idm_path, idm_meta = "", {}
                 if "eval" in idm_meta:
                     ceiling = idm_meta["eval"]
                     tracker.log_metrics({f"eval/{game}/action/idm_acc_real_split": ceiling["accuracy"],

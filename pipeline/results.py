@@ -36,6 +36,8 @@ TABLE2_COLUMNS = ["game", "T", "method", "mse", "mse_ci_low", "mse_ci_high", "ms
                   "db_over_copy_last", "db_ci_low", "db_ci_high", "lpips", "lpips_ci_low", "lpips_ci_high", "seeds",
                   "windows", "episodes"]
 TABLE2_T = (1, 2, 4)
+MIN_SEEDS = 3
+"""Training seeds a row needs to be a reported result (column `reported`)."""
 PAPER_METHOD = "paper (other data)"
 DEFAULT_RUNS = Path("docs/results/runs")
 DEFAULT_OUT = Path("docs/results/current")
@@ -51,7 +53,9 @@ def _commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return os.environ.get("AWM_COMMIT", "unknown")  # e.g. under `ray job submit`, which uploads no .git
@@ -77,12 +81,12 @@ def record_run(results_dir: str | Path, scores_file: str | Path, *, preset: str,
     if not scores_file.is_file():
         raise FileNotFoundError(f"record_run: no scores file at {scores_file}")
     now = dt.datetime.now(dt.timezone.utc)
-    run_id = f"{preset}-{version}-{game}-s{seed}-{now:%Y%m%dT%H%M%S}"
+    run_id = f"{preset}-{version}-{game}-s{seed}-{now:%Y%m%dT%H%M%S}-{os.urandom(2).hex()}"
     out = Path(results_dir) / run_id
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)
     shutil.copy2(scores_file, out / f"{game}_scores.npz")
     meta = {"run_id": run_id, "preset": preset, "preset_version": version, "game": game, "seed": seed,
-            "split": split, "date": now.isoformat(timespec="seconds"), "commit": _commit(), "gpu": _gpu(),
+            "split": split, "date": now.isoformat(timespec="microseconds"), "commit": _commit(), "gpu": _gpu(),
             "command": command, "stage_wall_s": stage_walls, "settings": settings}
     tmp = out / ".run.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1, default=list))
@@ -141,7 +145,15 @@ def select_runs(run_dirs: list[Path], preset: str, version: str, explicit: bool
             left.append({"run_id": meta.get("run_id", d.name), "why": why})
         else:
             pooled.append((meta, scores))
-    return pooled, left
+    # one record per (game, seed): a re-evaluated seed counts once, by its newest record
+    newest: dict[tuple[str, int], tuple[dict, dict]] = {}
+    for meta, scores in sorted(pooled, key=lambda ms: ms[0].get("date", "")):
+        key = (meta["game"], int(meta["seed"]))
+        if key in newest:
+            old = newest[key][0]
+            left.append({"run_id": old.get("run_id"), "why": f"an older record of {key[0]} seed {key[1]}"})
+        newest[key] = (meta, scores)
+    return list(newest.values()), left
 
 
 # -- Table 2 ---------------------------------------------------------------------------------------
@@ -167,16 +179,17 @@ def table2(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
     for c in TABLE2_COLUMNS:
         if c not in df:
             df[c] = np.nan
+    df["reported"] = df["seeds"].fillna(0) >= MIN_SEEDS  # fewer seeds: shown, not a reported result
     order = {m: i for i, m in enumerate(("model", "copy_last", "vae_recon", PAPER_METHOD))}
     df = df.assign(_o=df["method"].map(order)).sort_values(["game", "T", "_o"], kind="stable",
                                                            key=lambda s: s.map(lambda g: GAMES_ORDER.index(g)
                                                                                if g in GAMES_ORDER else 99)
                                                            if s.name == "game" else s)
-    return df[TABLE2_COLUMNS].reset_index(drop=True)
+    return df[TABLE2_COLUMNS + ["reported"]].reset_index(drop=True)
 
 
 AF_COLUMNS = ["game", "test_set", "T", "idm_acc_real", "idm_f1_real", "idm_acc_generated", "idm_f1_generated",
-              "idm_acc_ratio", "dpsnr_vs_permuted", "dpsnr_ci_low", "dpsnr_ci_high", "dpsnr_vs_noop", "dpsnr_noop_ci_low",
+              "idm_majority_share", "idm_acc_ratio", "dpsnr_vs_permuted", "dpsnr_ci_low", "dpsnr_ci_high", "dpsnr_vs_noop", "dpsnr_noop_ci_low",
               "dpsnr_noop_ci_high", "recorded_better_permuted", "seeds", "windows"]
 
 
@@ -200,7 +213,7 @@ def action_fidelity(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.D
                          "recorded_better_permuted": r.get("recorded_better_permuted"),
                          "windows": r.get("windows_permuted"),
                          **{k: r[k] for k in ("idm_acc_real", "idm_f1_real", "idm_acc_generated", "idm_f1_generated",
-                                              "idm_acc_ratio") if k in r}})
+                                              "idm_majority_share", "idm_acc_ratio") if k in r}})
     df = pd.DataFrame(rows)
     for c in AF_COLUMNS:
         if c not in df:
@@ -220,7 +233,7 @@ def markdown_table2(df: pd.DataFrame) -> str:
         mse = f(r.mse) + (f" [{f(r.mse_ci_low)}, {f(r.mse_ci_high)}]" if not pd.isna(r.mse_ci_low) else "")
         db = (f"{f(r.db_over_copy_last)} [{f(r.db_ci_low)}, {f(r.db_ci_high)}]"
               if not pd.isna(r.db_over_copy_last) and r.method != "copy_last" else "")
-        n = "" if pd.isna(r.seeds) else str(int(r.seeds))
+        n = "" if pd.isna(r.seeds) else str(int(r.seeds)) + ("" if r.seeds >= MIN_SEEDS else " (too few)")
         lines.append(f"| {r.game} | {r.T} | {r.method} | {mse} | {f(r.mse_std_seeds)} | {f(r.psnr_of_mean_mse)} | "
                      f"{db} | {f(r.lpips, 4)} | {n} | {'' if pd.isna(r.windows) else int(r.windows)} | "
                      f"{'' if pd.isna(r.episodes) else int(r.episodes)} |")
@@ -270,8 +283,8 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
     if len(af):
         _write(out / "action_fidelity.csv", af.to_csv(index=False, float_format="%.6g"))
         _write(out / "action_fidelity.meta.json", json.dumps(
-            {**meta, "table": "action_fidelity", "windows": "windows whose permuted future actions differ from "
-             "the recorded ones (summed over seeds)", "dpsnr": "PSNR of the mean MSE with the recorded actions minus "
+            {**meta, "table": "action_fidelity", "windows": "windows (per seed) whose first T permuted future actions "
+             "differ from the recorded ones", "dpsnr": "PSNR of the mean MSE with the recorded actions minus "
              "with permuted (another window's) or NOOP future actions, same condition frames and noise",
              "idm": "inverse-dynamics model trained on real training pairs of the run's collection, read on the "
              "recorded rollout's pairs (generated) and the same windows' true pairs (real), frames 1..T"}, indent=1))

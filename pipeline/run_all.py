@@ -78,7 +78,8 @@ def smoke() -> Preset:
                   "figure_windows": 1, "idm_steps": 20, "idm_max_pairs": 256},
         sweeps=(("table3", {"seeds": (0,), "overrides": json.dumps({"horizon": [1, 2], "game": "Breakout"}),
                             "dit": json.dumps({**dit, "steps": 12, "checkpoint_every": 12, "horizon_choices": ()}),
-                            "eval_max_windows": 4, "eval_lpips": False, "eval_idm_steps": 20}),),
+                            "eval_max_windows": 4, "eval_lpips": False, "eval_idm_steps": 20,
+                            "eval_idm_max_pairs": 256}),),
     )
 
 
@@ -86,8 +87,8 @@ def gpu() -> Preset:
     """One GPU box (16 cores, one H100 or H200), about 20 minutes a game: the reported runs.
 
     - Collection: a briefly trained PPO agent records 120k steps; 20 % of the episodes are test
-      and 20 % val (split by episode hash), at least 30 held-out episodes of each per game, so
-      that intervals over episodes mean something.
+      and 20 % val (split by episode hash), so that intervals over held-out episodes mean something
+      (Breakout: 161 val and 140 test episodes; collect warns below 30).
     - Step budgets, not clocks, so that runs on H100 and H200 pool into one table: a frame-wise L2
       VAE (4,000 steps; it exports the EMA weights of its best check on fixed training windows,
       since its loss can spike late), then one DiT for generation lengths 1, 2 and 4 on 64 clips
@@ -172,7 +173,8 @@ _UNVERSIONED = {"run_dir", "data_root", "name", "game", "games", "run_id", "vae_
                 "action_sequences", "windows_of", "checkpoint_every", "log_every", "num_env_runners",
                 "cpus_per_env_runner", "gpus_per_env_runner", "learner_threads", "learner_device",
                 "steps_per_round", "data_loader"}
-_EVAL_VERSIONED = ("split", "horizons", "stride", "max_windows", "sample_steps", "lpips", "vae_recon")
+_EVAL_VERSIONED = ("split", "horizons", "stride", "max_windows", "sample_steps", "guidance_scale", "lpips",
+                   "vae_recon", "action_tests", "idm_steps", "idm_max_pairs")
 
 
 def resolved_settings(preset: Preset) -> dict[str, dict[str, Any]]:
@@ -205,7 +207,8 @@ def preset_version(preset: Preset) -> str:
 
 def with_seed(preset: Preset, seed: int) -> Preset:
     """The preset with its training seeds (VAE, DiT) and the evaluation's sampling seed set to
-    `seed`; the collection keeps its own, so seeds of one version can share a collection."""
+    `seed`. The collection keeps the preset's seed; a run's collection still differs from another's,
+    since its PPO agent's training is not bit-reproducible, so a seed's spread includes the data's."""
     return dataclasses.replace(preset, vae={**preset.vae, "seed": seed}, dit={**preset.dit, "seed": seed},
                                evaluate={**preset.evaluate, "seed": seed})
 

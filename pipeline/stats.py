@@ -8,8 +8,9 @@ evaluations read the same episodes), and on its own collection's resample otherw
 bootstrap, one stratum per collection). A statistic of several methods (a difference, a ratio of
 means) is computed on the same draws, so it is paired.
 
-Scores of two methods or two runs are paired by window key (episode_id, start_step), never by row
-order: `align` refuses two score sets whose keys differ, so no method loses windows alone.
+Within one evaluation every method is scored on the same windows, row by row. Scores of two
+separate evaluations are lined up by window key (episode_id, start_step), never by row order:
+`align` refuses two score sets whose keys differ, so no method loses windows alone.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ def interval(value: float, replicates: np.ndarray, level: float = CI_LEVEL) -> I
 
 
 def psnr_of_mse(mse, peak: float = 255.0):
-    """PSNR (dB) of a mean squared error on the 0-255 scale."""
-    return 10.0 * np.log10(peak ** 2 / np.asarray(mse, dtype=np.float64))
+    """PSNR (dB) of a mean squared error on the 0-255 scale (inf for 0)."""
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(peak ** 2 / np.asarray(mse, dtype=np.float64))
 
 
 def db_ratio(mse_reference, mse_model):
@@ -168,9 +170,11 @@ def action_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_
                 seed: int = 0) -> list[dict]:
     """Action fidelity pooled over runs: for each T (mean over generated frames 1..T of the
     action-fidelity rollouts, `workers.evaluate.action_rollouts`), PSNR(recorded) - PSNR(permuted)
-    and PSNR(recorded) - PSNR(NOOP) of the mean MSEs over the windows whose actions differ, each
-    with its paired 95 % episode-bootstrap interval, and the share of those windows where the
-    recorded actions give the lower MSE. A model that follows its actions scores clearly above 0."""
+    and PSNR(recorded) - PSNR(NOOP) of the mean MSEs over the windows whose first T actions differ
+    (the same windows for both sides of each difference), each with its paired 95 % episode-bootstrap
+    interval, and the share of those windows where the recorded actions give the lower MSE. Runs
+    with no such window leave that difference (`seeds_<kind>` counts the runs used). A model that
+    follows its actions scores clearly above 0."""
     if not all("action_recorded/mse" in r for r in runs):
         return []
     h_f = min(r["action_recorded/mse"].shape[1] for r in runs)
@@ -178,12 +182,17 @@ def action_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_
     for T in (t for t in horizons if t <= h_f):
         row: dict = {"T": T, "seeds": len(runs)}
         for kind, col in (("permuted", "dpsnr_vs_permuted"), ("noop", "dpsnr_vs_noop")):
-            keep = [r[f"action_{kind}/differs"].astype(bool) for r in runs]
-            if not all(k.any() for k in keep):
+            used = []
+            for r in runs:
+                differs = np.asarray(r[f"action_{kind}/differs"]).astype(bool)
+                keep = differs[:, :T].any(axis=1) if differs.ndim == 2 else differs
+                if keep.any():
+                    used.append((r, keep))
+            if not used:
                 continue
-            boot = EpisodeBootstrap([r["episode_id"][k] for r, k in zip(runs, keep)], n_boot=n_boot, seed=seed)
-            rec = [r["action_recorded/mse"][k, :T].mean(axis=1) for r, k in zip(runs, keep)]
-            wrong = [r[f"action_{kind}/mse"][k, :T].mean(axis=1) for r, k in zip(runs, keep)]
+            boot = EpisodeBootstrap([r["episode_id"][k] for r, k in used], n_boot=n_boot, seed=seed)
+            rec = [r["action_recorded/mse"][k, :T].mean(axis=1) for r, k in used]
+            wrong = [r[f"action_{kind}/mse"][k, :T].mean(axis=1) for r, k in used]
             rp, rb = boot.run_means(rec)
             wp, wb = boot.run_means(wrong)
             d = interval(db_ratio(wp.mean(), rp.mean()), db_ratio(wb.mean(axis=1), rb.mean(axis=1)))
@@ -191,7 +200,8 @@ def action_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_
             row.update({col: d.value, f"dpsnr_{short}_ci_low": d.low, f"dpsnr_{short}_ci_high": d.high,
                         f"mse_{kind}": float(wp.mean()), f"mse_recorded_vs_{kind}": float(rp.mean()),
                         f"recorded_better_{kind}": float(np.mean(np.concatenate(rec) < np.concatenate(wrong))),
-                        f"windows_{kind}": int(sum(k.sum() for k in keep))})
+                        f"windows_{kind}": int(round(np.mean([k.sum() for _, k in used]))),
+                        f"seeds_{kind}": len(used)})
         if all("idm/label" in r for r in runs):
             row.update(idm_columns(runs, T))
         rows.append(row)
@@ -201,7 +211,9 @@ def action_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_
 def idm_columns(runs: list[dict[str, np.ndarray]], T: int) -> dict:
     """The inverse-dynamics model's accuracy and macro-F1 over generated frames 1..T of the recorded
     rollouts ("idm/generated") and over the same pairs of true frames ("idm/real", the ceiling on
-    these windows), pooled over runs, and the ratio generated / real."""
+    these windows), pooled over runs; the majority share of the actions given (what a constant guess
+    scores) and the chance-corrected ratio (acc_generated - majority) / (acc_real - majority): 1 when
+    the generated frames carry the actions as well as the true ones, 0 when no better than a guess."""
     from workers.inverse_dynamics import scores_from_predictions
 
     label = np.concatenate([r["idm/label"][:, :T].reshape(-1) for r in runs])
@@ -210,5 +222,7 @@ def idm_columns(runs: list[dict[str, np.ndarray]], T: int) -> dict:
         pred = np.concatenate([r[f"idm/{name}"][:, :T].reshape(-1) for r in runs])
         s = scores_from_predictions(pred, label, int(max(label.max(), pred.max())) + 1)
         out.update({f"idm_acc_{name}": s["accuracy"], f"idm_f1_{name}": s["macro_f1"]})
-    out["idm_acc_ratio"] = out["idm_acc_generated"] / out["idm_acc_real"] if out["idm_acc_real"] > 0 else float("nan")
+        out["idm_majority_share"] = s["majority_share"]
+    gain = out["idm_acc_real"] - out["idm_majority_share"]
+    out["idm_acc_ratio"] = (out["idm_acc_generated"] - out["idm_majority_share"]) / gain if gain > 0 else float("nan")
     return out

@@ -73,9 +73,13 @@ class SweepConfig:
     """Stride of the evaluation windows."""
     eval_lpips: bool = True
     """Score LPIPS in the trials."""
+    eval_split: str = "val"
+    """Split the trials are scored on: `val` while choosing, `test` for a reported table."""
     eval_idm_steps: int = 2000
     """Training steps of the inverse-dynamics model that reads every trial's rollouts (trained once
     per collection and game, shared by the trials; 0 = none)."""
+    eval_idm_max_pairs: int = 8192
+    """Real training pairs that inverse-dynamics model sees at most."""
     max_concurrent_trials: int = 1
     """Trials run at once (each holds its TorchTrainer's workers)."""
     use_gpu: bool = False
@@ -84,6 +88,10 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise ValueError(f"SweepConfig.space={self.space!r}; known spaces: {sorted(SPACES)}")
+        from workers.schema import SPLITS
+
+        if self.eval_split not in SPLITS:
+            raise ValueError(f"SweepConfig.eval_split={self.eval_split!r} is no split; splits are {list(SPLITS)}")
         for field in ("overrides", "dit"):
             text = getattr(self, field)
             if text and not isinstance(json.loads(text), dict):
@@ -124,6 +132,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, 
         run_dir=cfg.run_dir, model_path=str(model_path), data_root=cfg.data_root,
         games=(params["game"],), name=name, horizons=(params["horizon"],),
         stride=cfg.eval_stride, max_windows=cfg.eval_max_windows, lpips=cfg.eval_lpips, idm_steps=cfg.eval_idm_steps,
+        idm_max_pairs=cfg.eval_idm_max_pairs, split=cfg.eval_split,
         figure_windows=1, action_sequences=(), num_cpus=0.5, use_gpu=cfg.use_gpu), tracking_uri=uri)
     df = tables["generation_length"]
     row = df[df["generation_length"] == params["horizon"]].set_index("method")

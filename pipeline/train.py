@@ -69,8 +69,9 @@ def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int
     files = parquet_files(data_root)
     if episodes is not None:
         # Only the files holding those episodes are read, and the episodes are picked after the
-        # shuffle that gathers them: a filter before it leaves empty blocks, which Ray Data's hash
-        # shuffle cannot concatenate ("Schema at index 1 was different").
+        # shuffle that gathers them: with an `is_in` filter before it, a 28-file collection failed
+        # in Ray Data's hash shuffle ("Schema at index 1 was different": a block without columns
+        # beside full ones), which a CPU-sized collection did not show.
         wanted = set(episodes)
         files = [f for f in files if wanted & set(pq.read_table(f, columns=[EPISODE_ID])[EPISODE_ID].to_pylist())]
         if not files:

@@ -99,16 +99,19 @@ for g in "${games[@]}"; do
   pids+=($!)
 done
 # The preset's evaluation settings, which the pipeline's own evaluation used (windows_of needs them).
-read -r eval_horizons eval_stride eval_batch eval_cpus <<< "$(python -c "from pipeline.run_all import PRESETS
-e = PRESETS['$preset']().evaluate
-print(','.join(map(str, e['horizons'])), e['stride'], e.get('batch_size', 8), e.get('num_cpus', 1))")"
+read -r eval_horizons eval_stride eval_batch eval_cpus eval_idm_steps eval_idm_pairs <<< "$(python -c "from pipeline.run_all import PRESETS
+from pipeline.evaluate import EvalConfig
+e, d = PRESETS['$preset']().evaluate, EvalConfig()
+print(','.join(map(str, e['horizons'])), e['stride'], e.get('batch_size', 8), e.get('num_cpus', 1),
+      e.get('idm_steps', d.idm_steps), e.get('idm_max_pairs', d.idm_max_pairs))")"
 evaluate_on() {  # $1 game, $2 world model, $3 eval name, extra flags...: scored on the final model's windows
   local g=$1 model=$2 name=$3; shift 3
   local windows="$out/$g/eval/eval-$g/${g}_scores.npz"
   [ -d "$model" ] && [ -f "$windows" ] || { mark "$name: skipped (no model or no windows)"; return; }
   python pipeline/evaluate.py --run_dir "$out/$g" --model_path "$model" --data_root "$out/$g/data" --games "$g" \
     --horizons "$eval_horizons" --stride "$eval_stride" --windows_of "$windows" --batch_size "$eval_batch" \
-    --num_cpus "$eval_cpus" --use_gpu "$gpu_flag" --name "$name" --figure_windows 0 "$@" > "$out/$name.log" 2>&1
+    --num_cpus "$eval_cpus" --use_gpu "$gpu_flag" --name "$name" --figure_windows 0 \
+    --idm_steps "$eval_idm_steps" --idm_max_pairs "$eval_idm_pairs" "$@" > "$out/$name.log" 2>&1
   mark "$name exit $?"
 }
 train_bench() {  # DiT training throughput (bench_train, synthetic latents of the run's shape) of the

@@ -179,12 +179,17 @@ def data_root(tiny_dataset, tmp_path_factory) -> str:
             seen[game] = seen.get(game, 0) + 1
             part = table.filter(pa.compute.equal(table["episode_id"], eid))
             i = part.schema.get_field_index("split")
-            # val holds a copy of each test episode: two episodes a game are too few for three splits
-            for name in (split, "val") if split == "test" else (split,):
-                part = part.set_column(i, "split", pa.array([name] * part.num_rows, part.schema.field("split").type))
+            # val holds a copy of each train episode under an id of its own (two episodes a game are
+            # too few for three splits): never the test episode's frames, so reading test for val fails
+            for name in (split, "val") if split == "train" else (split,):
+                piece = part.set_column(i, "split", pa.array([name] * part.num_rows, part.schema.field("split").type))
+                if name == "val":
+                    j = piece.schema.get_field_index("episode_id")
+                    piece = piece.set_column(j, "episode_id", pa.array([f"{eid}-val"] * piece.num_rows,
+                                                                       piece.schema.field("episode_id").type))
                 dst = out / (rel + f".{name}.parquet")
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(part, dst, compression="zstd")
+                pq.write_table(piece, dst, compression="zstd")
     assert all(n >= 2 for n in seen.values()), seen
     return str(out)
 

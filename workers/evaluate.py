@@ -57,18 +57,29 @@ def _scores(pred: Tensor, truth: Tensor, lpips_model) -> dict[str, np.ndarray]:
 
 ACTION_TESTS = ("recorded", "permuted", "noop")
 """Rollouts of the action-fidelity test (`action_rollouts`): the recorded future actions, the future
-actions of another window of the batch, and a constant NOOP (action 0), on the same condition frames
-and the same noise."""
+actions of a partner window (`partner_keys`), and a constant NOOP (action 0), on the same condition
+frames and the same noise."""
 NOOP = 0
 
 
-def wrong_actions(acts: Tensor, n_future: int, kind: str) -> Tensor:
+def partner_keys(keys: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[str, int]]:
+    """A fixed derangement of the scored windows for the "permuted" test: in (episode_id, start_step)
+    order, each window takes the actions of the window half the list away, which is never itself
+    (two windows or more) and, with windows spread over the episodes, lies in another episode. The
+    same windows get the same partners whatever the batching."""
+    order = sorted(keys)
+    n = len(order)
+    return {k: order[(i + max(1, n // 2)) % n] for i, k in enumerate(order)} if n > 1 else {}
+
+
+def wrong_actions(acts: Tensor, n_future: int, kind: str, partner: Tensor | None = None) -> Tensor:
     """The rollout actions (B, A) with their last `n_future` (the future ones) replaced: "permuted"
-    by those of the next window in the batch (a cyclic shift: no window keeps its own unless all
-    are equal), "noop" by NOOP; "recorded" leaves them."""
+    by `partner`'s (B, >= n_future; its last n_future), or without one by those of the previous
+    window in the batch; "noop" by NOOP; "recorded" leaves them."""
     out = acts.clone()
     if kind == "permuted":
-        out[:, -n_future:] = torch.roll(acts[:, -n_future:], shifts=1, dims=0)
+        out[:, -n_future:] = (partner[:, -n_future:] if partner is not None
+                              else torch.roll(acts[:, -n_future:], shifts=1, dims=0))
     elif kind == "noop":
         out[:, -n_future:] = NOOP
     elif kind != "recorded":
@@ -78,31 +89,35 @@ def wrong_actions(acts: Tensor, n_future: int, kind: str) -> Tensor:
 
 @torch.no_grad()
 def action_rollouts(world_model: WorldModel, cond: Tensor, truth: Tensor, acts: Tensor, h: int,
-                    generator: torch.Generator | None, idm=None) -> dict[str, np.ndarray]:
-    """The action-fidelity test on one batch: rollouts of `h` frames with the recorded, permuted and
-    NOOP future actions from the same condition frames and the same noise (the generator's state
-    is replayed for each), scored by MSE and PSNR against the truth: "action_<kind>/mse" (B, h)
-    ..., and "action_<kind>/differs" (B,) whether the window's actions differ from the recorded
-    ones (differences are taken over those windows only). With an inverse-dynamics model `idm`
-    (`workers.inverse_dynamics`), its reading of each pair of the recorded rollout (the frame before,
-    the last condition frame for the first) and of the same pairs of true frames: "idm/generated",
-    "idm/real" and the actions given "idm/label", each (B, h). Actions outside the model's action set
-    are refused, naming the range."""
+                    generator: torch.Generator | None, idm=None, partner: Tensor | None = None
+                    ) -> dict[str, np.ndarray]:
+    """The action-fidelity test on one batch: rollouts of `h` frames with the recorded, permuted
+    (`partner`'s future actions, `wrong_actions`) and NOOP future actions from the same condition
+    frames and the same noise (the generator's state is replayed for each; without a generator one
+    seeded 0 is used), scored by MSE and PSNR against the truth: "action_<kind>/mse" (B, h) ...,
+    and "action_<kind>/differs" (B, h): whether the action given for generated frame k differs from
+    the recorded one (a T-frame difference is taken over the windows whose first T actions differ).
+    With an inverse-dynamics model `idm` (`workers.inverse_dynamics`), its reading of each pair of
+    the recorded rollout (the frame before, the last condition frame for the first) and of the same
+    pairs of true frames: "idm/generated", "idm/real" and the actions given "idm/label", each (B, h).
+    Actions outside the model's action set are refused, naming the range."""
     num = getattr(getattr(world_model.dit, "cfg", None), "num_actions", None)
     if num is not None and ((acts >= num) | (acts < -1)).any():
         raise ValueError(f"actions outside the game's action set: valid are 0..{num - 1} (and -1 for none), "
                          f"got {sorted(set(acts[(acts >= num) | (acts < -1)].tolist()))}")
-    state = generator.get_state() if generator is not None else None
+    if generator is None:
+        generator = torch.Generator(device=world_model.device if hasattr(world_model, "device") else "cpu")
+        generator.manual_seed(0)
+    state = generator.get_state()
     out = {}
     for kind in ACTION_TESTS:
-        a = wrong_actions(acts, h, kind)
-        if generator is not None:
-            generator.set_state(state)
+        a = wrong_actions(acts, h, kind, partner)
+        generator.set_state(state)
         pred = world_model.predict(cond, a, h, generator=generator)
         s = score_frames(pred, truth[:, :h])
         out[f"action_{kind}/mse"] = s["mse"].numpy().astype(np.float64)
         out[f"action_{kind}/psnr"] = s["psnr"].clamp(max=PSNR_MAX).numpy().astype(np.float64)
-        out[f"action_{kind}/differs"] = (a[:, -h:] != acts[:, -h:]).any(dim=1).numpy()
+        out[f"action_{kind}/differs"] = (a[:, -h:] != acts[:, -h:]).numpy()  # (B, h)
         if kind == "recorded" and idm is not None:
             from workers.inverse_dynamics import generated_pairs, idm_predict
 
@@ -117,7 +132,8 @@ def action_rollouts(world_model: WorldModel, cond: Tensor, truth: Tensor, acts: 
 @torch.no_grad()
 def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, horizon: int,
                   lpips_model=None, generator: torch.Generator | None = None, direct: tuple[int, ...] = (),
-                  vae_recon: bool = False, action_horizon: int = 0, idm=None) -> tuple[dict[str, np.ndarray], Tensor]:
+                  vae_recon: bool = False, action_horizon: int = 0, idm=None,
+                  partner_actions: Tensor | None = None) -> tuple[dict[str, np.ndarray], Tensor]:
     """frames: uint8 (B, n+H', 210, 160, 3) with H' >= horizon; actions: int64 (B, n+H').
 
     Returns ({"model/mse": (B, horizon), "copy_last/mse": ..., psnr, lpips when given, and
@@ -147,8 +163,10 @@ def score_windows(world_model: WorldModel, frames: Tensor, actions: Tensor, hori
                 out[f"model_T{h}/{k}"] = v
     if action_horizon > 0:
         h = min(action_horizon, horizon)
+        partner = (window_actions(partner_actions, n, h, world_model.action_mode)
+                   if partner_actions is not None else None)
         out.update(action_rollouts(world_model, cond, truth, window_actions(actions, n, h, world_model.action_mode),
-                                   h, generator, idm))
+                                   h, generator, idm, partner))
     return out, pred
 
 
@@ -159,7 +177,8 @@ class ScoreWindows:
 
     def __init__(self, model_path: str, horizon: int, *, lpips: bool = True, sample_steps: int | None = None,
                  seed: int = 0, device: str = "cpu", direct: tuple[int, ...] = (), vae_recon: bool = False,
-                 action_horizon: int = 0, guidance_scale: float | None = None, idm_path: str = ""):
+                 action_horizon: int = 0, guidance_scale: float | None = None, idm_path: str = "",
+                 partner_actions: dict | None = None):
         self.world_model = load_world_model(model_path, device, sample_steps=sample_steps,
                                             guidance_scale=guidance_scale)
         self.idm = None
@@ -169,6 +188,8 @@ class ScoreWindows:
             self.idm = load_idm(idm_path, device)[0]
         self.horizon, self.direct, self.vae_recon = horizon, tuple(direct), vae_recon
         self.action_horizon = action_horizon
+        # {(episode_id, start_step): the partner window's actions (L,)}: the "permuted" test's actions
+        self.partner_actions = partner_actions or {}
         self.lpips_model = None
         if lpips:
             from models.lpips import LPIPS
@@ -179,8 +200,14 @@ class ScoreWindows:
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         frames = torch.from_numpy(np.ascontiguousarray(np.stack(batch["frames"])))
         actions = torch.from_numpy(np.stack(batch["actions"]).astype(np.int64))
+        partner = None
+        if self.partner_actions and "episode_id" in batch and "start_step" in batch:
+            partner = torch.from_numpy(np.stack([
+                self.partner_actions[(str(e), int(t))] for e, t in zip(batch["episode_id"], batch["start_step"])
+            ]).astype(np.int64))
         scores, _ = score_windows(self.world_model, frames, actions, self.horizon, self.lpips_model,
-                                  self.generator, self.direct, self.vae_recon, self.action_horizon, self.idm)
+                                  self.generator, self.direct, self.vae_recon, self.action_horizon, self.idm,
+                                  partner)
         if "episode_id" in batch:
             scores["episode_id"] = np.asarray(batch["episode_id"]).astype(str)
         if "start_step" in batch:

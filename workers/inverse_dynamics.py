@@ -382,6 +382,14 @@ def cache_key(data_root: str, game: str, cfg: IDMConfig) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
+def _ceiling(model: InverseDynamics, data_root: str, game: str, split: str, cfg: IDMConfig) -> dict:
+    """The IDM's scores on a split's real pairs: the ceiling for generated ones."""
+    ep, en, ea = pairs_from_dataset(data_root, game, split, cfg.max_pairs, cfg.seed)
+    s = idm_scores(model, ep, en, ea, dataset_num_actions(data_root, game))
+    return dict(split=split, **{k: s[k] for k in ("accuracy", "macro_f1", "majority_share", "n")},
+                confusion=s["confusion"].tolist())
+
+
 def cached_idm(data_root: str, game: str, cfg: IDMConfig, cache_dir: str, *,
                eval_split: str | None = None, device: str = "cpu") -> tuple[InverseDynamics, dict]:
     """The IDM of a collection's game: loaded from `cache_dir/<game>-<cache_key>` when present, else
@@ -393,6 +401,8 @@ def cached_idm(data_root: str, game: str, cfg: IDMConfig, cache_dir: str, *,
     target = os.path.join(cache_dir, f"{game}-{cache_key(data_root, game, cfg)}")
     if os.path.exists(os.path.join(target, _META)):
         model, _, meta = load_idm(target, device)
+        if eval_split is not None and meta.get("eval", {}).get("split") != eval_split:
+            meta = {**meta, "eval": _ceiling(model, data_root, game, eval_split, cfg)}  # not cached: another split
         return model, {**meta, "trained": False, "path": target}
     n_act = dataset_num_actions(data_root, game)
     prev, nxt, actions = pairs_from_dataset(data_root, game, "train", cfg.max_pairs, cfg.seed)
@@ -400,10 +410,7 @@ def cached_idm(data_root: str, game: str, cfg: IDMConfig, cache_dir: str, *,
     del prev, nxt
     meta = dict(data_root=os.path.abspath(data_root), game=game, train=info)
     if eval_split is not None:
-        ep, en, ea = pairs_from_dataset(data_root, game, eval_split, cfg.max_pairs, cfg.seed)
-        s = idm_scores(model, ep, en, ea, n_act)
-        meta["eval"] = dict(split=eval_split, **{k: s[k] for k in ("accuracy", "macro_f1", "majority_share", "n")},
-                            confusion=s["confusion"].tolist())
+        meta["eval"] = _ceiling(model, data_root, game, eval_split, cfg)
     tmp = os.path.join(cache_dir, f".tmp-{uuid.uuid4().hex[:8]}")
     save_idm(tmp, model, cfg, meta)
     try:
