@@ -92,9 +92,11 @@ class EvalConfig:
     """Seed of the sampler's noise."""
     figure_windows: int = 2
     """Windows drawn as frame strips and GIFs per game; 0 = no figures (nor action strips)."""
-    action_sequences: tuple[str, ...] = ("0000", "2222", "3333", "3222")
-    """Action sequences of the action/inertia strips (digits are the game's action ids; Breakout:
-    0 NOOP, 1 FIRE, 2 RIGHT, 3 LEFT)."""
+    action_sequences: tuple[str, ...] = ("each",)
+    """Action sequences of the counterfactual strips, all from the first strip window's condition
+    frames and with the same noise: "each" = one row per action of the game's action set, that
+    action held for the model's trained length (rows named by the action's meaning); otherwise
+    sequences of action ids, as digits ("3222") or comma-separated ("10,10,11"); () = none."""
     windows_of: str = ""
     """Scores file (`<game>_scores.npz`) of an earlier evaluation on the same data: score exactly its
     windows (by episode_id and start_step) instead of `max_windows` of its own, so that two models
@@ -199,12 +201,41 @@ def figure_rollouts(model_path: str, sample_steps: int | None, device: str, fram
     g = torch.Generator(device=device).manual_seed(seed)
     _, pred = score_windows(wm, f, a, horizon, None, g)
     n, rollouts = wm.n_cond, {}
+    state = g.get_state()
     for seq in action_sequences:
-        future = torch.tensor([int(c) for c in seq], dtype=torch.int64)[None]  # (1, T)
+        ids = parse_sequence(seq)
+        future = torch.tensor(ids, dtype=torch.int64)[None]  # (1, T)
         acts = future if wm.action_mode == "future" else torch.cat(
-            [window_actions(a[:1], n, len(seq), "past_future")[:, : n - 1], future], dim=1)
-        rollouts[seq] = wm.predict(f[:1, :n], acts, len(seq), generator=g)[0].numpy()
+            [window_actions(a[:1], n, len(ids), "past_future")[:, : n - 1], future], dim=1)
+        g.set_state(state)  # the same noise for every sequence: only the actions differ
+        rollouts[seq] = wm.predict(f[:1, :n], acts, len(ids), generator=g)[0].numpy()
     return pred.numpy(), rollouts
+
+
+def parse_sequence(seq: str) -> list[int]:
+    """An action sequence of the strips: "3222" (digits) or "10,10,11" (comma-separated ids)."""
+    try:
+        return [int(c) for c in (seq.split(",") if "," in seq else seq)]
+    except ValueError:
+        raise ValueError(f"EvalConfig.action_sequences: {seq!r} is no sequence of action ids "
+                         f"(digits, or ids separated by commas)") from None
+
+
+def game_action_meanings(data_root: str, game: str) -> tuple[str, ...]:
+    """The meaning of each action id of a game as its episodes recorded it (ALE's names)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from workers.atari import action_meanings
+    from workers.clips import parquet_files
+    from workers.schema import ENV_CONFIG, ENV_ID, GAME
+
+    for f in parquet_files(data_root):
+        t = pq.read_table(f, columns=[GAME, ENV_ID, ENV_CONFIG])
+        t = t.filter(pc.equal(t[GAME], game))
+        if t.num_rows:
+            return action_meanings(t[ENV_ID][0].as_py(), t[ENV_CONFIG][0].as_py())
+    raise ValueError(f"no episode of {game!r} under {data_root}")
 
 
 def scoring_task(fn, cfg: EvalConfig):
@@ -217,17 +248,27 @@ def scoring_task(fn, cfg: EvalConfig):
                                   scheduling_strategy="DEFAULT")
 
 
-def draw_figures(cfg: EvalConfig, n_cond: int, ds, game: str, out_dir: Path, tracker: Tracker) -> None:
-    """Frame strips and GIFs of the first windows, and action strips from the first window."""
+def draw_figures(cfg: EvalConfig, n_cond: int, ds, game: str, out_dir: Path, tracker: Tracker,
+                 strip_length: int = 4) -> None:
+    """Frame strips and GIFs of the first windows, and the counterfactual action strips from the
+    first window (`EvalConfig.action_sequences`; "each" holds each action `strip_length` frames)."""
     import ray
 
     H, n = max(cfg.horizons), n_cond
+    sequences, names = tuple(cfg.action_sequences), {}
+    if sequences == ("each",):
+        meanings = game_action_meanings(cfg.data_root, game)
+        sequences = tuple(",".join([str(i)] * strip_length) for i in range(len(meanings)))
+        names = {seq: meanings[i] for i, seq in enumerate(sequences)}
+    else:
+        for seq in sequences:
+            parse_sequence(seq)  # a bad sequence fails here, naming it
     batch = ds.take_batch(cfg.figure_windows)
     frames = np.ascontiguousarray(np.stack(batch["frames"]))
     actions = np.stack(batch["actions"]).astype(np.int64)
     task = scoring_task(figure_rollouts, cfg)
     pred, rollouts = ray.get(task.remote(cfg.model_path, cfg.sample_steps or None, "cuda" if cfg.use_gpu else "cpu",
-                                         frames, actions, H, tuple(cfg.action_sequences), cfg.seed,
+                                         frames, actions, H, sequences, cfg.seed,
                                          cfg.guidance_scale or None))
     for i in range(len(frames)):
         fig = figures.frame_strip(frames[i, :n], pred[i], frames[i, n:n + H],
@@ -236,7 +277,10 @@ def draw_figures(cfg: EvalConfig, n_cond: int, ds, game: str, out_dir: Path, tra
         gif = figures.rollout_gif(out_dir / f"{game}_rollout_{i}.gif", pred[i], frames[i, n:n + H], cond=frames[i, :n])
         tracker.log_artifact(gif, f"figures/{game}")
     if rollouts:
-        fig = figures.action_strips(frames[0, :n], rollouts, title=f"{game}: same condition, different actions")
+        labelled = {names.get(seq, seq): frames_ for seq, frames_ in rollouts.items()}
+        steps = {names.get(seq, seq): [str(i) for i in parse_sequence(seq)] for seq in rollouts}
+        fig = figures.action_strips(frames[0, :n], labelled, title=f"{game}: same condition and noise, different actions",
+                                    frame_actions=steps)
         tracker.log_figure(fig, f"figures/{game}/actions.png")
 
 
@@ -322,7 +366,7 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
                 tables["action_fidelity"] = pd.DataFrame(fidelity)
             write_tables(out_dir, tables)
             if cfg.figure_windows > 0:
-                draw_figures(cfg, world_model.n_cond, ds, game, out_dir, tracker)
+                draw_figures(cfg, world_model.n_cond, ds, game, out_dir, tracker, strip_length=world_model.horizon)
         comparison = paper.vs_paper(tables["generation_length"])
         if len(comparison):  # settings the paper reports: its cells beside ours
             tables["vs_paper"] = comparison

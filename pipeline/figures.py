@@ -45,14 +45,18 @@ def frame_strip(cond: np.ndarray, generated: np.ndarray, truth: np.ndarray, titl
     return fig
 
 
-def action_strips(cond: np.ndarray, rollouts: dict[str, np.ndarray], title: str = "") -> Figure:
-    """Figures 3-5: the same condition frames, one row per action sequence (row label = sequence)."""
+def action_strips(cond: np.ndarray, rollouts: dict[str, np.ndarray], title: str = "",
+                  frame_actions: dict[str, list[str]] | None = None) -> Figure:
+    """Figures 3-5: the same condition frames, one row per action sequence (row label = its key; each
+    generated frame is titled with its action: `frame_actions[key][k]`, else the key's k-th character)."""
     n = len(cond)
     T = max(len(v) for v in rollouts.values())
     fig, axes = plt.subplots(len(rollouts), n + T, figsize=(1.1 * (n + T), 1.6 * len(rollouts)), squeeze=False)
     for r, (label, gen) in enumerate(rollouts.items()):
         _row(axes[r], np.concatenate([cond, gen]), [COND_EDGE] * n + [GEN_EDGE] * len(gen),
-             [f"cond {i + 1}" for i in range(n)] + [f"a={label[k] if k < len(label) else '?'}" for k in range(len(gen))])
+             [f"cond {i + 1}" for i in range(n)]
+             + [f"a={acts[k] if k < len(acts) else '?'}" for k in range(len(gen))
+                for acts in [(frame_actions or {}).get(label, label)]])
         axes[r][0].set_ylabel(label, fontsize=8)
     fig.suptitle(title or "same condition, different actions", fontsize=9)
     fig.tight_layout()

@@ -315,3 +315,14 @@ def test_permuted_partners_are_a_fixed_derangement_across_episodes():
                               torch.Generator().manual_seed(0), action_horizon=4, partner_actions=partner[:1])
     expect = (actions[0, 1:5] != partner[0, 1:5]).numpy()
     assert (scores["action_permuted/differs"][0] == expect).all() and expect.any()
+
+
+def test_counterfactual_strip_sequences_name_the_game_actions_and_refuse_bad_ones():
+    from pipeline.evaluate import parse_sequence
+    from workers.atari import action_meanings
+
+    assert action_meanings("ALE/Breakout-v5", '{"frameskip": 4, "repeat_action_probability": 0.0}') == (
+        "NOOP", "FIRE", "RIGHT", "LEFT")
+    assert parse_sequence("3222") == [3, 2, 2, 2] and parse_sequence("10,10,17") == [10, 10, 17]
+    with pytest.raises(ValueError, match="'RIGHT' is no sequence of action ids"):
+        parse_sequence("RIGHT")

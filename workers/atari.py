@@ -86,6 +86,15 @@ def num_actions(env_id: str, env_config: str) -> int:
     return n
 
 
+@functools.cache
+def action_meanings(env_id: str, env_config: str) -> tuple[str, ...]:
+    """ALE's name of each action id ("NOOP", "FIRE", "RIGHT", ...) of an `env_id` + settings pair."""
+    env = gym.make(env_id, obs_type="rgb", **json.loads(env_config))
+    names = tuple(env.unwrapped.get_action_meanings())
+    env.close()
+    return names
+
+
 _instances = itertools.count()  # recorders built in this process; part of the episode ids
 
 
