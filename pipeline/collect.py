@@ -52,7 +52,12 @@ class CollectConfig:
     games: tuple[str, ...] = DEFAULT_GAMES
     """ALE v5 games ('Pong' or 'ALE/Pong-v5'); unknown names fail before anything starts"""
     policy: str = "ppo"
-    """'ppo' (train, or load `checkpoint`) or 'random' (uniform actions; tests, baselines)"""
+    """'ppo' (train, or load `checkpoint`) or 'random' (uniform actions; tests, baselines, and a
+    second policy to test a world model on)"""
+    random_repeat: float = 0.0
+    """with the random policy: probability that each step repeats the policy's previous action (a
+    policy that holds its choices for a while, unlike the collecting agent; the emulator's own
+    sticky actions would make the recorded action differ from the executed one)"""
     checkpoint: str | None = None
     """existing RLlib checkpoint to record with instead of training; '{game}' is substituted"""
     steps_per_game: int = 1_000_000
@@ -82,6 +87,8 @@ class CollectConfig:
     def __post_init__(self):
         if self.policy not in ("ppo", "random"):
             raise ValueError(f"policy must be 'ppo' or 'random', got {self.policy!r}")
+        if not 0.0 <= self.random_repeat < 1.0:
+            raise ValueError(f"random_repeat must be in [0, 1), got {self.random_repeat}")
         if self.num_env_runners < 1:
             raise ValueError(f"num_env_runners must be >= 1, got {self.num_env_runners}")
         if self.num_envs_per_env_runner < 1:
@@ -145,7 +152,7 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None,
             final = remaining <= per_runner * cfg.num_env_runners
             fn = functools.partial(write_on_runner, out_dir=out_dir, num_timesteps=per_runner,
                                    explore=cfg.explore, random_actions=cfg.policy == "random",
-                                   final=final)
+                                   final=final, repeat=cfg.random_repeat if cfg.policy == "random" else 0.0)
             stats = group.foreach_env_runner(fn, local_env_runner=False)
             if len(stats) != cfg.num_env_runners:  # RLlib drops a failed runner's result
                 raise RuntimeError(f"{game}: {cfg.num_env_runners - len(stats)} env runner(s) "

@@ -109,6 +109,10 @@ class EvalConfig:
     """Training steps of the inverse-dynamics model (`workers/inverse_dynamics.py`) that reads the
     action tests' recorded rollouts: trained once per collection and game on real training pairs,
     cached under `<run_dir>/idm/`; 0 = no inverse-dynamics measure."""
+    idm_data_root: str = ""
+    """Collection whose training split the inverse-dynamics model learns from; "" = `data_root`. Set
+    it to the world model's own collection when scoring another policy's data (e.g. a random
+    policy collected under its own data root, `CollectConfig.random_repeat`)."""
     idm_max_pairs: int = 8192
     """Real training pairs the inverse-dynamics model sees at most (a seeded subset)."""
     num_cpus: float = 1.0
@@ -139,14 +143,17 @@ def window_keys(scores_file: str) -> set[tuple[str, int]]:
         return {(str(e), int(s)) for e, s in zip(z["episode_id"], z["start_step"])}
 
 
-def prepare_idm(data_root: str, game: str, steps: int, max_pairs: int, cache_dir: str, split: str,
-                device: str) -> tuple[str, dict]:
-    """The collection's inverse-dynamics model for a game (trained on its train split once, then
-    cached): its folder, and its accuracy on the real pairs of `split` (the ceiling)."""
-    from workers.inverse_dynamics import IDMConfig, cached_idm
+def prepare_idm(idm_root: str, data_root: str, game: str, steps: int, max_pairs: int, cache_dir: str,
+                split: str, device: str) -> tuple[str, dict]:
+    """The inverse-dynamics model of a game learnt from `idm_root`'s train split (once, then cached):
+    its folder, and its scores on the real pairs of `data_root`'s `split` (the ceiling)."""
+    from workers.inverse_dynamics import IDMConfig, cached_idm, real_pair_scores
 
-    _, meta = cached_idm(data_root, game, IDMConfig(steps=steps, max_pairs=max_pairs), cache_dir,
-                         eval_split=split, device=device)
+    cfg = IDMConfig(steps=steps, max_pairs=max_pairs)
+    same = os.path.abspath(idm_root) == os.path.abspath(data_root)
+    model, meta = cached_idm(idm_root, game, cfg, cache_dir, eval_split=split if same else None, device=device)
+    if not same:
+        meta = {**meta, "eval": real_pair_scores(model.cpu(), data_root, game, split, cfg)}
     return meta["path"], {k: meta[k] for k in ("eval", "train", "trained") if k in meta}
 
 
@@ -323,8 +330,8 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
 
                 try:
                     idm_path, idm_meta = ray.get(scoring_task(prepare_idm, cfg).remote(
-                        cfg.data_root, game, cfg.idm_steps, cfg.idm_max_pairs, str(Path(cfg.run_dir) / "idm"),
-                        cfg.split, "cuda" if cfg.use_gpu else "cpu"))
+                        cfg.idm_data_root or cfg.data_root, cfg.data_root, game, cfg.idm_steps, cfg.idm_max_pairs,
+                        str(Path(cfg.run_dir) / "idm"), cfg.split, "cuda" if cfg.use_gpu else "cpu"))
                 except Exception as exc:  # noqa: BLE001 - e.g. a split without frame pairs: Table 2 still runs
                     print(f"[evaluate] {game}: no inverse-dynamics model ({type(exc).__name__}: {exc}); "
                           f"the action tests run without it", flush=True)

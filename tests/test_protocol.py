@@ -326,3 +326,22 @@ def test_counterfactual_strip_sequences_name_the_game_actions_and_refuse_bad_one
     assert parse_sequence("3222") == [3, 2, 2, 2] and parse_sequence("10,10,17") == [10, 10, 17]
     with pytest.raises(ValueError, match="'RIGHT' is no sequence of action ids"):
         parse_sequence("RIGHT")
+
+
+def test_random_policy_holds_its_actions_at_the_repeat_rate():
+    """CollectConfig.random_repeat: each step keeps the previous action with that probability (plus the
+    uniform draw's own 1/|A| chance of landing on it again)."""
+    from pipeline.collect import CollectConfig, _parse
+    from workers.rollout import RecordingLoop
+
+    loop = RecordingLoop.__new__(RecordingLoop)  # the action draw alone, without a runner
+    loop.rng, loop.num_actions, loop.num_envs, loop.last = np.random.default_rng(0), 4, 64, None
+    for repeat, want in ((0.0, 0.25), (0.75, 0.75 + 0.25 / 4)):
+        loop.last = None
+        draws = np.stack([loop.actions(False, True, repeat) for _ in range(400)])  # (steps, envs)
+        same = (draws[1:] == draws[:-1]).mean()
+        assert same == pytest.approx(want, abs=0.02), (repeat, same)
+        assert set(np.unique(draws)) == {0, 1, 2, 3}
+    assert _parse(["--policy", "random", "--random-repeat", "0.5"]).random_repeat == 0.5
+    with pytest.raises(ValueError, match="random_repeat"):
+        CollectConfig(random_repeat=1.0)

@@ -382,7 +382,7 @@ def cache_key(data_root: str, game: str, cfg: IDMConfig) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def _ceiling(model: InverseDynamics, data_root: str, game: str, split: str, cfg: IDMConfig) -> dict:
+def real_pair_scores(model: InverseDynamics, data_root: str, game: str, split: str, cfg: IDMConfig) -> dict:
     """The IDM's scores on a split's real pairs: the ceiling for generated ones."""
     ep, en, ea = pairs_from_dataset(data_root, game, split, cfg.max_pairs, cfg.seed)
     s = idm_scores(model, ep, en, ea, dataset_num_actions(data_root, game))
@@ -402,7 +402,7 @@ def cached_idm(data_root: str, game: str, cfg: IDMConfig, cache_dir: str, *,
     if os.path.exists(os.path.join(target, _META)):
         model, _, meta = load_idm(target, device)
         if eval_split is not None and meta.get("eval", {}).get("split") != eval_split:
-            meta = {**meta, "eval": _ceiling(model, data_root, game, eval_split, cfg)}  # not cached: another split
+            meta = {**meta, "eval": real_pair_scores(model, data_root, game, eval_split, cfg)}  # not cached: another split
         return model, {**meta, "trained": False, "path": target}
     n_act = dataset_num_actions(data_root, game)
     prev, nxt, actions = pairs_from_dataset(data_root, game, "train", cfg.max_pairs, cfg.seed)
@@ -410,7 +410,7 @@ def cached_idm(data_root: str, game: str, cfg: IDMConfig, cache_dir: str, *,
     del prev, nxt
     meta = dict(data_root=os.path.abspath(data_root), game=game, train=info)
     if eval_split is not None:
-        meta["eval"] = _ceiling(model, data_root, game, eval_split, cfg)
+        meta["eval"] = real_pair_scores(model, data_root, game, eval_split, cfg)
     tmp = os.path.join(cache_dir, f".tmp-{uuid.uuid4().hex[:8]}")
     save_idm(tmp, model, cfg, meta)
     try:

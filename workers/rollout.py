@@ -212,6 +212,7 @@ class RecordingLoop:
         # Seeded per runner: the random policy's actions are reproducible for a run's seed.
         self.rng = np.random.default_rng([int(runner.config.seed or 0), int(runner.worker_index)])
         self.obs: np.ndarray | None = None  # (N, dim, dim, framestack) float32, the agent's view
+        self.last: np.ndarray | None = None  # (N,) the random policy's previous actions
         # Where a runner's recording time goes, cumulative (benchmarks, progress lines).
         self.seconds = dict(policy=0.0, env=0.0, drain=0.0, write=0.0)
 
@@ -222,12 +223,19 @@ class RecordingLoop:
             loop = runner._recording_loop = RecordingLoop(runner)
         return loop
 
-    def actions(self, explore: bool, random_actions: bool) -> np.ndarray:
+    def actions(self, explore: bool, random_actions: bool, repeat: float = 0.0) -> np.ndarray:
         import torch
         from ray.rllib.core.columns import Columns
 
         if random_actions:
-            return self.rng.integers(0, self.num_actions, self.num_envs)
+            # Uniform actions; with `repeat`, each sub-env keeps its previous action with that
+            # probability: the policy holds its choice (not the emulator's sticky actions), so the
+            # recorded action stays the executed one.
+            new = self.rng.integers(0, self.num_actions, self.num_envs)
+            if repeat > 0 and self.last is not None:
+                new = np.where(self.rng.random(self.num_envs) < repeat, self.last, new)
+            self.last = new
+            return new
         with torch.inference_mode():
             device = next(self.module.parameters()).device  # the GPU share, if the runner has one
             batch = {Columns.OBS: torch.from_numpy(self.obs).to(device, self.dtype, non_blocking=True)}
@@ -240,7 +248,7 @@ class RecordingLoop:
                 dist = dist.to_deterministic()
             return dist.sample().cpu().numpy()  # (N,)
 
-    def run(self, num_timesteps: int, explore: bool, random_actions: bool) -> None:
+    def run(self, num_timesteps: int, explore: bool, random_actions: bool, repeat: float = 0.0) -> None:
         """At least `num_timesteps` agent steps over all sub-envs. Sub-envs that end reset
         themselves (gymnasium vector autoreset); the recorders see those resets."""
         clock, sec = time.perf_counter, self.seconds
@@ -250,7 +258,7 @@ class RecordingLoop:
             sec["env"] += clock() - t
         for _ in range(-(-num_timesteps // self.num_envs)):
             t0 = clock()
-            actions = self.actions(explore, random_actions)
+            actions = self.actions(explore, random_actions, repeat)
             t1 = clock()
             self.obs, *_ = self.env.step(actions)
             sec["policy"] += t1 - t0
@@ -274,7 +282,7 @@ def record_on_runner(runner, num_timesteps: int, explore: bool, random_actions: 
 
 
 def write_on_runner(runner, out_dir: str, num_timesteps: int, explore: bool, random_actions: bool,
-                    final: bool) -> dict:
+                    final: bool, repeat: float = 0.0) -> dict:
     """Runs on an env runner: sample, drain, and write the rows as one zstd Parquet file in
     `out_dir` (temporary name, then rename, so a listing never shows half a file). `out_dir` must
     be visible to every node (a local path on one machine, shared storage on a cluster). Returns
@@ -282,7 +290,7 @@ def write_on_runner(runner, out_dir: str, num_timesteps: int, explore: bool, ran
     cumulative seconds per phase (policy, env, drain, write) and its policy's forward dtype."""
     loop = RecordingLoop.of(runner)
     if num_timesteps > 0:
-        loop.run(num_timesteps, explore, random_actions)
+        loop.run(num_timesteps, explore, random_actions, repeat)
     t0 = time.perf_counter()
     table = _drain(runner, final)
     t1 = time.perf_counter()
