@@ -105,6 +105,24 @@ class EpisodeBootstrap:
         return interval(point.mean(), reps), reps
 
 
+# Student's t, 97.5 % quantile, for 1..30 degrees of freedom (the 95 % interval over seed means).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def seed_interval(seed_means: np.ndarray) -> Interval:
+    """95 % t-interval of the mean over training seeds from the seeds' own means: what another set of
+    seeds would give on these episodes (NaN bounds with one seed)."""
+    x = np.asarray(seed_means, dtype=np.float64)
+    if len(x) < 2:
+        return Interval(float(x.mean()), float("nan"), float("nan"))
+    df = len(x) - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.96
+    half = t * x.std(ddof=1) / np.sqrt(len(x))
+    return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half))
+
+
 def interval(value: float, replicates: np.ndarray, level: float = CI_LEVEL) -> Interval:
     """Percentile interval of bootstrap replicates around a point estimate."""
     a = (1.0 - level) / 2.0
@@ -157,6 +175,9 @@ def pooled_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_
                 ci = interval(pt.mean(), b.mean(axis=1))
                 row.update({metric: ci.value, f"{metric}_ci_low": ci.low, f"{metric}_ci_high": ci.high,
                             f"{metric}_std_seeds": float(pt.std(ddof=1)) if S > 1 else float("nan")})
+                if metric == "mse":
+                    si = seed_interval(pt)
+                    row.update({"mse_seed_ci_low": si.low, "mse_seed_ci_high": si.high})
                 if metric == "mse":
                     row["psnr_of_mean_mse"] = float(psnr_of_mse(ci.value))
                     db = interval(db_ratio(copy_pt.mean(), pt.mean()), db_ratio(copy_b.mean(axis=1), b.mean(axis=1)))

@@ -139,6 +139,9 @@ def test_pooled_rows_match_a_direct_computation():
     got = rows[("model", 4)]
     assert got["mse"] == pytest.approx(np.mean(per_seed)) and got["seeds"] == 2
     assert got["mse_std_seeds"] == pytest.approx(np.std(per_seed, ddof=1))
+    half = 12.706 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(0.975, 1 df) over two seeds
+    assert (got["mse_seed_ci_low"], got["mse_seed_ci_high"]) == pytest.approx((np.mean(per_seed) - half,
+                                                                               np.mean(per_seed) + half))
     assert got["mse_ci_low"] < got["mse"] < got["mse_ci_high"]
     copy = np.mean([r["copy_last/mse"][:, :4].mean(axis=1).mean() for r in runs])
     assert got["db_over_copy_last"] == pytest.approx(10 * np.log10(copy / got["mse"]))
