@@ -230,19 +230,10 @@ def parse_sequence(seq: str) -> list[int]:
 
 def game_action_meanings(data_root: str, game: str) -> tuple[str, ...]:
     """The meaning of each action id of a game as its episodes recorded it (ALE's names)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     from workers.atari import action_meanings
-    from workers.clips import parquet_files
-    from workers.schema import ENV_CONFIG, ENV_ID, GAME
+    from workers.inverse_dynamics import dataset_env
 
-    for f in parquet_files(data_root):
-        t = pq.read_table(f, columns=[GAME, ENV_ID, ENV_CONFIG])
-        t = t.filter(pc.equal(t[GAME], game))
-        if t.num_rows:
-            return action_meanings(t[ENV_ID][0].as_py(), t[ENV_CONFIG][0].as_py())
-    raise ValueError(f"no episode of {game!r} under {data_root}")
+    return action_meanings(*dataset_env(data_root, game))
 
 
 def scoring_task(fn, cfg: EvalConfig):

@@ -44,6 +44,11 @@ DEFAULT_RUNS = Path("docs/results/runs")
 DEFAULT_OUT = Path("docs/results/current")
 
 
+def _game_order(game: str) -> tuple[int, str]:
+    """The paper's order of the games, others after them by name."""
+    return (GAMES_ORDER.index(game) if game in GAMES_ORDER else len(GAMES_ORDER), game)
+
+
 class ResultsError(ValueError):
     """A run record or request that the tables cannot use, named."""
 
@@ -167,7 +172,7 @@ def table2(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
     for meta, scores in pooled:
         by_game.setdefault(meta["game"], []).append(scores)
     rows = []
-    for game in sorted(by_game, key=lambda g: (GAMES_ORDER.index(g) if g in GAMES_ORDER else 99, g)):
+    for game in sorted(by_game, key=_game_order):
         runs = by_game[game]
         for r in pooled_rows(runs, TABLE2_T, n_boot=n_boot):
             rows.append({"game": game, **r})
@@ -182,10 +187,8 @@ def table2(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
             df[c] = np.nan
     df["reported"] = df["seeds"].fillna(0) >= MIN_SEEDS  # fewer seeds: shown, not a reported result
     order = {m: i for i, m in enumerate(("model", "copy_last", "vae_recon", PAPER_METHOD))}
-    df = df.assign(_o=df["method"].map(order)).sort_values(["game", "T", "_o"], kind="stable",
-                                                           key=lambda s: s.map(lambda g: GAMES_ORDER.index(g)
-                                                                               if g in GAMES_ORDER else 99)
-                                                           if s.name == "game" else s)
+    df = df.assign(_g=df["game"].map(_game_order), _o=df["method"].map(order))
+    df = df.sort_values(["_g", "T", "_o"], kind="stable")
     return df[TABLE2_COLUMNS + ["reported"]].reset_index(drop=True)
 
 
@@ -205,7 +208,7 @@ def action_fidelity(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.D
         if "action_recorded/mse" in scores:
             by_game.setdefault(meta["game"], []).append(scores)
     rows = []
-    for game in sorted(by_game, key=lambda g: (GAMES_ORDER.index(g) if g in GAMES_ORDER else 99, g)):
+    for game in sorted(by_game, key=_game_order):
         for r in action_rows(by_game[game], TABLE2_T, n_boot=n_boot):
             rows.append({"game": game, "test_set": "test", "T": r["T"], "seeds": r["seeds"],
                          "dpsnr_vs_permuted": r.get("dpsnr_vs_permuted"), "dpsnr_ci_low": r.get("dpsnr_perm_ci_low"),

@@ -31,9 +31,6 @@ class Interval:
     low: float
     high: float
 
-    def excludes(self, x: float = 0.0) -> bool:
-        return not (self.low <= x <= self.high)
-
 
 def window_keys(episode_id, start_step) -> list[tuple[str, int]]:
     """(episode_id, start_step) of each window, as plain Python values."""
@@ -63,7 +60,6 @@ class EpisodeBootstrap:
     def __init__(self, episode_ids: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0):
         if not episode_ids or any(len(e) == 0 for e in episode_ids):
             raise ValueError("EpisodeBootstrap: every run needs at least one window")
-        self.n_boot = n_boot
         rng = np.random.default_rng(seed)
         draws: dict[tuple[str, ...], np.ndarray] = {}  # collection (its episodes) -> counts (B, E)
         self._runs = []  # per run: (window -> episode column, counts (B, E))
@@ -71,15 +67,12 @@ class EpisodeBootstrap:
             names, inverse = np.unique(np.asarray(eids).astype(str), return_inverse=True)
             key = tuple(names)
             if key not in draws:
-                picks = rng.integers(0, len(names), size=(n_boot, len(names)))
-                draws[key] = np.stack([np.bincount(p, minlength=len(names)) for p in picks]).astype(np.float64)
+                # each resample draws E episodes with replacement: how often each one is drawn
+                draws[key] = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)),
+                                             size=n_boot).astype(np.float64)
             self._runs.append((inverse, draws[key]))
         self.episodes = [counts.shape[1] for _, counts in self._runs]
         """Held-out episodes of each run."""
-
-    @property
-    def num_runs(self) -> int:
-        return len(self._runs)
 
     def run_means(self, values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """values[r]: one number per window of run r -> (each run's mean (S,), its bootstrap
@@ -131,12 +124,6 @@ def interval(value: float, replicates: np.ndarray, level: float = CI_LEVEL) -> I
     return Interval(float(value), float(lo), float(hi))
 
 
-def psnr_of_mse(mse, peak: float = 255.0):
-    """PSNR (dB) of a mean squared error on the 0-255 scale (inf for 0)."""
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(peak ** 2 / np.asarray(mse, dtype=np.float64))
-
-
 def db_ratio(mse_reference, mse_model):
     """dB gained over a reference: PSNR(model) - PSNR(reference) of mean MSEs (inf or NaN where a mean
     is 0, e.g. copy-last on windows where nothing moved: undefined, not dropped)."""
@@ -151,7 +138,7 @@ def pooled_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_
     bootstrap interval and the seed-to-seed std; the PSNR of the mean MSE; and the dB over copy-last
     (paired: the same resampled windows) with its interval. `runs[r]` is an evaluation's scores
     (`<game>_scores.npz`: `<method>/<metric>` arrays (N, frames), `episode_id`, `start_step`)."""
-    from workers.evaluate import METHODS, METRICS, window_scores
+    from workers.evaluate import METHODS, METRICS, psnr_of_mean_mse, window_scores
 
     for i, r in enumerate(runs):
         if "episode_id" not in r or "start_step" not in r:
@@ -179,7 +166,7 @@ def pooled_rows(runs: list[dict[str, np.ndarray]], horizons: tuple[int, ...], n_
                     si = seed_interval(pt)
                     row.update({"mse_seed_ci_low": si.low, "mse_seed_ci_high": si.high})
                 if metric == "mse":
-                    row["psnr_of_mean_mse"] = float(psnr_of_mse(ci.value))
+                    row["psnr_of_mean_mse"] = psnr_of_mean_mse(ci.value)
                     db = interval(db_ratio(copy_pt.mean(), pt.mean()), db_ratio(copy_b.mean(axis=1), b.mean(axis=1)))
                     row.update({"db_over_copy_last": db.value, "db_ci_low": db.low, "db_ci_high": db.high})
             row["rollout"] = window_scores(runs[0], method, "mse", h)[1]

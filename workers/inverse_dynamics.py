@@ -178,10 +178,19 @@ def _num_actions_of(envs: np.ndarray, where: str) -> int:
 
 def dataset_num_actions(data_root: str, game: str) -> int:
     """Size of the action space the dataset records `game` in (from its env_id/env_config columns)."""
+    return _num_actions_of(_game_envs(data_root, game), f"{data_root} game {game!r}")
+
+
+def dataset_env(data_root: str, game: str) -> tuple[str, str]:
+    """(env_id, env_config) that the dataset recorded `game` with (the first, if several)."""
+    return tuple(_game_envs(data_root, game)[0].split("\x1f", 1))
+
+
+def _game_envs(data_root: str, game: str) -> np.ndarray:
     envs = _split_rows(data_root, game, None)["env"]
     if not len(envs):
         raise ValueError(f"no rows of game {game!r} under data_root {data_root!r}")
-    return _num_actions_of(envs, f"{data_root} game {game!r}")
+    return envs
 
 
 def pairs_from_dataset(data_root: str, game: str, split: str, max_pairs: int | None = None,
