@@ -278,8 +278,9 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
             "over the training seeds' own means", "T": "mean over generated frames 1..T",
             "built_by": command or f"python -m pipeline.results tables --preset {preset}",
             "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "runs": [{k: m.get(k) for k in ("run_id", "game", "seed", "commit", "command", "gpu", "date")}
-                     for m, _ in pooled],
+            "runs": [{**{k: m.get(k) for k in ("run_id", "game", "seed", "commit", "command", "gpu", "date")},
+                      "vae_seed": (m.get("settings") or {}).get("vae", {}).get("seed")} for m, _ in pooled],
+            "shared": "seeds recorded by one job share its collection and its VAE (vae_seed); each trains its own DiT",
             "not_pooled": left,
             "paper": "the paper's cells (method 'paper (other data)') were measured on data and at a resolution "
                      "it does not state; ALE's DemonAttack frames change 24-113x more than its model error"}

@@ -224,11 +224,12 @@ def _marker(out: Path, stage: str) -> Path:
 
 
 def _run_stage(out: Path, stage: str, force: set[str], fn: Callable[[], dict[str, Any]],
-               settings: Any = None) -> dict[str, Any]:
-    """Runs `fn` unless the stage completed before (and is not forced); records its outputs and
-    the preset settings it ran with."""
+               settings: Any = None, force_as: str | None = None) -> dict[str, Any]:
+    """Runs `fn` unless the stage completed before (and is not forced: `force` holds stage names,
+    `force_as` the name a per-seed stage answers to); records its outputs and the preset settings
+    it ran with."""
     marker = _marker(out, stage)
-    if marker.exists() and stage not in force:
+    if marker.exists() and (force_as or stage) not in force:
         done = json.loads(marker.read_text())
         print(f"[run_all] {stage}: reusing the completed stage ({marker})", flush=True)
         return done
@@ -248,21 +249,32 @@ def _run_stage(out: Path, stage: str, force: set[str], fn: Callable[[], dict[str
     return result
 
 
+def seed_stage(stage: str, seed: int | None) -> str:
+    """The marker name of a per-seed stage (dit, evaluate): `dit` without `--seed`, `dit-seed1` with
+    it, so that a later seed in the same --out trains its own DiT instead of reusing another's."""
+    return stage if seed is None else f"{stage}-seed{seed}"
+
+
 def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), stages: tuple[str, ...] = STAGES,
          tracking_uri: str | None = None, games: tuple[str, ...] = (),
-         sets: tuple[str, ...] = (), seed: int | None = None) -> dict[str, dict[str, Any]]:
+         sets: tuple[str, ...] = (), seed: int | tuple[int, ...] | None = None) -> dict[str, dict[str, Any]]:
     """Run the stages of a preset; `games` replaces the preset's games (the DiT trains on the first),
     `sets` replaces single settings (`with_overrides`) and `seed` the training seeds (`with_seed`).
-    The evaluation's scores and settings are recorded under `<out>/results/<run-id>/`
+    Several seeds share one collection and one VAE (trained with the first seed, or reused from the
+    --out folder whatever its seed): each seed trains and evaluates its own DiT, and its record names
+    the VAE's seed. The evaluation's scores and settings are recorded under `<out>/results/<run-id>/`
     (`pipeline/results.py` pools such records into the results tables)."""
+    seeds: tuple[int | None, ...] = (seed,) if seed is None or isinstance(seed, int) else tuple(seed)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seed {list(seeds)}: give distinct training seeds")
     if preset_name not in PRESETS:
         raise SystemExit(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
     unknown = (set(force) - {"all"} | set(stages)) - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
     preset = with_overrides(PRESETS[preset_name](), sets)
-    if seed is not None:
-        preset = with_seed(preset, seed)
+    if seeds[0] is not None:
+        preset = with_seed(preset, seeds[0])  # the VAE's seed; each DiT gets its own below
     version = preset_version(preset)
     if games:
         from workers.atari import game_name, resolve_env_id
@@ -274,7 +286,7 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     data_root = str(out_dir / "data")
     game = preset.games[0]
     print(f"[run_all] preset={preset_name} version={version} out={out_dir}" + (f" set={list(sets)}" if sets else "")
-          + (f" seed={seed}" if seed is not None else ""), flush=True)
+          + (f" seeds={list(seeds)}" if seeds[0] is not None else ""), flush=True)
 
     import ray
 
@@ -296,27 +308,30 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         return {"vae_path": str(train_vae_main(cfg, tracking_uri=tracking_uri))}
 
     results: dict[str, dict[str, Any]] = {}
-    plan: list[tuple[str, Callable[[], dict[str, Any]]]] = [("collect", do_collect), ("vae", do_vae)]
 
-    def do_dit() -> dict[str, Any]:
-        cfg = config_from_dict(TrainDiTConfig, {**preset.dit, "run_dir": str(out_dir), "data_root": data_root,
-                                                "game": game, "name": f"dit-{game}",
+    def do_dit(p: Preset, s: int | None) -> dict[str, Any]:
+        cfg = config_from_dict(TrainDiTConfig, {**p.dit, "run_dir": str(out_dir), "data_root": data_root,
+                                                "game": game, "name": f"dit-{game}" + (f"-seed{s}" if s is not None else ""),
                                                 "vae_path": results["vae"]["vae_path"]})
         return {"model_path": str(train_dit_main(cfg, tracking_uri=tracking_uri))}
 
-    def do_evaluate() -> dict[str, Any]:
-        cfg = config_from_dict(evaluate.EvalConfig, {**preset.evaluate, "run_dir": str(out_dir),
+    def do_evaluate(p: Preset, s: int | None) -> dict[str, Any]:
+        cfg = config_from_dict(evaluate.EvalConfig, {**p.evaluate, "run_dir": str(out_dir),
                                                      "data_root": data_root, "games": (game,),
-                                                     "model_path": results["dit"]["model_path"],
-                                                     "name": f"eval-{game}"})
+                                                     "model_path": results[seed_stage("dit", s)]["model_path"],
+                                                     "name": f"eval-{game}" + (f"-seed{s}" if s is not None else "")})
         tables = evaluate.main(cfg, tracking_uri=tracking_uri)
         df = tables["generation_length"]
         print(df.to_string(index=False), flush=True)
         eval_dir = out_dir / "eval" / cfg.name
+        settings = resolved_settings(p)
+        vae_settings = results["vae"].get("settings") or {}
+        settings["vae"]["seed"] = int(vae_settings.get("seed", settings["vae"]["seed"]))  # the VAE that served
+        walls = {k: v.get("wall_s") for k, v in results.items() if isinstance(v, dict)}
+        walls = {"collect": walls.get("collect"), "vae": walls.get("vae"), "dit": walls.get(seed_stage("dit", s))}
         record = results_record.record_run(
             out_dir / "results", eval_dir / f"{game}_scores.npz", preset=preset_name, version=version, game=game,
-            seed=int(preset.dit.get("seed", 0)), split=cfg.split, settings=resolved_settings(preset),
-            stage_walls={k: v.get("wall_s") for k, v in results.items() if isinstance(v, dict)},
+            seed=int(p.dit.get("seed", 0)), split=cfg.split, settings=settings, stage_walls=walls,
             command=" ".join([os.path.basename(sys.executable), *sys.argv]))
         print(f"[run_all] evaluation recorded in {record}", flush=True)
         return {"eval_dir": str(eval_dir), "record": str(record), "table": df.to_dict(orient="records")}
@@ -333,16 +348,20 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
             print(f"[run_all] sweep {space}: {len(table)} rows", flush=True)
         return {"tables": tables}
 
-    plan += [("dit", do_dit), ("evaluate", do_evaluate), ("sweep", do_sweep)]
-    for stage, fn in plan:
+    plan: list[tuple[str, str, Callable[[], dict[str, Any]], Any]] = [
+        ("collect", "collect", do_collect, preset.collect), ("vae", "vae", do_vae, preset.vae)]
+    for s in seeds:
+        p = preset if s is None else with_seed(preset, s)
+        plan += [("dit", seed_stage("dit", s), lambda p=p, s=s: do_dit(p, s), p.dit),
+                 ("evaluate", seed_stage("evaluate", s), lambda p=p, s=s: do_evaluate(p, s), p.evaluate)]
+    plan.append(("sweep", "sweep", do_sweep, preset.sweeps))
+    for stage, marker_name, fn, settings in plan:
         if stage not in stages:
-            marker = _marker(out_dir, stage)
+            marker = _marker(out_dir, marker_name)
             if marker.exists():
-                results[stage] = json.loads(marker.read_text())
+                results[marker_name] = json.loads(marker.read_text())
             continue
-        settings = {"collect": preset.collect, "vae": preset.vae, "dit": preset.dit,
-                    "evaluate": preset.evaluate, "sweep": preset.sweeps}[stage]
-        results[stage] = _run_stage(out_dir, stage, force_set, fn, settings)
+        results[marker_name] = _run_stage(out_dir, marker_name, force_set, fn, settings, force_as=stage)
     print(f"[run_all] finished; outputs under {out_dir}; MLflow store: "
           f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///' + str(out_dir / 'mlflow.db')}",
           flush=True)
@@ -363,16 +382,18 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="replace preset settings (repeatable: every --set counts), e.g. "
                         "vae.latent_channels=16 dit.max_train_s=600 "
                         "collect.agent.train_steps=8000 (sections: collect, collect.agent, vae, dit, evaluate)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="training seed of the VAE and the DiT (and the evaluation's noise); the collection "
-                        "keeps the preset's seed, so seeds of one preset version can share it")
+    p.add_argument("--seed", type=int, nargs="+", default=None,
+                   help="training seed(s) of the DiT (and the evaluation's noise); the VAE takes the first, "
+                        "the collection keeps the preset's seed. Several seeds share the collection and the "
+                        "VAE, each training, evaluating and recording its own DiT")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     a = _parse()
     try:
-        main(a.preset, a.out, tuple(a.force), tuple(a.stages), a.tracking_uri, tuple(a.games), tuple(a.sets), a.seed)
+        main(a.preset, a.out, tuple(a.force), tuple(a.stages), a.tracking_uri, tuple(a.games), tuple(a.sets),
+             tuple(a.seed) if a.seed else None)
     except StageFailed as exc:
         print(f"[run_all] ERROR: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -418,3 +418,56 @@ def test_run_summary_compares_evaluations_without_the_same_outlier_windows(tmp_p
     write(run / "eval" / "calm", main.clip(max=60), np.arange(40))
     (run / "stages" / "evaluate.json").write_text(json.dumps({"eval_dir": str(run / "eval" / "calm")}))
     assert not any(c.startswith("MSE T = 1 / 2 / 4 without") for c in mod.evaluations(run).columns)
+
+
+def test_several_seeds_share_the_collection_and_vae_and_record_their_own_dit(tmp_path, monkeypatch):
+    """`--seed 0 1`: one collection, one VAE (the first seed's), a DiT, evaluation and record per
+    seed; a later `--seed 2` in the same folder reuses the VAE and trains a third DiT. The stage
+    bodies are replaced by recorders: what is checked is the job's bookkeeping."""
+    import ray
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(run_all.collect, "main", lambda cfg: calls.append(("collect", None)) or {"games": {}})
+
+    def vae(cfg, tracking_uri=None):
+        calls.append(("vae", cfg.seed))
+        return tmp_path / "vae"
+
+    def dit(cfg, tracking_uri=None):
+        calls.append(("dit", (cfg.seed, cfg.name)))
+        return tmp_path / cfg.name
+
+    def evaluate_main(cfg, tracking_uri=None):
+        calls.append(("evaluate", (cfg.seed, cfg.model_path)))
+        d = Path(cfg.run_dir) / "eval" / cfg.name
+        d.mkdir(parents=True)
+        np.savez(d / "Breakout_scores.npz", episode_id=np.array(["e"]), start_step=np.array([0]))
+        return {"generation_length": pd.DataFrame({"mse": [1.0]})}
+
+    monkeypatch.setattr(run_all, "train_vae_main", vae)
+    monkeypatch.setattr(run_all, "train_dit_main", dit)
+    monkeypatch.setattr(run_all.evaluate, "main", evaluate_main)
+    stages = ("collect", "vae", "dit", "evaluate")
+    out = run_all.main("smoke", str(tmp_path), stages=stages, games=("Breakout",), seed=(3, 5))
+    assert [c[0] for c in calls] == ["collect", "vae", "dit", "evaluate", "dit", "evaluate"]
+    assert calls[1] == ("vae", 3)
+    assert calls[2][1] == (3, "dit-Breakout-seed3") and calls[4][1] == (5, "dit-Breakout-seed5")
+    assert calls[5][1] == (5, str(tmp_path / "dit-Breakout-seed5"))  # each seed scores its own DiT
+    assert {"dit-seed3", "dit-seed5", "evaluate-seed5"} <= set(out)
+    records = {json.loads(p.read_text())["seed"]: json.loads(p.read_text())
+               for p in (tmp_path / "results").glob("*/run.json")}
+    assert sorted(records) == [3, 5]
+    assert records[5]["settings"]["vae"]["seed"] == 3 and records[5]["settings"]["dit"]["seed"] == 5
+    calls.clear()
+    run_all.main("smoke", str(tmp_path), stages=stages, games=("Breakout",), seed=(7,))
+    assert [c[0] for c in calls] == ["dit", "evaluate"]  # collection and VAE reused
+    rec7 = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*-s7-*/run.json")]
+    assert len(rec7) == 1 and rec7[0]["settings"]["vae"]["seed"] == 3
+    calls.clear()
+    run_all.main("smoke", str(tmp_path), stages=stages, games=("Breakout",), seed=(7,), force=("dit",))
+    assert [c[0] for c in calls] == ["dit"]  # --force dit redoes the seed's DiT; its evaluation stays
+    assert run_all._parse(["--seed", "0", "1", "2"]).seed == [0, 1, 2]
+    with pytest.raises(SystemExit, match="distinct"):
+        run_all.main("smoke", str(tmp_path), stages=stages, seed=(1, 1))
