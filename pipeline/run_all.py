@@ -1,4 +1,4 @@
-"""The whole job: collect -> VAE -> DiT -> evaluate -> sweep, on whatever Ray cluster is found.
+"""The whole job: collect -> VAE -> DiT -> evaluate -> imagine -> sweep, on whatever Ray cluster is found.
 
     ray job submit --working-dir . -- python pipeline/run_all.py --preset smoke --out /abs/runs/smoke
     python pipeline/run_all.py --preset smoke                  # starts a local Ray cluster
@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import collect, evaluate, sweep  # noqa: E402
+from pipeline import collect, evaluate, imagine, sweep  # noqa: E402
 from pipeline import results as results_record  # noqa: E402
 from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.train import train_dit_main, train_vae_main  # noqa: E402
@@ -40,7 +40,7 @@ from workers.train_common import config_from_dict  # noqa: E402
 from workers.train_dit import TrainDiTConfig  # noqa: E402
 from workers.train_vae import TrainVAEConfig  # noqa: E402
 
-STAGES = ("collect", "vae", "dit", "evaluate", "sweep")
+STAGES = ("collect", "vae", "dit", "evaluate", "imagine", "sweep")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class Preset:
     """EvalConfig fields."""
     sweeps: tuple[tuple[str, dict[str, Any]], ...] = ()
     """(space, SweepConfig fields) per sweep; SweepConfig.dit defaults to this preset's `dit`."""
+    imagine: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """ImagineConfig fields (pipeline/imagine.py): PPO trained in the world model, scored in the real game."""
 
 
 def smoke() -> Preset:
@@ -76,6 +78,10 @@ def smoke() -> Preset:
         dit=dit,
         evaluate={"horizons": (1, 2, 4), "max_windows": 8, "stride": 8, "batch_size": 4, "num_cpus": 0.5,
                   "figure_windows": 1, "idm_steps": 20, "idm_max_pairs": 256},
+        imagine={"heads_steps": 40, "heads_max_pairs": 256, "imagination_horizon": 20, "max_contexts": 32,
+                 "train_steps": 64, "train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1,
+                 "num_env_runners": 1, "num_envs_per_env_runner": 4, "cpus_per_env_runner": 0.5,
+                 "eval_episodes": 30, "eval_max_steps": 150, "num_cpus": 0.5},
         sweeps=(("table3", {"seeds": (0,), "overrides": json.dumps({"horizon": [1, 2], "game": "Breakout"}),
                             "dit": json.dumps({**dit, "steps": 12, "checkpoint_every": 12, "horizon_choices": ()}),
                             "eval_max_windows": 4, "eval_lpips": False, "eval_idm_steps": 20,
@@ -112,6 +118,10 @@ def gpu() -> Preset:
              "warmup_steps": 300, "lr_cooldown": 0.2, "checkpoint_every": 1000, "log_every": 50},
         evaluate={"horizons": (1, 2, 4), "max_windows": 256, "stride": 8, "batch_size": 32,
                   "num_cpus": 4, "use_gpu": True, "figure_windows": 2},
+        imagine={"heads_steps": 2000, "train_steps": 200_000, "train_batch_size": 8192, "minibatch_size": 512,
+                 "num_epochs": 2, "num_env_runners": 1, "num_envs_per_env_runner": 256, "cpus_per_env_runner": 2,
+                 "gpus_per_env_runner": 0.5, "learner_gpus": 0.5, "eval_episodes": 30, "num_cpus": 4,
+                 "use_gpu": True},
     )
 
 
@@ -135,7 +145,7 @@ PRESETS: dict[str, Callable[[], Preset]] = {"smoke": smoke, "gpu": gpu, "paper":
 
 def _section_configs() -> dict[str, type]:
     return {"collect": collect.CollectConfig, "collect.agent": AgentConfig, "vae": TrainVAEConfig,
-            "dit": TrainDiTConfig, "evaluate": evaluate.EvalConfig}
+            "dit": TrainDiTConfig, "evaluate": evaluate.EvalConfig, "imagine": imagine.ImagineConfig}
 
 
 def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
@@ -143,7 +153,7 @@ def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
     collect.agent, vae, dit or evaluate; value is JSON (`16`, `[1, 2]`, `true`), else a string.
     An unknown section or field fails here, naming it, before anything runs."""
     sections = _section_configs()
-    parts = {name: dict(getattr(preset, name)) for name in ("collect", "vae", "dit", "evaluate")}
+    parts = {name: dict(getattr(preset, name)) for name in ("collect", "vae", "dit", "evaluate", "imagine")}
     for item in sets:
         key, eq, raw = item.partition("=")
         section, _, field = key.strip().rpartition(".")
@@ -336,6 +346,14 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         print(f"[run_all] evaluation recorded in {record}", flush=True)
         return {"eval_dir": str(eval_dir), "record": str(record), "table": df.to_dict(orient="records")}
 
+    def do_imagine(p: Preset, s: int | None) -> dict[str, Any]:
+        cfg = config_from_dict(imagine.ImagineConfig, {**p.imagine, "run_dir": str(out_dir), "data_root": data_root,
+                                                       "game": game, "seed": 0 if s is None else s,
+                                                       "model_path": results[seed_stage("dit", s)]["model_path"],
+                                                       "name": f"imagine-{game}" + (f"-seed{s}" if s is not None else "")})
+        tables = imagine.main(cfg, tracking_uri=tracking_uri)
+        return {"out_dir": str(out_dir / "imagine" / cfg.name), "table": tables["imagination"].to_dict(orient="records")}
+
     def do_sweep() -> dict[str, Any]:
         tables = {}
         for space, fields in preset.sweeps:
@@ -353,7 +371,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     for s in seeds:
         p = preset if s is None else with_seed(preset, s)
         plan += [("dit", seed_stage("dit", s), lambda p=p, s=s: do_dit(p, s), p.dit),
-                 ("evaluate", seed_stage("evaluate", s), lambda p=p, s=s: do_evaluate(p, s), p.evaluate)]
+                 ("evaluate", seed_stage("evaluate", s), lambda p=p, s=s: do_evaluate(p, s), p.evaluate),
+                 ("imagine", seed_stage("imagine", s), lambda p=p, s=s: do_imagine(p, s), p.imagine)]
     plan.append(("sweep", "sweep", do_sweep, preset.sweeps))
     for stage, marker_name, fn, settings in plan:
         if stage not in stages:
@@ -381,7 +400,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", action="extend", default=[], dest="sets", metavar="SECTION.FIELD=VALUE",
                    help="replace preset settings (repeatable: every --set counts), e.g. "
                         "vae.latent_channels=16 dit.max_train_s=600 "
-                        "collect.agent.train_steps=8000 (sections: collect, collect.agent, vae, dit, evaluate)")
+                        "collect.agent.train_steps=8000 (sections: collect, collect.agent, vae, dit, evaluate, imagine)")
     p.add_argument("--seed", type=int, nargs="+", default=None,
                    help="training seed(s) of the DiT (and the evaluation's noise); the VAE takes the first, "
                         "the collection keeps the preset's seed. Several seeds share the collection and the "

@@ -9,6 +9,11 @@
   collected before the val split existed). Returns a `TinyDataset` with
   `root` (dataset root: read it with `workers.clips.window_dataset(root, ...)` or
   `read_windows_numpy`) and `manifest` (the collection manifest dict). Treat it as read-only.
+- `tiny_split_root` (session): that dataset relabelled so that each game has a train, a val and a
+  test episode (a dataset root path; read-only).
+- `tiny_trained` (session): a tiny VAE then DiT on Breakout of `tiny_split_root`, trained through
+  the drivers (Ray Train, MLflow): `(run_dir, world_model_path, TrainDiTConfig)`. The one trained
+  world model of a test session: share it, read-only.
 """
 
 from __future__ import annotations
@@ -52,3 +57,56 @@ def tiny_dataset(ray_local, tmp_path_factory) -> TinyDataset:
                                   policy="random", steps_per_game=300, steps_per_round=200,
                                   num_env_runners=2, test_fraction=0.5, val_fraction=0.0, seed=1))
     return TinyDataset(root=root, manifest=manifest)
+
+
+@pytest.fixture(scope="session")
+def tiny_split_root(tiny_dataset, tmp_path_factory) -> str:
+    """The tiny collected dataset with the split relabelled so that each game has a train, a val and
+    a test episode: the collected one has two episodes per game whose hash split varies between sessions
+    (episode ids carry worker pids), so a game may have no held-out episode at all."""
+    import glob
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path_factory.mktemp("resplit")
+    seen: dict[str, int] = {}
+    for f in sorted(glob.glob(os.path.join(tiny_dataset.root, "episodes", "**", "*.parquet"), recursive=True)):
+        table = pq.read_table(f)
+        rel = os.path.relpath(f, tiny_dataset.root)
+        for eid in sorted(set(table["episode_id"].to_pylist())):
+            game = table["game"][0].as_py()
+            split = "train" if seen.get(game, 0) % 2 == 0 else "test"
+            seen[game] = seen.get(game, 0) + 1
+            part = table.filter(pa.compute.equal(table["episode_id"], eid))
+            i = part.schema.get_field_index("split")
+            # val holds a copy of each train episode under an id of its own (two episodes a game are
+            # too few for three splits): never the test episode's frames, so reading test for val fails
+            for name in (split, "val") if split == "train" else (split,):
+                piece = part.set_column(i, "split", pa.array([name] * part.num_rows, part.schema.field("split").type))
+                if name == "val":
+                    j = piece.schema.get_field_index("episode_id")
+                    piece = piece.set_column(j, "episode_id", pa.array([f"{eid}-val"] * piece.num_rows,
+                                                                       piece.schema.field("episode_id").type))
+                dst = out / (rel + f".{name}.parquet")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(piece, dst, compression="zstd")
+    assert all(n >= 2 for n in seen.values()), seen
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_split_root, tmp_path_factory):
+    """VAE then DiT through the drivers: 2 Ray Train workers each, a few steps."""
+    from pipeline.train import train_dit_main, train_vae_main
+    from workers.train_dit import TrainDiTConfig
+    from workers.train_vae import TrainVAEConfig
+
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    common = dict(run_dir=run_dir, data_root=tiny_split_root, game="Breakout", steps=4, batch_size=2,
+                  num_workers=2, cpus_per_worker=0.5, warmup_steps=1, log_every=1, checkpoint_every=2)
+    vae_path = train_vae_main(TrainVAEConfig(**common, clip_length=4, clip_stride=8, val_every=2, val_windows=3))
+    dit_cfg = TrainDiTConfig(**common, vae_path=str(vae_path), horizon=2, clip_stride=4, sample_steps=2,
+                             snapshot_s=(0.0, 3600.0))
+    return run_dir, train_dit_main(dit_cfg), dit_cfg

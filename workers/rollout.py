@@ -87,7 +87,7 @@ class AgentConfig:
 def ppo_config(env_id: str, agent: AgentConfig, settings: EnvSettings, *, num_env_runners: int,
                cpus_per_env_runner: float, num_envs_per_env_runner: int = 1,
                rollout_fragment_length: int | str = "auto", record: dict | None = None,
-               gpus_per_env_runner: float = 0.0, learner_gpus: int = 0):
+               gpus_per_env_runner: float = 0.0, learner_gpus: float = 0):
     """One PPOConfig builder chain for training (record=None) and recording (record=dict of
     run_id, seed, test_fraction, val_fraction). Several envs per runner batch the policy's forward pass and
     RLlib's per-step connector work over the envs."""
