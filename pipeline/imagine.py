@@ -252,8 +252,9 @@ def build_imagination_ppo(cfg: ImagineConfig):
                       cpus_per_env_runner=cfg.cpus_per_env_runner,
                       num_envs_per_env_runner=cfg.num_envs_per_env_runner,
                       gpus_per_env_runner=cfg.gpus_per_env_runner, learner_gpus=cfg.learner_gpus)
-    return (base.environment(env=ENV_NAME, env_config=_imagination_env_config(cfg), clip_rewards=True)
-            .env_runners(gym_env_vectorize_mode="vector_entry_point"))
+    config = base.environment(env=ENV_NAME, clip_rewards=True).env_runners(gym_env_vectorize_mode="vector_entry_point")
+    config.env_config = _imagination_env_config(cfg)  # replaced, not merged into the real game's settings
+    return config
 
 
 def _generation_seconds(algo) -> float:

@@ -119,6 +119,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
     if "episode_id" not in scores or "start_step" not in scores:
         raise ResultsError(f"{scores_path}: no window keys (episode_id, start_step): scores cannot be paired "
                            f"or resampled by episode")
+    meta["record_dir"] = str(run_dir)  # where the run's other records (imagine_returns.npz) lie; not stored
     return meta, scores
 
 
@@ -225,6 +226,58 @@ def action_fidelity(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.D
     return df[AF_COLUMNS]
 
 
+IMAGINATION_COLUMNS = ["game", "agent", "return_mean", "return_ci_low", "return_ci_high", "episodes", "truncated",
+                       "seeds", "diff_vs_random", "diff_ci_low", "diff_ci_high", "length_mean"]
+IMAGINATION_FILE = "imagine_returns.npz"
+"""Per-game real returns of the imagine stage's agents, copied into a seed's record by run_all."""
+
+
+def _stratified_means(groups: list[np.ndarray], rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """(n_boot,) means over seeds of each seed's mean return, games resampled within each seed."""
+    out = np.zeros(n_boot)
+    for x in groups:
+        counts = rng.multinomial(len(x), np.full(len(x), 1.0 / len(x)), size=n_boot)
+        out += counts @ x / len(x)
+    return out / len(groups)
+
+
+def imagination(pooled: list[tuple[dict, dict]], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per game and agent (imagination, random, ppo_real): the mean real-game return over seeds (each
+    seed's games weigh as one seed), a 95 % bootstrap interval over games (resampled within each
+    seed), and each agent's difference from the random agent with its interval (independent games)."""
+    by: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for meta, _ in pooled:
+        path = Path(meta.get("record_dir", "")) / IMAGINATION_FILE
+        if not path.is_file():
+            continue
+        with np.load(path) as z:
+            for key in z.files:
+                agent, _, what = key.partition("__")
+                if what == "returns":
+                    by.setdefault((meta["game"], agent), []).append(
+                        (z[key].astype(np.float64), z[f"{agent}__lengths"], z[f"{agent}__truncated"]))
+    rows = []
+    rng = np.random.default_rng(seed)
+    boots = {k: _stratified_means([g[0] for g in v], rng, n_boot) for k, v in by.items()}
+    for (game, agent), v in sorted(by.items(), key=lambda kv: (_game_order(kv[0][0]), kv[0][1])):
+        point = float(np.mean([g[0].mean() for g in v]))
+        lo, hi = np.percentile(boots[(game, agent)], [2.5, 97.5])
+        row = {"game": game, "agent": agent, "return_mean": point, "return_ci_low": lo, "return_ci_high": hi,
+               "episodes": int(sum(len(g[0]) for g in v)), "truncated": int(sum(g[2].sum() for g in v)),
+               "seeds": len(v), "length_mean": float(np.mean(np.concatenate([g[1] for g in v])))}
+        if (game, "random") in by and agent != "random":
+            diff = boots[(game, agent)] - boots[(game, "random")]
+            rnd = float(np.mean([g[0].mean() for g in by[(game, "random")]]))
+            row.update(diff_vs_random=point - rnd, diff_ci_low=np.percentile(diff, 2.5),
+                       diff_ci_high=np.percentile(diff, 97.5))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for c in IMAGINATION_COLUMNS:
+        if c not in df:
+            df[c] = np.nan
+    return df[IMAGINATION_COLUMNS]
+
+
 def markdown_table2(df: pd.DataFrame) -> str:
     """Table 2 as Markdown: MSE [95 % CI] (± seed std), PSNR of the mean MSE, dB over copy-last
     [CI], LPIPS, per game and T."""
@@ -285,6 +338,16 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
             "paper": "the paper's cells (method 'paper (other data)') were measured on data and at a resolution "
                      "it does not state; ALE's DemonAttack frames change 24-113x more than its model error"}
     _write(out / "table2.meta.json", json.dumps(meta, indent=1))
+    im = imagination(pooled, n_boot=n_boot)
+    if len(im):
+        _write(out / "imagination.csv", im.to_csv(index=False, float_format="%.6g"))
+        _write(out / "imagination.meta.json", json.dumps(
+            {**meta, "table": "imagination", "ci": f"95 % percentile bootstrap over real games, resampled within "
+             f"each seed, {n_boot} resamples; mean over seeds of each seed's mean return",
+             "agents": "imagination: PPO trained only in the seed's world model (pipeline/imagine.py); random: "
+             "uniform actions; ppo_real: the PPO agent that recorded the collection",
+             "games": "full real games (sticky actions 0.25) to game over, cut at the run's eval_max_steps "
+             "(column truncated)"}, indent=1))
     af = action_fidelity(pooled, n_boot=n_boot)
     if len(af):
         _write(out / "action_fidelity.csv", af.to_csv(index=False, float_format="%.6g"))

@@ -352,7 +352,14 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
                                                        "model_path": results[seed_stage("dit", s)]["model_path"],
                                                        "name": f"imagine-{game}" + (f"-seed{s}" if s is not None else "")})
         tables = imagine.main(cfg, tracking_uri=tracking_uri)
-        return {"out_dir": str(out_dir / "imagine" / cfg.name), "table": tables["imagination"].to_dict(orient="records")}
+        imag_dir = out_dir / "imagine" / cfg.name
+        record = results.get(seed_stage("evaluate", s), {}).get("record")
+        if record and Path(record).is_dir():  # the seed's record carries its real-game returns (results tables)
+            import shutil
+
+            shutil.copy2(imag_dir / "returns.npz", Path(record) / results_record.IMAGINATION_FILE)
+            shutil.copy2(imag_dir / "imagination.csv", Path(record) / "imagination.csv")
+        return {"out_dir": str(imag_dir), "table": tables["imagination"].to_dict(orient="records")}
 
     def do_sweep() -> dict[str, Any]:
         tables = {}

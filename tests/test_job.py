@@ -216,7 +216,7 @@ def _head_agent_log(tmp_path: Path) -> str:
 def _check_outputs(out: Path, mlflow_server: str) -> None:
     """What one smoke job must leave: files under --out, runs, metrics, tables and artifacts in MLflow."""
     # Files: every stage completed, under the absolute --out (not the job's temporary copy).
-    for stage in ("collect", "vae", "dit", "evaluate", "sweep"):
+    for stage in ("collect", "vae", "dit", "evaluate", "imagine", "sweep"):
         assert (out / "stages" / f"{stage}.json").is_file(), f"stage {stage} left no marker"
     assert list((out / "data" / "episodes").glob("game=Breakout/run=smoke/*.parquet"))
     eval_csv = (out / "eval" / "eval-Breakout" / "generation_length.csv").read_text().splitlines()
@@ -235,6 +235,17 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     assert set(table2.method) >= {"model", "copy_last"} and (table2.seeds.dropna() == 1).all()
     assert (out / "current" / "action_fidelity.csv").is_file()
     assert (out / "eval" / "eval-Breakout" / "action_fidelity.csv").is_file()
+    # The imagine stage: heads beside the world model, an agent trained in it, scored in the real game
+    import pandas as pd
+
+    model_path = Path(json.loads((out / "stages" / "dit.json").read_text())["model_path"])
+    assert (model_path / "heads").is_dir()
+    imag = pd.read_csv(out / "imagine" / "imagine-Breakout" / "imagination.csv")
+    assert list(imag.agent) == ["imagination", "random", "ppo_real"] and (imag.episodes == 30).all()
+    assert (imag.return_ci_low <= imag.return_mean).all() and (imag.return_mean <= imag.return_ci_high).all()
+    curve = pd.read_csv(out / "imagine" / "imagine-Breakout" / "learning_curve.csv")
+    assert curve.steps.iloc[-1] >= 64 and (curve.generation_share > 0).all()
+    assert (out / "agents" / "imagine-Breakout" / "learner_group").is_dir()
     table3 = (out / "sweeps" / "sweep-table3" / "table3.md").read_text()
     assert "past_future" in table3 and "copy_last" in table3 and "±" in table3
 
@@ -244,7 +255,7 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     runs = _post(mlflow_server, "/api/2.0/mlflow/runs/search",
                  {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
     by_name = {r["info"]["run_name"]: r for r in runs}
-    for name in ("vae", "dit-Breakout", "eval-Breakout", "sweep-table3"):
+    for name in ("vae", "dit-Breakout", "eval-Breakout", "imagine-Breakout", "sweep-table3"):
         assert name in by_name, f"no MLflow run {name!r}; runs: {sorted(by_name)}"
     dit = by_name["dit-Breakout"]
     params = {p["key"]: p["value"] for p in dit["data"].get("params", [])}

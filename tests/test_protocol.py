@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from workers import schema as S
@@ -348,3 +349,29 @@ def test_random_policy_holds_its_actions_at_the_repeat_rate():
     assert _parse(["--policy", "random", "--random-repeat", "0.5"]).random_repeat == 0.5
     with pytest.raises(ValueError, match="random_repeat"):
         CollectConfig(random_repeat=1.0)
+
+
+def test_imagination_table_pools_seeds_of_real_game_returns(tmp_path):
+    """Seeds weigh equally whatever their game counts; the agent-vs-random interval excludes 0 for a
+    clear gap and straddles it for none."""
+    from pipeline.results import IMAGINATION_FILE, build_tables, current_version
+
+    v, rng = current_version("gpu"), np.random.default_rng(9)
+    means = {}
+    for seed, n in ((0, 30), (1, 40), (2, 31)):
+        rec = _record(tmp_path, rng, version=v, seed=seed)
+        ret = {"imagination": rng.normal(6.0, 1.0, n), "random": rng.normal(1.0, 1.0, n),
+               "ppo_real": rng.normal(1.2, 1.0, n)}
+        np.savez(rec / IMAGINATION_FILE, **{f"{a}__returns": r for a, r in ret.items()},
+                 **{f"{a}__lengths": np.full(n, 100) for a in ret},
+                 **{f"{a}__truncated": np.arange(n) < (1 if a == "random" else 0) for a in ret})
+        for a, r in ret.items():
+            means.setdefault(a, []).append(r.mean())
+    build_tables(tmp_path / "runs", tmp_path / "current", "gpu", n_boot=400)
+    df = pd.read_csv(tmp_path / "current" / "imagination.csv").set_index("agent")
+    assert set(df.index) == {"imagination", "random", "ppo_real"} and (df.seeds == 3).all()
+    assert df.loc["imagination", "return_mean"] == pytest.approx(np.mean(means["imagination"]), rel=1e-5)
+    assert df.loc["random", "episodes"] == 101 and df.loc["random", "truncated"] == 3
+    imag, ppo = df.loc["imagination"], df.loc["ppo_real"]
+    assert imag.return_ci_low < imag.return_mean < imag.return_ci_high and imag.diff_ci_low > 4.0
+    assert ppo.diff_ci_low < 0.2 < ppo.diff_ci_high and np.isnan(df.loc["random", "diff_vs_random"])

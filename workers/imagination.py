@@ -60,8 +60,9 @@ class ImaginationConfig:
     max_contexts: int = 256
     """Starting contexts read into memory (a seeded subset of all; 4 frames are ~400 KB each)."""
     action_repeat: int = 1
-    """Frames generated per agent step, in one chunk, with the action repeated (must be a trained
-    generation length of the model); rewards of the chunk's frames are summed."""
+    """Frames generated per agent step, with the action repeated; rewards of those frames are summed.
+    A generation length the model was trained for is one chunk; another is generated as
+    `WorldModel.predict` does (chunks of the longest trained length, extra frames dropped)."""
     max_steps: int = 1000
     """Agent steps after which an imagined episode is truncated (the imagination horizon)."""
     sample_steps: int = 0
@@ -171,9 +172,6 @@ class ImaginedGames:
         self.cfg, self.num_games = cfg, num_games
         device = _device(cfg.device)
         self.model = load_world_model(cfg.world_model, map_location=device, sample_steps=cfg.sample_steps or None)
-        if cfg.action_repeat not in self.model.trained_horizons:
-            raise ValueError(f"ImaginationConfig.action_repeat={cfg.action_repeat} is not a generation length the "
-                             f"model was trained for {self.model.trained_horizons}")
         self.heads = None
         if cfg.heads:
             from workers.reward_model import load_heads
