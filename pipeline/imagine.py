@@ -220,7 +220,7 @@ def _train_heads(cfg: ImagineConfig) -> dict[str, Any]:
         heads, report = load_heads(cfg.model_path, device=device), {"reused": True}
     except FileNotFoundError:
         heads, report = train_heads(RewardModelConfig(steps=cfg.heads_steps, max_pairs=cfg.heads_max_pairs,
-                                                      seed=cfg.seed), cfg.data_root, cfg.game)
+                                                      seed=cfg.seed), cfg.data_root, cfg.game, device=device)
         save_heads(cfg.model_path, heads, {"data_root": cfg.data_root, "game": cfg.game, "report": report})
         heads = load_heads(cfg.model_path, device=device)
     try:

@@ -179,11 +179,11 @@ class ImaginedGames:
             self.heads = load_heads(cfg.world_model, device=str(device))
         self.n_cond = self.model.n_cond
         self.bank = ContextBank(cfg.data_root, cfg.game, cfg.split, self.n_cond, cfg.max_contexts, cfg.seed)
-        self.num_actions = int(self.model.dit.cfg.num_actions)
         self.action_meanings = action_meanings(self.bank.env_id, self.bank.env_config)
-        if len(self.action_meanings) != self.num_actions:
-            raise ValueError(f"the world model has {self.num_actions} actions, the game {cfg.game!r} of the "
-                             f"dataset {len(self.action_meanings)}")
+        self.num_actions = len(self.action_meanings)  # the game's action set, as the dataset recorded it
+        if self.num_actions > int(self.model.dit.cfg.num_actions):
+            raise ValueError(f"the world model encodes {self.model.dit.cfg.num_actions} actions, fewer than the "
+                             f"{self.num_actions} of {cfg.game!r} in the dataset: another game's model?")
         n = self.n_cond
         self.frames = np.zeros((num_games, n, *S.FRAME_SHAPE), np.uint8)  # the last n frames of each game
         self.past = np.zeros((num_games, n - 1), np.int64)  # the actions between them

@@ -99,35 +99,49 @@ def _check_frames(x, name: str) -> None:
                          f"got {x.dtype} {tuple(x.shape)}")
 
 
+def preprocess_frames(frames: Tensor, pool: int, grey: bool) -> Tensor:
+    """uint8 (B, 210, 160, 3) -> float (B, C, 210/pool, 160/pool) in [0, 1] (C = 1 if grey else 3)."""
+    x = frames.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, 210, 160)
+    if grey:
+        x = (x * x.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)  # (B, 1, H, W)
+    return F.avg_pool2d(x, pool) if pool > 1 else x  # (B, C, h, w)
+
+
+def pair_input(prev: Tensor, nxt: Tensor, pool: int, grey: bool, diff_gain: float) -> Tensor:
+    """Raw uint8 frames o_t, o_{t+1} (B, 210, 160, 3) -> the network input [o_t, o_{t+1}, g (o_{t+1} - o_t)]
+    float (B, 3C, 210/pool, 160/pool) (see the module docstring)."""
+    x0, x1 = preprocess_frames(prev, pool, grey), preprocess_frames(nxt, pool, grey)  # (B, C, h, w) each
+    return torch.cat([x0, x1, diff_gain * (x1 - x0)], dim=1)  # (B, 3C, h, w)
+
+
+def pair_trunk(pool: int, grey: bool, channels: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    """The stride-2 convolutions over `pair_input` -> (trunk, number of features it outputs, flattened)."""
+    h, w = S.FRAME_SHAPE[0] // pool, S.FRAME_SHAPE[1] // pool
+    layers, c_in = [], 3 * (1 if grey else 3)  # prev, next, next - prev
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.ReLU()]
+        c_in, h, w = c, h // 2, w // 2
+    return nn.Sequential(*layers), c_in * h * w
+
+
 class InverseDynamics(nn.Module):
     """A small CNN on a frame pair -> logits over the game's actions."""
 
     def __init__(self, cfg: IDMConfig, num_actions: int):
         super().__init__()
         self.cfg, self.num_actions = cfg, num_actions
-        c_img = 1 if cfg.grey else 3
-        h, w = S.FRAME_SHAPE[0] // cfg.pool, S.FRAME_SHAPE[1] // cfg.pool
-        layers, c_in = [], 3 * c_img  # prev, next, next - prev
-        for c in cfg.channels:
-            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.ReLU()]
-            c_in, h, w = c, h // 2, w // 2
-        self.trunk = nn.Sequential(*layers)
+        self.trunk, n_features = pair_trunk(cfg.pool, cfg.grey, cfg.channels)
         # flatten, not global pooling: where a sprite is (against a wall, say) decides what an action can do
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c_in * h * w, cfg.hidden), nn.ReLU(),
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(n_features, cfg.hidden), nn.ReLU(),
                                   nn.Linear(cfg.hidden, num_actions))
 
     def preprocess(self, frames: Tensor) -> Tensor:
         """uint8 (B, 210, 160, 3) -> float (B, C, 210/pool, 160/pool) in [0, 1]."""
-        x = frames.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, 210, 160)
-        if self.cfg.grey:
-            x = (x * x.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)  # (B, 1, H, W)
-        return F.avg_pool2d(x, self.cfg.pool) if self.cfg.pool > 1 else x  # (B, C, h, w)
+        return preprocess_frames(frames, self.cfg.pool, self.cfg.grey)
 
     def forward(self, prev: Tensor, nxt: Tensor) -> Tensor:
         """prev, nxt: uint8 (B, 210, 160, 3) raw frames o_t, o_{t+1} -> logits (B, A)."""
-        x0, x1 = self.preprocess(prev), self.preprocess(nxt)  # (B, C, h, w) each
-        x = torch.cat([x0, x1, self.cfg.diff_gain * (x1 - x0)], dim=1)  # (B, 3C, h, w)
-        return self.head(self.trunk(x))  # (B, A)
+        return self.head(self.trunk(pair_input(prev, nxt, self.cfg.pool, self.cfg.grey, self.cfg.diff_gain)))
 
 
 # ---------------------------------------------------------------- data
@@ -136,11 +150,14 @@ def _normalise_game(game: str) -> str:
     return game.removeprefix("ALE/").removesuffix("-v5")  # as workers.atari.game_name, without ALE
 
 
-def _split_rows(data_root: str, game: str, split: str | None) -> dict[str, np.ndarray]:
-    """file index, row in file, episode id, step, action, env key of one game's rows (of a split)."""
+def _split_rows(data_root: str, game: str, split: str | None,
+                extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """file index, row in file, episode id, step, action, env key of one game's rows (of a split), and
+    the `extra` columns under their own names; "files" lists the Parquet files "file" indexes."""
     files = parquet_files(data_root)
     cols = [S.EPISODE_ID, S.STEP, S.ACTION, S.GAME, S.SPLIT, S.ENV_ID, S.ENV_CONFIG]
-    out: dict[str, list] = {k: [] for k in ("file", "row", "eid", "step", "action", "env")}
+    cols += [c for c in extra if c not in cols]
+    out: dict[str, list] = {k: [] for k in ("file", "row", "eid", "step", "action", "env", *extra)}
     for fi, f in enumerate(files):
         try:
             t = pq.read_table(f, columns=cols)
@@ -161,6 +178,8 @@ def _split_rows(data_root: str, game: str, split: str | None) -> dict[str, np.nd
         env = np.char.add(np.char.add(t[S.ENV_ID].to_numpy(zero_copy_only=False).astype(str), "\x1f"),
                           t[S.ENV_CONFIG].to_numpy(zero_copy_only=False).astype(str))
         out["env"].append(env)
+        for c in extra:
+            out[c].append(t[c].to_numpy(zero_copy_only=False))
     res = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in out.items()}
     res["files"] = np.asarray(files, dtype=object)
     return res
@@ -200,30 +219,52 @@ def pairs_from_dataset(data_root: str, game: str, split: str, max_pairs: int | N
     NO_ACTION sentinel (an episode's last frame) start no pair. At most `max_pairs`, a random subset
     drawn with `seed`; pairs come in (episode, step) order. Frames are read only for the rows kept.
     A split without pairs raises ValueError naming data_root, game and split."""
+    r, prev, nxt = split_pairs(data_root, game, split)
+    if max_pairs is not None and len(prev) > max_pairs:
+        keep = np.sort(np.random.default_rng(seed).choice(len(prev), max_pairs, replace=False))
+        prev, nxt = prev[keep], nxt[keep]
+    actions = r["action"][prev]
+    where = f"data_root {data_root!r} game {game!r} split {split!r}"
+    check_actions(actions, _num_actions_of(r["env"][prev], where), where)
+    frames_prev, frames_nxt = read_frames(r, prev, nxt)
+    return frames_prev, frames_nxt, actions
+
+
+class NoPairsError(ValueError):
+    """A split of a game holds no consecutive-step pair (e.g. no `val` episodes in two-split data)."""
+
+
+def split_pairs(data_root: str, game: str, split: str, extra: tuple[str, ...] = ()
+                ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The consecutive-step pairs of one split of one game, without their frames: (rows, prev, nxt)
+    with rows as `_split_rows` gives them (`extra` columns included) and prev, nxt int64 (N,) the
+    indices into rows of each pair's o_t and o_{t+1} row, in (episode, step) order. Rows of the
+    NO_ACTION sentinel (an episode's last frame) start no pair. A split without pairs raises
+    NoPairsError (a ValueError) naming data_root, game and split."""
     if split not in S.SPLITS:
         raise ValueError(f"split must be one of {S.SPLITS}, got {split!r}")
-    r = _split_rows(data_root, game, split)
+    r = _split_rows(data_root, game, split, extra)
     order = np.lexsort((r["step"], r["eid"]))
     eid, step, act = r["eid"][order], r["step"][order], r["action"][order]
     ok = (eid[:-1] == eid[1:]) & (step[1:] == step[:-1] + 1) & (act[:-1] != S.NO_ACTION)
     first = np.flatnonzero(ok)  # (N,) sorted position of each pair's prev row
     if not len(first):
-        raise ValueError(f"no frame pairs of game {game!r} in split {split!r} under data_root "
+        raise NoPairsError(f"no frame pairs of game {game!r} in split {split!r} under data_root "
                          f"{data_root!r} ({len(order)} rows of that game and split)")
-    if max_pairs is not None and len(first) > max_pairs:
-        first = np.sort(np.random.default_rng(seed).choice(first, max_pairs, replace=False))
-    actions = act[first]
-    where = f"data_root {data_root!r} game {game!r} split {split!r}"
-    check_actions(actions, _num_actions_of(r["env"][order[first]], where), where)
-    src = {"prev": order[first], "nxt": order[first + 1]}  # (N,) index into r
-    out = {k: np.empty((len(first), *S.FRAME_SHAPE), np.uint8) for k in src}
-    for fi in np.unique(r["file"][np.concatenate(list(src.values()))]):
+    return r, order[first], order[first + 1]
+
+
+def read_frames(r: dict[str, np.ndarray], *indices: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Frames uint8 (N, 210, 160, 3) of rows `r` (from `split_pairs`) at each array of indices, reading
+    the frame column of each file involved once."""
+    out = [np.empty((len(idx), *S.FRAME_SHAPE), np.uint8) for idx in indices]
+    for fi in np.unique(r["file"][np.concatenate(indices)]):
         path = str(r["files"][fi])
         frames = S.frames_from_arrow(pq.read_table(path, columns=[S.FRAME])[S.FRAME], path)
-        for k, idx in src.items():
+        for o, idx in zip(out, indices, strict=True):
             here = r["file"][idx] == fi
-            out[k][here] = frames[r["row"][idx[here]]]
-    return out["prev"], out["nxt"], actions
+            o[here] = frames[r["row"][idx[here]]]
+    return tuple(out)
 
 
 def generated_pairs(cond_last, generated):
@@ -252,6 +293,39 @@ def _to_tensor(x) -> Tensor:
     return x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
 
+def seeded_init(seed: int, build):
+    """`build()` (a module) under torch seed `seed`, leaving the caller's global torch RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def epoch_batches(rng: np.random.Generator, n: int, batch_size: int, steps: int):
+    """`steps` sorted index batches of 0..n-1, drawn epoch by epoch from permutations of `rng` (an
+    epoch's last, short batch is dropped when a full one no longer fits and the epoch has begun)."""
+    perm, pos = rng.permutation(n), 0
+    for _ in range(steps):
+        if pos + batch_size > len(perm) and pos > 0:  # next epoch
+            perm, pos = rng.permutation(n), 0
+        yield np.sort(perm[pos:pos + batch_size])
+        pos += batch_size
+
+
+def fit(model: nn.Module, batches, batch_loss, lr: float, weight_decay: float) -> list[float]:
+    """AdamW over `batches` (index arrays): one step of `batch_loss(idx)` (a scalar tensor) each.
+    Returns the losses; leaves the model in train mode on its device."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    losses = []
+    model.train()
+    for idx in batches:
+        loss = batch_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def train_idm(cfg: IDMConfig, prev: np.ndarray, nxt: np.ndarray, actions: np.ndarray,
               num_actions: int, device: str = "cpu") -> tuple[InverseDynamics, dict]:
     """Train an IDM on real pairs (on `device`); the same inputs and seed give the same weights (CPU).
@@ -273,26 +347,15 @@ def train_idm(cfg: IDMConfig, prev: np.ndarray, nxt: np.ndarray, actions: np.nda
     present = counts > 0
     weight = np.where(present, len(actions) / (present.sum() * np.maximum(counts, 1)), 0.0)
     t0 = time.time()
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
-        torch.manual_seed(cfg.seed)
-        model = InverseDynamics(cfg, num_actions)
-    model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = seeded_init(cfg.seed, lambda: InverseDynamics(cfg, num_actions)).to(device)
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32, device=device))
-    rng = np.random.default_rng(cfg.seed)
-    perm, pos, losses = rng.permutation(len(actions)), 0, []
-    model.train()
-    for _ in range(cfg.steps):
-        if pos + cfg.batch_size > len(perm) and pos > 0:  # next epoch
-            perm, pos = rng.permutation(len(actions)), 0
-        idx = np.sort(perm[pos:pos + cfg.batch_size])
-        pos += cfg.batch_size
+
+    def batch_loss(idx: np.ndarray) -> Tensor:
         logits = model(_to_tensor(prev[idx]).to(device), _to_tensor(nxt[idx]).to(device))  # (b, A)
-        loss = loss_fn(logits, torch.from_numpy(actions[idx]).to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        return loss_fn(logits, torch.from_numpy(actions[idx]).to(device))
+
+    batches = epoch_batches(np.random.default_rng(cfg.seed), len(actions), cfg.batch_size, cfg.steps)
+    losses = fit(model, batches, batch_loss, cfg.lr, cfg.weight_decay)
     model = model.cpu().eval()
     info = dict(steps=cfg.steps, seconds=time.time() - t0, pairs=len(actions),
                 loss=float(np.mean(losses[-50:])), class_counts=counts.tolist(), class_weights=weight.tolist())
