@@ -10,6 +10,7 @@ of an iteration's wall time spent generating and reading the heads.
     python -m benchmarks.bench_env --world-model runs/gpu/models/dit-Breakout --data-root runs/gpu/data \\
         --game Breakout --batch-sizes 1 64 256 --action-repeats 1 4 --ppo-iterations 3 \\
         --out docs/results/current/env_speed.csv
+    python -m benchmarks.bench_env --random-model gpu --data-root runs/gpu/data ...   # no trained run needed
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +32,10 @@ COLUMNS = ["gpu", "batch", "T", "euler_steps", "heads", "steps_per_s", "frames_p
 class BenchEnvConfig:
     world_model: str = ""
     """World-model folder (with heads/ for --heads on)."""
+    random_model: str = ""
+    """Instead of --world-model: random weights of this run_all preset's VAE and DiT (e.g. gpu), which
+    cost exactly what trained ones do, written to <out's folder>/random_world_model with heads
+    trained briefly on --data-root (speed only)."""
     data_root: str = ""
     """Dataset whose training split gives the starting contexts."""
     game: str = "Breakout"
@@ -121,9 +127,36 @@ def ppo_generation_share(cfg: BenchEnvConfig, row: dict) -> float:
         algo.stop()
 
 
+def random_world_model(preset: str, data_root: str, game: str, path: Path) -> str:
+    """A world model of `preset`'s architecture with random weights, and heads trained 20 steps."""
+    from pipeline.run_all import PRESETS
+    from workers.reward_model import RewardModelConfig, save_heads, train_heads
+    from workers.train_common import config_from_dict
+    from workers.train_dit import TrainDiTConfig, build_dit
+    from workers.train_vae import TrainVAEConfig, build_vae
+    from workers.world_model import save_world_model, world_model_meta
+
+    p = PRESETS[preset]()
+    vcfg, dcfg = config_from_dict(TrainVAEConfig, p.vae), config_from_dict(TrainDiTConfig, p.dit)
+    torch.manual_seed(0)
+    vae = build_vae(vcfg)
+    dit = build_dit(dcfg, vae.cfg.latent_channels)
+    meta = world_model_meta(dit, latent_scale=1.0, n_cond=dcfg.n_cond, horizon=dcfg.horizon,
+                            action_mode=dcfg.action_mode, sample_steps=dcfg.sample_steps,
+                            trained_horizons=tuple(dcfg.horizon_choices) or (dcfg.horizon,))
+    save_world_model(path, vae, dit, meta)
+    heads, report = train_heads(RewardModelConfig(steps=20, max_pairs=512), data_root, game)
+    save_heads(path, heads, {"report": report, "note": "random world model for speed measurements"})
+    return str(path)
+
+
 def main(cfg: BenchEnvConfig) -> list[dict]:
+    if cfg.random_model:
+        where = Path(cfg.out).parent if cfg.out else Path("runs")
+        cfg = dataclasses.replace(cfg, world_model=random_world_model(cfg.random_model, cfg.data_root, cfg.game,
+                                                                      where / "random_world_model"))
     if not cfg.world_model or not cfg.data_root:
-        raise SystemExit("--world-model and --data-root are required")
+        raise SystemExit("--world-model (or --random-model) and --data-root are required")
     rows = measure(cfg)
     print(markdown_table(rows, COLUMNS))
     if cfg.out:
