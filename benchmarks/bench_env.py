@@ -4,7 +4,7 @@ Steps `WorldModelVectorEnv` (workers/imagination.py) with uniform-random actions
 (imagined games per call), frames per agent step T (`action_repeat`) and heads on/off: agent
 steps/s = batch x steps / seconds, frames/s = that x T. Autoresets (fresh contexts, FIRE) fall
 inside the timed steps, as they do in training. With `--ppo-iterations` > 0, RLlib PPO also trains
-in imagination for that many iterations at the first setting, and `generation_share` is the share
+in imagination for that many iterations at the largest batch of the first heads and T setting, and `generation_share` is the share
 of an iteration's wall time spent generating and reading the heads.
 
     python -m benchmarks.bench_env --world-model runs/gpu/models/dit-Breakout --data-root runs/gpu/data \\
@@ -93,8 +93,10 @@ def measure(cfg: BenchEnvConfig) -> list[dict]:
                              "generation_share": None})
                 print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
                 del env
-    if cfg.ppo_iterations > 0:
-        rows[0]["generation_share"] = round(ppo_generation_share(cfg, rows[0]), 3)
+    if cfg.ppo_iterations > 0:  # at the largest batch of the first heads and T setting
+        first = [r for r in rows if r["heads"] == cfg.heads[0] and r["T"] == cfg.action_repeats[0]]
+        row = max(first, key=lambda r: r["batch"])
+        row["generation_share"] = round(ppo_generation_share(cfg, row), 3)
     return rows
 
 

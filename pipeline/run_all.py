@@ -78,7 +78,7 @@ def smoke() -> Preset:
         dit=dit,
         evaluate={"horizons": (1, 2, 4), "max_windows": 8, "stride": 8, "batch_size": 4, "num_cpus": 0.5,
                   "figure_windows": 1, "idm_steps": 20, "idm_max_pairs": 256},
-        imagine={"heads_steps": 40, "heads_max_pairs": 256, "imagination_horizon": 20, "max_contexts": 32,
+        imagine={"heads_steps": 40, "heads_max_pairs": 256, "imagination_horizon": 8, "max_contexts": 32,
                  "train_steps": 64, "train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1,
                  "num_env_runners": 1, "num_envs_per_env_runner": 4, "cpus_per_env_runner": 0.5,
                  "eval_episodes": 30, "eval_max_steps": 150, "num_cpus": 0.5},

@@ -245,6 +245,7 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     assert (imag.return_ci_low <= imag.return_mean).all() and (imag.return_mean <= imag.return_ci_high).all()
     curve = pd.read_csv(out / "imagine" / "imagine-Breakout" / "learning_curve.csv")
     assert curve.steps.iloc[-1] >= 64 and (curve.generation_share > 0).all()
+    assert curve.imagined_return_mean.notna().iloc[-1]  # imagined episodes ended (horizon 8) and were counted
     assert (out / "agents" / "imagine-Breakout" / "learner_group").is_dir()
     table3 = (out / "sweeps" / "sweep-table3" / "table3.md").read_text()
     assert "past_future" in table3 and "copy_last" in table3 and "±" in table3
