@@ -19,6 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["pipeline/evaluate.py"], "--split"),
     (["pipeline/sweep.py"], "--space"),
     (["pipeline/run_all.py"], "--seed"),
+    (["pipeline/imagine.py"], "--eval_episodes"),
+    (["-m", "benchmarks.bench_env"], "--random-model"),
     (["-m", "pipeline.results", "tables"], "--preset"),
 ])
 def test_entry_point_help(argv, expect):
