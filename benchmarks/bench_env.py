@@ -133,7 +133,7 @@ def random_world_model(preset: str, data_root: str, game: str, path: Path) -> st
     """A world model of `preset`'s architecture with random weights, and heads trained 20 steps."""
     from pipeline.run_all import PRESETS
     from workers.reward_model import RewardModelConfig, save_heads, train_heads
-    from workers.train_common import config_from_dict
+    from models.config import config_from_dict
     from workers.train_dit import TrainDiTConfig, build_dit
     from workers.train_vae import TrainVAEConfig, build_vae
     from workers.world_model import save_world_model, world_model_meta

@@ -25,7 +25,8 @@ from models.rectified_flow import EulerSampler, EulerSamplerConfig
 from models.stdit import STDiT_models
 from models.vae import VAE_models
 from workers.train_common import autocast
-from workers.world_model import ACTION_MODES, WorldModel, load_world_model
+from models.action_encoder import ACTION_MODES
+from workers.world_model import WorldModel, load_world_model
 
 COMPILE_MODES = ("eager", "compile", "cudagraphs")
 """eager; compile = torch.compile (default mode) of the ST-DiT;

@@ -26,7 +26,7 @@ import torch
 from benchmarks.common import device_name, markdown_table, parse_config, pick_device, sync, write_rows
 from models.vae import VAE_models, vae_loss
 from workers.atari import resolve_env_id
-from workers.train_common import model_to_pixels, pixels_to_model
+from models.pixels import model_to_pixels, pixels_to_model
 
 
 @dataclass(frozen=True)

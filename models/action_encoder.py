@@ -43,18 +43,36 @@ class ActionEncoderConfig:
             raise ValueError(f"ActionEncoderConfig.num_actions={self.num_actions}; must be >= 1")
 
 
-def action_positions(num_tokens: int, n_cond: int, mode: str, device: torch.device | None = None) -> torch.Tensor:
-    """Clip frame index of each action token -> (A,) int64.
+ACTION_MODES = ("future", "past_future")
+"""Which actions condition a generated chunk (the one place this rule is written):
+`"future"`: a_t .. a_{t+T-1}, taken at window frames n-1 .. n+T-2 (T tokens);
+`"past_future"`: a_{t-n+1} .. a_{t+T-1}, taken at frames 0 .. n+T-2 (n+T-1 tokens);
+where frames 0..n-1 are the condition frames, t = n-1 the last of them, T the generated frames."""
 
-    `"future"` tokens are a_t .. a_{t+T-1}, taken at frames n-1 .. n+T-2;
-    `"past_future"` tokens are a_{t-n+1} .. a_{t+T-1}, taken at frames 0 .. n+T-2.
-    """
+
+def first_action_frame(n_cond: int, mode: str) -> int:
+    """Window frame at which a mode's first action token is taken (n-1 for future, 0 for past_future)."""
     if mode == "future":
-        start = n_cond - 1
-    elif mode == "past_future":
-        start = 0
-    else:
-        raise ValueError(f"action mode {mode!r}; expected 'future' or 'past_future'")
+        return n_cond - 1
+    if mode == "past_future":
+        return 0
+    raise ValueError(f"action mode {mode!r}; expected one of {ACTION_MODES}")
+
+
+def num_action_tokens(n_cond: int, horizon: int, mode: str) -> int:
+    """Action tokens of a chunk of `horizon` generated frames: T (future) or n+T-1 (past_future)."""
+    return n_cond - 1 + horizon - first_action_frame(n_cond, mode)
+
+
+def window_action_slice(n_cond: int, horizon: int, mode: str) -> slice:
+    """The slice of a window's per-frame actions (B, L) that conditions its first `horizon` generated
+    frames: actions[:, window_action_slice(...)] is (B, num_action_tokens(...))."""
+    return slice(first_action_frame(n_cond, mode), n_cond + horizon - 1)
+
+
+def action_positions(num_tokens: int, n_cond: int, mode: str, device: torch.device | None = None) -> torch.Tensor:
+    """Window frame index of each action token -> (A,) int64 (see ACTION_MODES)."""
+    start = first_action_frame(n_cond, mode)
     return torch.arange(start, start + num_tokens, device=device)
 
 

@@ -36,7 +36,7 @@ from pipeline import results as results_record  # noqa: E402
 from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.train import train_dit_main, train_vae_main  # noqa: E402
 from workers.rollout import AgentConfig  # noqa: E402
-from workers.train_common import config_from_dict  # noqa: E402
+from models.config import config_from_dict  # noqa: E402
 from workers.train_dit import TrainDiTConfig  # noqa: E402
 from workers.train_vae import TrainVAEConfig  # noqa: E402
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.run_all import PRESETS  # noqa: E402
 from pipeline.train import train_dit_main  # noqa: E402
-from workers.train_common import config_from_dict  # noqa: E402
+from models.config import config_from_dict  # noqa: E402
 from workers.train_dit import TrainDiTConfig  # noqa: E402
 
 

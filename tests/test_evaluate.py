@@ -16,7 +16,7 @@ from models.stdit import STDiT_models
 from models.vae import VAE_models
 from workers.evaluate import PSNR_MAX, frame_table, horizon_table, score_windows, window_actions
 from workers.world_model import WorldModel, load_world_model, save_world_model, world_model_meta
-from workers.train_common import model_to_pixels, pixels_to_model
+from models.pixels import model_to_pixels, pixels_to_model
 
 N_COND = 4
 

@@ -80,7 +80,7 @@ def test_bad_rows_are_named(ray_local, tmp_path):
 
 def test_cached_latents_match_encoding_the_window(tiny_dataset):
     from models.vae import VAE_tiny
-    from workers.train_common import pixels_to_model
+    from models.pixels import pixels_to_model
 
     torch.manual_seed(0)
     vae = VAE_tiny(latent_channels=4, temporal_kernel=1).eval()

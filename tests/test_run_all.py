@@ -16,7 +16,7 @@ from pipeline import run_all, sweep
 from pipeline.collect import CollectConfig
 from pipeline.evaluate import EvalConfig
 from workers.rollout import AgentConfig
-from workers.train_common import config_from_dict
+from models.config import config_from_dict
 from workers.train_dit import TrainDiTConfig, build_dit
 from workers.train_vae import TrainVAEConfig
 from workers.world_model import WorldModel

@@ -127,7 +127,7 @@ def test_time_budget_stops_both_ranks_at_one_step_and_the_lr_cools_down(tmp_path
 
 
 def test_unknown_setting_is_an_error():
-    from workers.train_common import config_from_dict
+    from models.config import config_from_dict
 
     with pytest.raises(TypeError, match="unknown TrainVAEConfig settings \\['stepz'\\]"):
         config_from_dict(TrainVAEConfig, {"stepz": 3})

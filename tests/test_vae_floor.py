@@ -14,7 +14,7 @@ import torch
 
 from models.vae import VAE_models
 from workers.clips import read_windows_numpy
-from workers.train_common import model_to_pixels, pixels_to_model
+from models.pixels import model_to_pixels, pixels_to_model
 from workers.world_model import save_vae
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"

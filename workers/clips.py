@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from models.action_encoder import ACTION_MODES, window_action_slice
 from workers import schema as S
 from workers.atari import num_actions
 
-ACTION_MODES = ("future", "past_future")
 # iter_torch_batches converts every column to a tensor and rejects strings: select these first,
 # `window_dataset(...).select_columns(list(TENSOR_COLUMNS)).iter_torch_batches(...)`.
 TENSOR_COLUMNS = ("frames", "actions", "start_step")
@@ -160,8 +160,7 @@ def split_sample(frames, actions, n_cond: int, horizon: int, action_mode: str = 
                          f"{tuple(frames.shape)} on (B, L)")
     cond = frames[:, :n_cond]  # (B, n, H, W, 3)
     future = frames[:, n_cond:n_cond + horizon]  # (B, T, H, W, 3)
-    lo = n_cond - 1 if action_mode == "future" else 0
-    return cond, future, actions[:, lo:n_cond + horizon - 1]  # (B, A)
+    return cond, future, actions[:, window_action_slice(n_cond, horizon, action_mode)]  # (B, A)
 
 
 def spread_indices(total: int, n: int | None) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.action_encoder import window_action_slice
 from models.metrics import copy_last_prediction, score_frames
 from workers.world_model import WorldModel, load_world_model
 
@@ -44,9 +45,7 @@ def psnr_of_mean_mse(mse: float) -> float:
 def window_actions(actions: Tensor, n_cond: int, horizon: int, action_mode: str) -> Tensor:
     """Window actions (B, L), the action at each frame -> the rollout's (B, A): "future" a_t..a_{t+H-1},
     "past_future" a_{t-n+1}..a_{t+H-1}."""
-    if action_mode == "future":
-        return actions[:, n_cond - 1: n_cond + horizon - 1]
-    return actions[:, : n_cond + horizon - 1]
+    return actions[:, window_action_slice(n_cond, horizon, action_mode)]
 
 
 def _scores(pred: Tensor, truth: Tensor, lpips_model) -> dict[str, np.ndarray]:

@@ -30,6 +30,9 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor, nn
 
+from models.config import config_from_dict  # noqa: F401  (the stages' config builder)
+from models.pixels import model_to_pixels, pixels_to_model  # noqa: F401  (training's model space)
+
 NONFINITE_EVENT = "nonfinite"
 
 
@@ -120,21 +123,6 @@ class TrainSettings:
 DATA_LOADERS = ("device", "stream")
 
 
-def config_from_dict(cls: type, values: dict[str, Any]):
-    """Build a frozen config dataclass; unknown keys are errors, lists become tuples."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise TypeError(f"unknown {cls.__name__} settings {unknown}; valid: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    clean = {}
-    for key, value in values.items():
-        if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
-            value = tuple(value)
-        clean[key] = value
-    return cls(**clean)
-
-
 def metrics_path(run_dir: str | Path, name: str) -> Path:
     return Path(run_dir) / f"{name}.metrics.jsonl"
 
@@ -180,19 +168,6 @@ def gpu_ids() -> list[int]:
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-
-
-def pixels_to_model(frames: Tensor) -> Tensor:
-    """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [-1, 1]."""
-    if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
-        raise ValueError(f"want uint8 frames (B, T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-    return rearrange(frames, "B T H W C -> B T C H W").float().div_(127.5).sub_(1.0)
-
-
-def model_to_pixels(x: Tensor) -> Tensor:
-    """float (B, T, 3, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3), rounded and clamped."""
-    x = ((x.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return rearrange(x, "B T C H W -> B T H W C")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainSettings) -> torch.optim.AdamW:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from models.action_encoder import action_positions
+from models.action_encoder import ACTION_MODES, action_positions, num_action_tokens
 from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.stdit import STDiT, STDiT_models
 from workers.clips import split_sample
@@ -28,7 +28,7 @@ from workers.train_common import (
     make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
     pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything, skip_counter, stop_if_skipped,
 )
-from workers.world_model import ACTION_MODES, load_vae
+from workers.world_model import load_vae
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class TrainDiTConfig(TrainSettings):
 
     def action_tokens(self, horizon: int) -> int:
         """Action tokens of a window that generates `horizon` frames."""
-        return horizon if self.action_mode == "future" else self.n_cond - 1 + horizon
+        return num_action_tokens(self.n_cond, horizon, self.action_mode)
 
     @property
     def num_action_tokens(self) -> int:

@@ -20,14 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.action_encoder import action_positions
+from models.action_encoder import ACTION_MODES, action_positions, first_action_frame, num_action_tokens
 from models.rectified_flow import EulerSampler, EulerSamplerConfig
 from models.stdit import STDiT, STDiTConfig
 from models.vae import VAEConfig, VideoVAE
-from workers.train_common import config_from_dict, model_to_pixels, pixels_to_model
-
-ACTION_MODES = ("future", "past_future")
-
+from models.config import config_from_dict
+from models.pixels import model_to_pixels, pixels_to_model
 
 def save_vae(path: str | Path, vae: VideoVAE) -> Path:
     path = Path(path)
@@ -85,7 +83,7 @@ class WorldModel:
 
     def num_actions_for(self, horizon: int) -> int:
         """Length of the action sequence `predict` wants for a rollout of `horizon` frames."""
-        return horizon if self.action_mode == "future" else self.n_cond - 1 + horizon
+        return num_action_tokens(self.n_cond, horizon, self.action_mode)
 
     @torch.no_grad()
     def reconstruct(self, frames: Tensor) -> Tensor:
@@ -146,7 +144,7 @@ class WorldModel:
         pad = chunks * size - horizon
         actions = torch.cat([actions, actions[:, -1:].expand(-1, pad)], dim=1)
         frames = cond_frames.to(self.device)  # (B, n + generated so far, H, W, 3)
-        offset = 0 if self.action_mode == "future" else self.n_cond - 1
+        offset = self.n_cond - 1 - first_action_frame(self.n_cond, self.action_mode)  # past actions before a_t
         for c in range(chunks):
             s = c * size  # frames generated before this chunk
             acts = actions[:, s: s + offset + size]
