@@ -69,3 +69,19 @@ def vs_paper(generation_length: pd.DataFrame) -> pd.DataFrame:
             "db_over_copy_last": r.psnr_of_mean_mse - c.psnr_of_mean_mse if c is not None else float("nan"),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+PUBLISHED_RETURNS: dict[tuple[str, str], float] = {
+    # Agents trained in a world model on Atari 100k (100k real agent steps, sticky actions, full
+    # games), as their papers publish them: another protocol than the imagine stage's, shown beside
+    # it, never pooled with it.
+    ("Breakout", "DIAMOND (Atari 100k)"): 132.5,
+    ("Pong", "DIAMOND (Atari 100k)"): 20.4,
+    # The reference scores of human-normalised Atari results.
+    ("Breakout", "random (Atari reference)"): 1.7,
+    ("Breakout", "human (Atari reference)"): 30.5,
+    ("Pong", "random (Atari reference)"): -20.7,
+    ("Pong", "human (Atari reference)"): 14.6,
+    ("DemonAttack", "random (Atari reference)"): 152.1,
+    ("DemonAttack", "human (Atari reference)"): 1971.0,
+}

@@ -271,6 +271,11 @@ def imagination(pooled: list[tuple[dict, dict]], n_boot: int = 2000, seed: int =
             row.update(diff_vs_random=point - rnd, diff_ci_low=np.percentile(diff, 2.5),
                        diff_ci_high=np.percentile(diff, 97.5))
         rows.append(row)
+    from pipeline.paper import PUBLISHED_RETURNS
+
+    for game in sorted({g for g, _ in by}, key=_game_order):  # published scores, other protocols
+        rows += [{"game": game, "agent": agent, "return_mean": value}
+                 for (g, agent), value in PUBLISHED_RETURNS.items() if g == game]
     df = pd.DataFrame(rows)
     for c in IMAGINATION_COLUMNS:
         if c not in df:
