@@ -120,6 +120,42 @@ def frame_dataset(data_root: str, game: str, split: str):
     return ds.select_columns(STORE_COLUMNS)
 
 
+def training_data_input(data_root: str, game: str, episode_share: float = 1.0) -> dict[str, Any]:
+    """The training rows of a job (the train split of `game`, every game when empty, and the
+    `episode_share` of its episodes) described for `Tracker.log_dataset`: the Parquet root as the
+    source, the columns' Arrow types, a digest of the files (names, sizes) and the selection, and
+    a profile of counts. Reads the small columns only."""
+    import hashlib
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from workers import schema as S
+    from workers.clips import episode_share_mask, parquet_files
+
+    root = Path(data_root).expanduser().resolve()
+    files = parquet_files(str(root))
+    h = hashlib.sha256(json.dumps({"game": game, "split": "train", "share": episode_share}).encode())
+    rows, episodes, schema = 0, set(), None
+    for f in files:
+        h.update(f"{os.path.relpath(f, root)}:{os.path.getsize(f)};".encode())
+        t = pq.read_table(f, columns=[S.GAME, S.EPISODE_ID, S.SPLIT], partitioning=None)
+        keep = pc.equal(t[S.SPLIT], "train")
+        if game:
+            keep = pc.and_(keep, pc.equal(t[S.GAME], game))
+        t = t.filter(keep)
+        if episode_share < 1.0 and t.num_rows:
+            t = t.filter(episode_share_mask(t[S.EPISODE_ID], episode_share))
+        rows += t.num_rows
+        episodes.update(pc.unique(t[S.EPISODE_ID]).to_pylist())  # an episode may span files
+        schema = schema or pq.read_schema(f)
+    return {"source": str(root), "name": f"{root.name}/{game or 'all-games'}/train",
+            "digest": h.hexdigest()[:16],
+            "schema": {c: str(schema.field(c).type) for c in S.COLUMNS if c in schema.names},
+            "profile": {"rows": rows, "episodes": len(episodes), "files": len(files), "game": game or "all",
+                        "split": "train", "episode_share": episode_share, "frame_shape": list(S.FRAME_SHAPE)}}
+
+
 def training_dataset(cfg, length: int, stride: int):
     """What the job's workers read: rows for the "device" loader, windows for "stream"; of the
     `train_episodes` share of the training episodes."""
@@ -246,6 +282,7 @@ def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path
             side[name] = windows.select_columns(["frames"])
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "vae"}) as tracker:
         tracker.log_params(cfg)
+        tracker.log_dataset(**training_data_input(cfg.data_root, cfg.game, cfg.train_episodes))
         result = fit(vae_loop, cfg, ds, tracker, side_datasets=side)
         state = _load_state(result)
         vae = build_vae(cfg)
@@ -305,6 +342,7 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
     ds = training_dataset(cfg, cfg.clip_length, cfg.clip_stride)
     with Tracker(cfg.run_dir, cfg.name, tracking_uri=tracking_uri, tags={"job": "dit"}) as tracker:
         tracker.log_params(cfg)
+        tracker.log_dataset(**training_data_input(cfg.data_root, cfg.game, cfg.train_episodes))
         result = fit(dit_loop, cfg, ds, tracker)
         state = _load_state(result)
         vae = load_vae(cfg.vae_path)
@@ -319,6 +357,10 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
 
         out = save_world_model(Path(cfg.run_dir) / "models" / cfg.name, vae, dit, meta(train_step=state["step"]))
         tracker.log_artifact(out, "world_model")
+        # The same directory as an MLflow model: models:/<id>, runs:/<run id>/world_model_pyfunc.
+        uri = tracker.log_world_model(out, step=int(state["step"]))
+        if uri:
+            print(f"[train] {cfg.name}: world model logged to MLflow as {uri}", flush=True)
         tracker.set_tags({"train/final_step": str(state["step"])})
         for at in cfg.snapshot_s:  # the same run's EMA weights after `at` seconds of training
             path = snapshot_path(cfg.run_dir, cfg.name, at)
