@@ -93,6 +93,8 @@ def measure(cfg: BenchEnvConfig) -> list[dict]:
                              "generation_share": None})
                 print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
                 del env
+    if cfg.out:  # the measured rows are kept even if the PPO part below fails or runs out of time
+        write_rows(rows, cfg.out)
     if cfg.ppo_iterations > 0:  # at the largest batch of the first heads and T setting
         first = [r for r in rows if r["heads"] == cfg.heads[0] and r["T"] == cfg.action_repeats[0]]
         row = max(first, key=lambda r: r["batch"])
