@@ -14,6 +14,18 @@ interval over test episodes (`pipeline/stats.py`), the seed-to-seed std, the dB 
 its paired interval, and the paper's cells labelled as measured on other data; `table2.meta.json`
 lists the pooled runs (commit, command, GPU, date) and those left out, and why. Runs of other
 versions are listed, never pooled; naming one explicitly with `--run` is an error.
+
+    python -m pipeline.results ablations                   # sweep trials -> table3.csv, table4.csv
+    python -m pipeline.results ablations --sweep-version V [--run docs/results/runs/<trial-id> ...]
+
+A sweep trial scored on the test split (`pipeline/sweep.py`) records itself the same way, with
+`kind` "sweep_trial", its variant (action_mode, action_encoder), its seed and its sweep version.
+`ablations` pools, per game, the trials of the preset's current sweep versions that vary
+action_mode (Table 3, encoder at the reference's "embedding") or action_encoder (Table 4, mode at
+the reference's "future") into one row per variant and T, with the copy-last rows, the
+inverse-dynamics accuracy on the generated frames, and each variant's MSE difference from the
+reference (future + embedding), paired on the same windows and seeds, with its 95 % episode
+interval; rows of fewer than 3 seeds are shown but not reported.
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ import numpy as np
 import pandas as pd
 
 GAMES_ORDER = ("Breakout", "Pong", "DemonAttack")
+TRIAL_KIND = "sweep_trial"
+"""run.json `kind` of a sweep trial's record (`pipeline/sweep.py`); a job's evaluation records have none."""
 TABLE2_COLUMNS = ["game", "T", "method", "mse", "mse_ci_low", "mse_ci_high", "mse_std_seeds", "mse_seed_ci_low",
                   "mse_seed_ci_high", "psnr_of_mean_mse",
                   "db_over_copy_last", "db_ci_low", "db_ci_high", "lpips", "lpips_ci_low", "lpips_ci_high", "seeds",
@@ -81,19 +95,25 @@ def _gpu() -> str:
 
 def record_run(results_dir: str | Path, scores_file: str | Path, *, preset: str, version: str, game: str,
                seed: int, split: str, settings: dict[str, Any], stage_walls: dict[str, Any],
-               command: str) -> Path:
-    """Write `<results_dir>/<run-id>/` (run.json and the scores file): what `tables` pools."""
+               command: str, extra: dict[str, Any] | None = None, tag: str = "") -> Path:
+    """Write `<results_dir>/<run-id>/` (run.json and the scores file): what `tables` pools. `extra`
+    adds keys to run.json (a sweep trial's kind, variant and sweep version); `tag` goes into the
+    run id after the game."""
     scores_file = Path(scores_file)
     if not scores_file.is_file():
         raise FileNotFoundError(f"record_run: no scores file at {scores_file}")
     now = dt.datetime.now(dt.timezone.utc)
-    run_id = f"{preset}-{version}-{game}-s{seed}-{now:%Y%m%dT%H%M%S}-{os.urandom(2).hex()}"
-    out = Path(results_dir) / run_id
-    out.mkdir(parents=True)
-    shutil.copy2(scores_file, out / f"{game}_scores.npz")
+    run_id = f"{preset}-{version}-{game}{'-' + tag if tag else ''}-s{seed}-{now:%Y%m%dT%H%M%S}-{os.urandom(2).hex()}"
     meta = {"run_id": run_id, "preset": preset, "preset_version": version, "game": game, "seed": seed,
             "split": split, "date": now.isoformat(timespec="microseconds"), "commit": _commit(), "gpu": _gpu(),
             "command": command, "stage_wall_s": stage_walls, "settings": settings}
+    clash = sorted(set(extra or {}) & set(meta))
+    if clash:
+        raise ValueError(f"record_run: extra keys {clash} would replace the record's own")
+    meta.update(extra or {})
+    out = Path(results_dir) / run_id
+    out.mkdir(parents=True)
+    shutil.copy2(scores_file, out / f"{game}_scores.npz")
     tmp = out / ".run.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1, default=list))
     os.replace(tmp, out / "run.json")
@@ -140,7 +160,9 @@ def select_runs(run_dirs: list[Path], preset: str, version: str, explicit: bool
     for d in run_dirs:
         meta, scores = load_run(d)
         why = None
-        if meta["preset"] != preset:
+        if meta.get("kind") == TRIAL_KIND:
+            why = "a sweep trial (Tables 3 and 4: python -m pipeline.results ablations)"
+        elif meta["preset"] != preset:
             why = f"preset {meta['preset']!r}, not {preset!r}"
         elif meta["preset_version"] != version:
             why = f"preset version {meta['preset_version']}, not the current {version}"
@@ -365,6 +387,280 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
     return df
 
 
+# -- Tables 3 and 4: the sweep trials ------------------------------------------------------------------
+ABLATION_COLUMNS = ["game", "T", "method", "variant", "mse", "mse_ci_low", "mse_ci_high", "mse_std_seeds",
+                    "psnr_of_mean_mse", "lpips", "idm_acc_generated", "diff_vs_reference", "diff_ci_low",
+                    "diff_ci_high", "seeds", "windows", "episodes"]
+ABLATIONS: dict[str, tuple[str, str]] = {"table3": ("action_mode", "action_encoder"),
+                                         "table4": ("action_encoder", "action_mode")}
+"""Table -> (the setting it varies, the setting it holds at the reference's value)."""
+
+
+def _reference() -> dict[str, str]:
+    from tune_spaces.spaces import REFERENCE
+
+    return dict(REFERENCE)
+
+
+def current_sweep_versions(preset: str) -> dict[str, str]:
+    """{sweep version: space} of the preset's sweeps whose trials vary action_mode or action_encoder,
+    as the code defines them now (`pipeline.sweep.sweep_version`)."""
+    from pipeline.run_all import PRESETS
+    from pipeline.sweep import preset_sweep_config, swept_fields, sweep_version
+
+    if preset not in PRESETS:
+        raise ResultsError(f"unknown preset {preset!r}; presets are {sorted(PRESETS)}")
+    p = PRESETS[preset]()
+    out = {}
+    for space, fields in p.sweeps:
+        cfg = preset_sweep_config(p, space, fields)
+        if {"action_mode", "action_encoder"} & set(swept_fields(cfg)):
+            out[sweep_version(cfg)] = space
+    return out
+
+
+def select_trials(run_dirs: list[Path], versions: set[str], explicit: bool
+                  ) -> tuple[list[tuple[dict, dict]], list[dict[str, str]]]:
+    """The sweep trials to pool (a version in `versions`, test split, one record per game, version,
+    variant, trained lengths and seed: the newest; within a game and version, one collection and VAE
+    setting: the newest trial's) and the trials left out with the reason. Named explicitly, a trial
+    that does not qualify is an error; records of a job's evaluation are not candidates."""
+    candidates, left = [], []
+    for d in run_dirs:
+        meta, scores = load_run(d)
+        if meta.get("kind") != TRIAL_KIND:
+            if explicit:
+                raise ResultsError(f"{d}: not a sweep trial (a job's evaluation: `tables` pools it)")
+            continue
+        why = None
+        if meta["preset_version"] not in versions:
+            why = f"sweep version {meta['preset_version']}, not a current one ({sorted(versions)})"
+        elif meta["split"] != "test":
+            why = f"scored on the {meta['split']!r} split, not test"
+        if why and explicit:
+            raise ResultsError(f"{d}: {why}: only trials of a current sweep version on the test split pool")
+        if why:
+            left.append({"run_id": meta.get("run_id", d.name), "why": why})
+        else:
+            candidates.append((meta, scores))
+    newest: dict[tuple, tuple[dict, dict]] = {}
+    for meta, scores in sorted(candidates, key=lambda ms: ms[0].get("date", "")):
+        v = meta["variant"]
+        key = (meta["game"], meta["preset_version"], v["action_mode"], v["action_encoder"],
+               tuple(meta["trained_horizons"]), int(meta["seed"]))
+        if key in newest:
+            left.append({"run_id": newest[key][0].get("run_id"), "why": f"an older record of {key[0]} "
+                         f"{v['action_mode']}+{v['action_encoder']} seed {key[-1]}"})
+        newest[key] = (meta, scores)
+    kept = sorted(newest.values(), key=lambda ms: ms[0].get("date", ""))
+    upstream: dict[tuple[str, str], str] = {}
+    for meta, _ in reversed(kept):  # the newest trial of a game and version sets its collection/VAE settings
+        upstream.setdefault((meta["game"], meta["preset_version"]), meta.get("upstream_version", ""))
+    pooled = []
+    for meta, scores in kept:
+        want = upstream[(meta["game"], meta["preset_version"])]
+        if meta.get("upstream_version", "") != want:
+            left.append({"run_id": meta.get("run_id"), "why": f"collection/VAE settings {meta.get('upstream_version')}, "
+                         f"not those of the newest {meta['game']} trial ({want})"})
+        else:
+            pooled.append((meta, scores))
+    return pooled, left
+
+
+def _paired_diff(var: dict[int, dict], ref: dict[int, dict], T: int, method: str, n_boot: int
+                 ) -> tuple[Any, list[int], list[str]]:
+    """mean over the seeds both sides have of (method's MSE - the reference model's), window by window
+    lined up by (episode_id, start_step), with its 95 % episode-bootstrap interval. A seed whose two
+    sides were scored on other windows (another collection) is left out, with a note."""
+    from pipeline.stats import EpisodeBootstrap, align, window_keys
+    from workers.evaluate import window_scores
+
+    eids, diffs, used, notes = [], [], [], []
+    for seed in sorted(set(var) & set(ref)):
+        r, v = ref[seed], var[seed]
+        try:
+            idx = align(window_keys(r["episode_id"], r["start_step"]), window_keys(v["episode_id"], v["start_step"]),
+                        what=f"seed {seed}")
+        except ValueError as exc:
+            notes.append(f"T={T} {method} seed {seed}: not paired: {exc}")
+            continue
+        got_v, got_r = window_scores(v, method, "mse", T), window_scores(r, "model", "mse", T)
+        if got_v is None or got_r is None:
+            continue
+        eids.append(np.asarray(r["episode_id"]))
+        diffs.append(got_v[0][idx] - got_r[0])
+        used.append(seed)
+    if not used:
+        return None, [], notes
+    ci, _ = EpisodeBootstrap(eids, n_boot=n_boot).mean(diffs)
+    return ci, used, notes
+
+
+def _variant_row(runs: dict[int, dict], T: int, method: str, n_boot: int) -> dict[str, Any]:
+    """A method's row pooled over the seeds of one variant (`pipeline.stats.pooled_rows`), with the
+    inverse-dynamics accuracy on its generated frames where the trials measured it."""
+    from pipeline.stats import action_rows, pooled_rows
+
+    scores = [runs[s] for s in sorted(runs)]
+    row = next(r for r in pooled_rows(scores, (T,), n_boot=n_boot) if r["method"] == method)
+    out = {k: row.get(k) for k in ("mse", "mse_ci_low", "mse_ci_high", "mse_std_seeds", "psnr_of_mean_mse", "lpips",
+                                   "seeds", "windows", "episodes")}
+    if method == "model":
+        acts = action_rows(scores, (T,), n_boot=n_boot)
+        if acts and "idm_acc_generated" in acts[0]:
+            out["idm_acc_generated"] = acts[0]["idm_acc_generated"]
+    return out
+
+
+def ablation_table(pooled: list[tuple[dict, dict]], table: str, n_boot: int = 2000
+                   ) -> tuple[pd.DataFrame, list[str]]:
+    """Table 3 (action_mode, encoder held at the reference's) or 4 (action_encoder, mode held) from the
+    sweep trials whose sweep varied that setting: per game and T, one `model` row per variant pooled
+    over its seeds, the copy-last row on the reference trials' windows, and the paper's cells; each
+    row's difference in MSE from the reference model (paired, same windows and seeds). Returns the
+    table and notes on what a difference left out."""
+    from pipeline.paper import PAPER
+    from tune_spaces.spaces import CHOICES
+
+    axis, held = ABLATIONS[table]
+    reference = _reference()
+    order = {v: i for i, v in enumerate(CHOICES[axis])}
+    by_game: dict[str, list[tuple[dict, dict]]] = {}
+    for meta, scores in pooled:
+        sweep = meta.get("sweep") or {}
+        if axis in sweep.get("fields", ()) and meta["variant"][held] == reference[held]:
+            by_game.setdefault(meta["game"], []).append((meta, scores))
+    rows, notes = [], []
+    for game in sorted(by_game, key=_game_order):
+        trials = by_game[game]
+        versions = sorted({m["preset_version"] for m, _ in trials})
+        if len(versions) > 1:
+            raise ResultsError(f"{table}, {game}: trials of several sweep versions {versions} vary {axis}: "
+                               f"name one with --sweep-version")
+        for T in sorted({int(t) for m, _ in trials for t in m["horizons"]}):
+            groups: dict[str, dict[int, dict]] = {}
+            for meta, scores in trials:
+                if T not in meta["horizons"]:
+                    continue
+                runs = groups.setdefault(meta["variant"][axis], {})
+                if int(meta["seed"]) in runs:
+                    raise ResultsError(f"{table}, {game}, T={T}: two trials of {meta['variant'][axis]} seed "
+                                       f"{meta['seed']} are scored at T={T} (e.g. {meta['run_id']})")
+                runs[int(meta["seed"])] = scores
+            ref = groups.get(reference[axis])
+            if ref is None:
+                notes.append(f"{game} T={T}: no reference ({reference[axis]}) trial: no differences")
+            for value in sorted(groups, key=lambda v: (v != reference[axis], order.get(v, len(order)), v)):
+                row = {"game": game, "T": T, "method": "model", "variant": value,
+                       **_variant_row(groups[value], T, "model", n_boot)}
+                if ref is not None and value != reference[axis]:
+                    ci, used, why = _paired_diff(groups[value], ref, T, "model", n_boot)
+                    notes += [f"{game} {value}: {w}" for w in why]
+                    if ci is not None:
+                        row.update(diff_vs_reference=ci.value, diff_ci_low=ci.low, diff_ci_high=ci.high,
+                                   diff_seeds=len(used))
+                rows.append(row)
+            if ref is not None:
+                row = {"game": game, "T": T, "method": "copy_last", "variant": "",
+                       **_variant_row(ref, T, "copy_last", n_boot)}
+                ci, used, _ = _paired_diff(ref, ref, T, "copy_last", n_boot)
+                if ci is not None:
+                    row.update(diff_vs_reference=ci.value, diff_ci_low=ci.low, diff_ci_high=ci.high,
+                               diff_seeds=len(used))
+                rows.append(row)
+            for value in sorted(groups, key=lambda v: (v != reference[axis], order.get(v, len(order)), v)):
+                cell = PAPER.get((game, *((value, reference[held]) if axis == "action_mode" else
+                                          (reference[held], value)), T))
+                if cell:
+                    rows.append({"game": game, "T": T, "method": PAPER_METHOD, "variant": value, "mse": cell[0],
+                                 "psnr_of_mean_mse": cell[1], "lpips": cell[2]})
+    df = pd.DataFrame(rows)
+    for c in ABLATION_COLUMNS + ["diff_seeds"]:
+        if c not in df:
+            df[c] = np.nan
+    df["reported"] = df["seeds"].fillna(0) >= MIN_SEEDS  # fewer seeds: shown, not a reported result
+    return df[ABLATION_COLUMNS + ["reported", "diff_seeds"]].reset_index(drop=True), notes
+
+
+def markdown_ablation(df: pd.DataFrame, table: str) -> str:
+    """An ablation table as Markdown: MSE [95 % CI] (± seed std), PSNR of the mean MSE, LPIPS, the
+    inverse-dynamics accuracy, and the MSE difference from the reference [95 % CI]."""
+    def f(x, nd=2):
+        return "" if pd.isna(x) else f"{x:.{nd}f}"
+
+    axis = ABLATIONS[table][0]
+    lines = [f"| game | T | method | {axis} | MSE [95 % CI] | seed std | PSNR | LPIPS | IDM acc. | "
+             "MSE - reference [95 % CI] | seeds | windows | episodes |", "|---" * 13 + "|"]
+    for r in df.itertuples():
+        mse = f(r.mse) + (f" [{f(r.mse_ci_low)}, {f(r.mse_ci_high)}]" if not pd.isna(r.mse_ci_low) else "")
+        diff = ("" if pd.isna(r.diff_vs_reference) else
+                f"{f(r.diff_vs_reference)} [{f(r.diff_ci_low)}, {f(r.diff_ci_high)}]")
+        n = "" if pd.isna(r.seeds) else str(int(r.seeds)) + ("" if r.seeds >= MIN_SEEDS else " (too few)")
+        lines.append(f"| {r.game} | {r.T} | {r.method} | {r.variant} | {mse} | {f(r.mse_std_seeds)} | "
+                     f"{f(r.psnr_of_mean_mse)} | {f(r.lpips, 4)} | {f(r.idm_acc_generated, 3)} | {diff} | {n} | "
+                     f"{'' if pd.isna(r.windows) else int(r.windows)} | {'' if pd.isna(r.episodes) else int(r.episodes)} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_ablations(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset: str = "gpu",
+                    runs: list[Path] | None = None, versions: list[str] | None = None, n_boot: int = 2000,
+                    command: str = "") -> dict[str, pd.DataFrame]:
+    """Write `table3.csv` and `table4.csv` (+ `.md`, `.meta.json`) under `out` from the recorded sweep
+    trials of the preset's current sweep versions (or of `versions`); a table no trial varies is not
+    written."""
+    current = {v: "(named)" for v in versions} if versions else current_sweep_versions(preset)
+    if not current:
+        raise ResultsError(f"preset {preset!r} defines no sweep that varies action_mode or action_encoder: "
+                           f"name a sweep version with --sweep-version")
+    explicit = bool(runs)
+    if runs:
+        missing = [str(r) for r in runs if not Path(r).is_dir()]
+        if missing:
+            raise ResultsError(f"no run folder at {missing}")
+        dirs = [Path(r) for r in runs]
+    else:
+        if not Path(runs_root).is_dir():
+            raise ResultsError(f"no runs folder at {runs_root}")
+        dirs = sorted(p for p in Path(runs_root).iterdir() if (p / "run.json").is_file())
+    pooled, left = select_trials(dirs, set(current), explicit)
+    if not pooled:
+        raise ResultsError(f"no recorded sweep trial of version(s) {sorted(current)} on the test split in "
+                           f"{runs if explicit else runs_root} ({len(left)} other trials: {left[:3]})")
+    built = {}
+    for table, (axis, held) in ABLATIONS.items():
+        df, notes = ablation_table(pooled, table, n_boot=n_boot)
+        if not len(df):
+            continue
+        used = {(m["game"], m["run_id"]) for m, _ in pooled
+                if axis in (m.get("sweep") or {}).get("fields", ()) and m["variant"][held] == _reference()[held]}
+        meta = {"table": table, "preset": preset, "sweep_versions": current, "varies": axis,
+                "reference": _reference(), "T": "mean over generated frames 1..T",
+                "ci": f"95 % percentile bootstrap over test episodes, {n_boot} resamples; mean over training seeds",
+                "diff": "diff_vs_reference: mean over the seeds both have (diff_seeds) of the per-window MSE minus "
+                        "the reference model's on the same window (episode_id, start_step) and seed, with its "
+                        "paired 95 % episode-bootstrap interval; copy_last rows: copy-last minus the reference model",
+                "idm": "idm_acc_generated: accuracy of the inverse-dynamics model (trained on real training pairs "
+                       "of the trial's collection) on the recorded rollout's frames 1..T, pooled over seeds",
+                "reported": f"rows with fewer than {MIN_SEEDS} seeds are shown, not reported",
+                "built_by": command or f"python -m pipeline.results ablations --preset {preset}",
+                "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "trials": [{**{k: m.get(k) for k in ("run_id", "game", "seed", "commit", "command", "gpu", "date",
+                                                     "preset_version", "upstream_version")},
+                            "variant": m["variant"], "trained_horizons": m.get("trained_horizons")}
+                           for m, _ in pooled if (m["game"], m["run_id"]) in used],
+                "not_pooled": left, "notes": notes,
+                "paper": "the paper's cells (method 'paper (other data)') were measured on data and at a resolution "
+                         "it does not state"}
+        _write(out / f"{table}.csv", df.to_csv(index=False, float_format="%.6g"))
+        _write(out / f"{table}.md", markdown_ablation(df, table))
+        _write(out / f"{table}.meta.json", json.dumps(meta, indent=1, default=list))
+        built[table] = df
+    if not built:
+        raise ResultsError(f"none of the {len(pooled)} pooled trials varies action_mode or action_encoder "
+                           f"around the reference {_reference()}")
+    return built
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -374,13 +670,29 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the tables go")
     t.add_argument("--preset", default="gpu", help="preset whose current version is pooled")
     t.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    b = sub.add_parser("ablations", help="build Tables 3 and 4 (docs/results/current/) from the recorded sweep trials")
+    b.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="folder of recorded runs and trials")
+    b.add_argument("--run", type=Path, nargs="*", default=[], help="pool only these trial folders")
+    b.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the tables go")
+    b.add_argument("--preset", default="gpu", help="preset whose current sweep versions are pooled")
+    b.add_argument("--sweep-version", nargs="*", default=[], help="pool these sweep versions instead")
+    b.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     a = p.parse_args(argv)
+    command = "python -m pipeline.results " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
-        df = build_tables(a.runs, a.out, a.preset, a.run or None, n_boot=a.n_boot,
-                          command="python -m pipeline.results " + " ".join(argv if argv is not None else sys.argv[1:]))
+        if a.verb == "ablations":
+            tables = build_ablations(a.runs, a.out, a.preset, a.run or None, a.sweep_version or None,
+                                     n_boot=a.n_boot, command=command)
+        else:
+            df = build_tables(a.runs, a.out, a.preset, a.run or None, n_boot=a.n_boot, command=command)
     except ResultsError as exc:
         print(f"[results] {exc}", file=sys.stderr)
         return 2
+    if a.verb == "ablations":
+        for table, df in tables.items():
+            print(markdown_ablation(df, table))
+        print(f"[results] wrote {', '.join(f'{a.out}/{t}.csv' for t in tables)} (+ .md, .meta.json)")
+        return 0
     print(markdown_table2(df))
     print(f"[results] wrote {a.out}/table2.csv, table2.md, table2.meta.json")
     return 0

@@ -101,7 +101,10 @@ def gpu() -> Preset:
       a step (2,000 steps), both with a linear learning-rate cooldown over their last 20 %.
     - 4 Euler steps (as good as 8 at half the cost); evaluation at T = 1, 2, 4 on 256 test
       windows spread over the test episodes. `docs/history.md` has the measurements behind each
-      choice."""
+      choice.
+    - The imagine stage trains PPO in each seed's world model and scores it in the real game; the
+      sweep stage trains 9 more DiTs (Tables 3 and 4: three variants x three seeds) on the same
+      collection and VAE. `--stages collect vae dit evaluate` is Table 2 alone."""
     gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
     return Preset(
         games=("Breakout",),
@@ -122,6 +125,13 @@ def gpu() -> Preset:
                  "num_epochs": 2, "num_env_runners": 1, "num_envs_per_env_runner": 256, "cpus_per_env_runner": 2,
                  "gpus_per_env_runner": 0.5, "learner_gpus": 0.5, "eval_episodes": 30, "num_cpus": 4,
                  "use_gpu": True},
+        # Tables 3 and 4: the preset's DiT with only action_mode or action_encoder changed, 3 seeds, on
+        # the job's collection and VAE, one trial at a time; scored on test (records pooled by
+        # `python -m pipeline.results ablations`); set sweep eval_split "val" while choosing settings.
+        sweeps=(("ablations", {"seeds": (0, 1, 2), "use_gpu": True, "eval_split": "test", "eval_max_windows": 256,
+                               "eval_stride": 8, "eval_batch_size": 32, "eval_num_cpus": 4, "eval_lpips": True,
+                               "eval_idm_steps": 2000, "eval_idm_max_pairs": 8192, "max_concurrent_trials": 1,
+                               "trials_per_gpu": 1}),),
     )
 
 
@@ -136,7 +146,8 @@ def paper() -> Preset:
              "clip_length": 16},
         dit={**gpus, "dit_preset": "B", "steps": 200_000, "batch_size": 32, "horizon": 4, "sample_steps": 16},
         evaluate={"horizons": (1, 2, 4, 8, 16), "max_windows": 2048, "use_gpu": True, "num_cpus": 4},
-        sweeps=tuple((space, {"seeds": (0, 1, 2), "use_gpu": True}) for space in ("table2", "table3", "table4")),
+        sweeps=tuple((space, {"seeds": (0, 1, 2), "use_gpu": True, **({"games": ("Breakout",)} if space != "table2" else {})})
+                     for space in ("table2", "table3", "table4")),  # the paper's Tables 3 and 4 are Breakout only
     )
 
 

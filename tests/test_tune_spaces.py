@@ -1,10 +1,16 @@
-"""The ablation spaces expand, through Ray Tune's own variant generator, into the paper's grids."""
+"""The ablation spaces hold only what they sweep, in values the models accept, and expand through Ray
+Tune's own variant generator into the trials they say. (What each trial trains, the preset's settings
+with only the swept ones changed, is tests/test_ablations.py.)"""
+
+import dataclasses
+import itertools
+import math
 
 import pytest
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.variant_generator import generate_variants
 
-from tune_spaces import DEFAULTS, PARAMS, SPACES, space_for
+from tune_spaces import BUNDLES, CHOICES, REFERENCE, SPACES, SWEEPS, VARIANTS, expand_bundles, space_for, swept
 
 
 def expand(space: dict) -> list[dict]:
@@ -16,44 +22,59 @@ def values(configs: list[dict], key: str) -> set:
     return {c[key] for c in configs}
 
 
-# name -> (trials with 3 seeds, {swept key: expected values})
-EXPECTED = {
-    "table2": (3 * 3 * 3, {"game": {"Breakout", "Pong", "DemonAttack"}, "horizon": {1, 2, 4}}),
-    "table3": (2 * 3 * 3, {"action_mode": {"future", "past_future"}, "horizon": {1, 2, 4}}),
-    "table4": (2 * 3 * 3, {"action_encoder": {"embedding", "onehot"}, "horizon": {1, 2, 4}}),
-    "model_size": (3 * 3, {"dit_preset": {"tiny", "S", "B"}}),
-    "sampling_steps": (6 * 3, {"sample_steps": {1, 2, 4, 8, 16, 32}}),
-}
+@pytest.mark.parametrize("name", sorted(SWEEPS))
+def test_a_space_holds_only_swept_settings_and_the_seed_grid(name):
+    # No fixed value may ride along: a fixed value in a space would replace the preset's setting.
+    space = space_for(name, seeds=(0, 1))
+    assert all(set(entry) == {"grid_search"} for entry in space.values()), space
+    assert set(swept(space)) | {"seed"} == set(space)
+    configs = expand(space)
+    assert all(set(c) == set(space) for c in configs)  # a trial carries nothing but its grid point
+    sizes = [len(space[k]["grid_search"]) for k in space]
+    assert len(configs) == len({tuple(sorted(c.items())) for c in configs}) == math.prod(sizes)
 
 
-def test_every_named_space_is_tested():
-    assert set(SPACES) == set(EXPECTED)
+@pytest.mark.parametrize("name", sorted(SWEEPS))
+def test_every_swept_setting_is_a_dit_training_field_with_accepted_values(name):
+    from models.action_encoder import ACTION_MODES, ENCODER_KINDS
+    from models.stdit import STDiT_models
+    from workers.train_dit import TrainDiTConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainDiTConfig)}
+    for key in swept(SPACES[name]):
+        members = {f for s in BUNDLES[key].values() for f in s} if key in BUNDLES else {key}
+        assert members <= fields, (name, key)
+    accepted = {"action_mode": set(ACTION_MODES), "action_encoder": set(ENCODER_KINDS), "dit_preset": set(STDiT_models)}
+    for config in expand(space_for(name, seeds=(0,))):
+        settings = expand_bundles(config)
+        for key, ok in accepted.items():
+            if key in settings:
+                assert settings[key] in ok, (name, key, settings[key])
+        # every grid point builds a valid training config (horizon_choices are the sweep's to set)
+        TrainDiTConfig(**{k: v for k, v in settings.items() if k != "game"})
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_space_expands_to_the_full_grid(name):
-    n_trials, swept = EXPECTED[name]
-    configs = expand(space_for(name, seeds=(0, 1, 2)))
-    assert len(configs) == n_trials
-    # Every trial names every training-config field, and no two trials are the same config.
-    assert all(set(c) == set(PARAMS) for c in configs)
-    assert len({tuple(sorted(c.items())) for c in configs}) == n_trials
-    assert values(configs, "seed") == {0, 1, 2}
-    for key, expected in swept.items():
-        assert values(configs, key) == expected, key
-    # Whatever a table does not sweep stays at the paper's main setting.
-    for key in set(PARAMS) - set(swept) - {"seed"}:
-        assert values(configs, key) == {DEFAULTS[key]}, key
+def test_the_choices_are_every_setting_the_models_accept():
+    from models.action_encoder import ACTION_MODES, ENCODER_KINDS
+
+    assert set(CHOICES["action_mode"]) == set(ACTION_MODES)
+    assert set(CHOICES["action_encoder"]) == set(ENCODER_KINDS)
 
 
-def test_single_game_tables_are_breakout_with_future_embedding():
-    # Tables 3 and 4 of the paper are Breakout only; each holds the other ablation's axis fixed.
-    t3 = expand(space_for("table3"))
-    t4 = expand(space_for("table4"))
-    assert values(t3, "game") == values(t4, "game") == {"Breakout"}
-    assert values(t3, "action_encoder") == {"embedding"}
-    assert values(t4, "action_mode") == {"future"}
-    assert values(expand(space_for("table2")), "action_mode") == {"future"}
+def test_variants_are_the_reference_and_one_change_each_for_tables_3_and_4():
+    changes = {name: {k for k, v in s.items() if REFERENCE[k] != v} for name, s in VARIANTS.items()}
+    assert sorted(map(len, changes.values())) == [0, 1, 1]  # the reference, and one setting changed apiece
+    changed = {(k, VARIANTS[n][k]) for n, c in changes.items() for k in c}
+    assert changed == {("action_mode", "past_future"), ("action_encoder", "onehot")}
+    assert all(set(s) == set(REFERENCE) for s in VARIANTS.values())
+
+
+def test_ablations_space_expands_to_three_variants_per_seed():
+    configs = expand(space_for("ablations", seeds=(0, 1, 2)))
+    got = {(expand_bundles(c)["action_mode"], expand_bundles(c)["action_encoder"], c["seed"]) for c in configs}
+    assert got == {(m, e, s) for (m, e), s in itertools.product(
+        [("future", "embedding"), ("past_future", "embedding"), ("future", "onehot")], (0, 1, 2))}
+    assert len(configs) == 9
 
 
 def _noop_trainable(config: dict) -> None:
@@ -68,35 +89,31 @@ def test_basic_variant_generator_yields_the_same_trials():
     trials = []
     while (trial := gen.next_trial()) is not None:
         trials.append(trial.config)
-    assert len(trials) == 6
-    assert {(c["action_encoder"], c["horizon"]) for c in trials} == {
-        (e, h) for e in ("embedding", "onehot") for h in (1, 2, 4)
-    }
-    assert values(trials, "seed") == {7}
+    assert {(c["action_encoder"], c["horizon"], c["seed"]) for c in trials} == {
+        (e, h, 7) for e in ("embedding", "onehot") for h in (1, 2, 4)}
+    assert all(set(c) == {"action_encoder", "horizon", "seed"} for c in trials)
 
 
-def test_seeds_and_overrides():
-    configs = expand(space_for("table2", seeds=[5], overrides={"horizon": [1], "game": "Pong"}))
-    assert [(c["game"], c["horizon"], c["seed"]) for c in configs] == [("Pong", 1, 5)]
-    configs = expand(space_for("model_size", seeds=range(4), overrides={"dit_preset": ["B"]}))
-    assert len(configs) == 4 and values(configs, "dit_preset") == {"B"}
+def test_overrides_narrow_extend_or_fix():
+    configs = expand(space_for("table3", seeds=[5], overrides={"horizon": [1], "game": "Pong"}))
+    assert [(c["action_mode"], c["horizon"], c["game"], c["seed"]) for c in configs] == [
+        ("future", 1, "Pong", 5), ("past_future", 1, "Pong", 5)]
+    space = space_for("ablations", seeds=(0,), overrides={"horizon": [1, 4]})  # an added axis
+    assert swept(space) == ("variant", "horizon") and len(expand(space)) == 6
+    assert space_for("ablations", overrides={"game": "Pong"})["game"] == "Pong"  # fixed: not swept
+    assert "game" not in swept(space_for("ablations", overrides={"game": "Pong"}))
 
 
 def test_space_for_returns_independent_copies():
     a = space_for("table2")
-    a["horizon"] = 99
-    assert space_for("table2")["horizon"] == SPACES["table2"]["horizon"]
-    assert SPACES["table2"]["horizon"] != 99
+    a["horizon"]["grid_search"].append(99)
+    assert 99 not in space_for("table2")["horizon"]["grid_search"]
+    assert 99 not in SPACES["table2"]["horizon"]["grid_search"]
 
 
 def test_unknown_space_name_is_rejected_with_the_known_names():
-    with pytest.raises(KeyError, match=r"unknown search space 'table9'.*table2"):
+    with pytest.raises(KeyError, match=r"unknown search space 'table9'.*ablations"):
         space_for("table9")
-
-
-def test_unknown_override_key_is_rejected():
-    with pytest.raises(KeyError, match=r"unknown override key\(s\) \['horizn'\]"):
-        space_for("table2", overrides={"horizn": [1]})
 
 
 @pytest.mark.parametrize(
@@ -116,6 +133,13 @@ def test_invalid_values_are_rejected_naming_space_and_key(overrides, message):
         space_for("table3", overrides=overrides)
 
 
-def test_invalid_seed_is_rejected():
+def test_bad_variants_seeds_and_bundle_clashes_are_rejected():
+    with pytest.raises(ValueError, match=r"variant='past\+onehot' is not one of"):
+        space_for("ablations", overrides={"variant": ["future+embedding", "past+onehot"]})
     with pytest.raises(ValueError, match=r"seed=-1 must be a non-negative int"):
         space_for("table2", seeds=(0, -1))
+    with pytest.raises(KeyError, match="give seeds as `seeds`"):
+        space_for("table2", overrides={"seed": [1]})
+    # a variant names action_mode and action_encoder: setting one beside it would be ambiguous
+    with pytest.raises(KeyError, match=r"\['action_mode'\] set both directly and by 'variant'"):
+        space_for("ablations", overrides={"action_mode": ["future"]})

@@ -1,5 +1,7 @@
 """Ablation search spaces (Ray Tune param_spaces) for the paper's tables and extra sweeps."""
 
-from tune_spaces.spaces import DEFAULTS, PARAMS, SPACES, space_for
+from tune_spaces.spaces import (BUNDLES, CHOICES, REFERENCE, SPACES, SWEEPS, VARIANTS, expand_bundles, grid,
+                                is_grid, space_for, swept)
 
-__all__ = ["DEFAULTS", "PARAMS", "SPACES", "space_for"]
+__all__ = ["BUNDLES", "CHOICES", "REFERENCE", "SPACES", "SWEEPS", "VARIANTS", "expand_bundles", "grid", "is_grid",
+           "space_for", "swept"]
