@@ -90,7 +90,8 @@ class ImagineConfig:
     eval_episodes: int = 30
     """Real games per agent."""
     eval_max_steps: int = 27_000
-    """Agent steps after which a real game is cut (27,000 = ALE's 108,000 frames at frame skip 4)."""
+    """Recorded steps (frame skip 4) after which a real game is cut (27,000 = ALE's 108,000 frames);
+    an agent that acts every `action_repeat` steps gets that many times fewer decisions."""
     eval_repeat_action_probability: float = 0.25
     """Sticky actions of the real games (ALE v5 default)."""
     agents: tuple[str, ...] = AGENTS
@@ -139,16 +140,20 @@ def _sample_actions(module, obs: np.ndarray, rng: np.random.Generator, num_actio
 
 def play_real_games(env_id: str, checkpoint: str | None, *, episodes: int, max_steps: int, seed: int,
                     repeat_action_probability: float, dim: int = 84, framestack: int = 4,
-                    batch: int = 16) -> dict[str, np.ndarray]:
+                    batch: int = 16, action_repeat: int = 1) -> dict[str, np.ndarray]:
     """Full real games of one agent (a checkpoint, or uniform-random with None), `batch` games stepped
     in lockstep with one policy forward pass. Each game goes through the agent's training wrappers
     (workers/atari.py): a lost life ends the wrappers' episode, and the game goes on with their reset
-    (no-ops, FIRE) until game over. Returns returns, lengths (agent steps) and truncated per game."""
+    (no-ops, FIRE) until game over. `action_repeat` T plays at the agent's imagined rate: each
+    decision holds for T recorded steps (ALE frame skip 4T), as one imagined step generates T frames.
+    Returns returns, lengths (agent decisions; the wrappers' reset steps not counted) and truncated
+    per game. A game that ends inside the wrappers' reset steps is not told apart."""
     from ray.rllib.env.wrappers.atari_wrappers import EpisodicLifeEnv, get_wrapper_by_cls
 
     from workers.atari import EnvSettings, make_atari_env
 
-    settings = dataclasses.asdict(EnvSettings(repeat_action_probability=repeat_action_probability))
+    settings = dataclasses.asdict(EnvSettings(frameskip=4 * action_repeat,
+                                              repeat_action_probability=repeat_action_probability))
     module = load_policy(checkpoint) if checkpoint else None
     rng = np.random.default_rng(seed)
     returns, lengths, truncated = [], [], []
@@ -169,15 +174,12 @@ def play_real_games(env_id: str, checkpoint: str | None, *, episodes: int, max_s
                 o, r, term, trunc, _ = envs[i].step(int(a))
                 ret[i] += r
                 steps[i] += 1
-                if steps[i] >= max_steps:
-                    alive[i], cut[i] = False, True
-                elif trunc:  # the emulator's own frame limit
+                if term and (lives[i] is None or lives[i].was_real_terminated):
+                    alive[i] = False  # game over, also on the capped step
+                elif trunc or steps[i] >= max_steps:  # the emulator's frame limit, or the cap
                     alive[i], cut[i] = False, True
                 elif term:
-                    if lives[i] is None or lives[i].was_real_terminated:
-                        alive[i] = False
-                    else:
-                        o, _ = envs[i].reset()  # a lost life: the game goes on
+                    o, _ = envs[i].reset()  # a lost life: the game goes on
                 obs[i] = o
         for e in envs:
             e.close()
@@ -210,18 +212,36 @@ def collecting_checkpoint(data_root: str, game: str) -> str | None:
     return None
 
 
+def data_fingerprint(data_root: str, game: str) -> str:
+    """A short hash of the Parquet files (names, sizes) of one game's collection: heads trained on
+    other data are not reused."""
+    import hashlib
+
+    from workers.clips import parquet_files
+
+    files = [f for f in parquet_files(data_root) if f"game={game}" in f] or parquet_files(data_root)
+    blob = "\n".join(f"{os.path.relpath(f, data_root)}:{os.path.getsize(f)}" for f in sorted(files))
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
 # -- the stage ---------------------------------------------------------------------------------------
 def _train_heads(cfg: ImagineConfig) -> dict[str, Any]:
     """Runs as a Ray task: heads trained and saved unless the folder has them; test-split scores."""
     from workers.reward_model import RewardModelConfig, heads_scores, load_heads, save_heads, train_heads
 
     device = "cuda" if cfg.use_gpu else "cpu"
+    want = {"data": data_fingerprint(cfg.data_root, cfg.game), "steps": cfg.heads_steps,
+            "max_pairs": cfg.heads_max_pairs, "seed": cfg.seed}
     try:
-        heads, report = load_heads(cfg.model_path, device=device), {"reused": True}
+        heads = load_heads(cfg.model_path, device=device)
+        if heads.meta.get("trained_for") != want:  # other data or settings: not these heads
+            raise FileNotFoundError("stale heads")
+        report = {"reused": True}
     except FileNotFoundError:
         heads, report = train_heads(RewardModelConfig(steps=cfg.heads_steps, max_pairs=cfg.heads_max_pairs,
                                                       seed=cfg.seed), cfg.data_root, cfg.game, device=device)
-        save_heads(cfg.model_path, heads, {"data_root": cfg.data_root, "game": cfg.game, "report": report})
+        save_heads(cfg.model_path, heads, {"data_root": cfg.data_root, "game": cfg.game, "report": report,
+                                           "trained_for": want})
         heads = load_heads(cfg.model_path, device=device)
     try:
         scores = heads_scores(heads, cfg.data_root, cfg.game, "test")
@@ -325,8 +345,10 @@ def main(cfg: ImagineConfig, tracking_uri: str | None = None) -> dict[str, pd.Da
         play = ray.remote(play_real_games).options(num_cpus=cfg.num_cpus)
         checkpoints = {"imagination": checkpoint, "random": None, "ppo_real": collecting_checkpoint(cfg.data_root,
                                                                                                      cfg.game)}
-        jobs = {a: play.remote(env_id, checkpoints[a], episodes=cfg.eval_episodes, max_steps=cfg.eval_max_steps,
-                               seed=cfg.seed, repeat_action_probability=cfg.eval_repeat_action_probability)
+        jobs = {a: play.remote(env_id, checkpoints[a], episodes=cfg.eval_episodes,
+                               max_steps=max(cfg.eval_max_steps // cfg.action_repeat, 1), seed=cfg.seed,
+                               repeat_action_probability=cfg.eval_repeat_action_probability,
+                               action_repeat=cfg.action_repeat if a == "imagination" else 1)
                 for a in cfg.agents if a != "ppo_real" or checkpoints[a]}
         if "ppo_real" in cfg.agents and not checkpoints["ppo_real"]:
             print(f"[imagine {cfg.game}] no collecting PPO checkpoint in {cfg.data_root}: ppo_real not scored",

@@ -249,7 +249,7 @@ def action_fidelity(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.D
 
 
 IMAGINATION_COLUMNS = ["game", "agent", "return_mean", "return_ci_low", "return_ci_high", "episodes", "truncated",
-                       "seeds", "diff_vs_random", "diff_ci_low", "diff_ci_high", "length_mean"]
+                       "seeds", "diff_vs_random", "diff_ci_low", "diff_ci_high", "length_mean", "return_std_seeds"]
 IMAGINATION_FILE = "imagine_returns.npz"
 """Per-game real returns of the imagine stage's agents, copied into a seed's record by run_all."""
 
@@ -263,15 +263,23 @@ def _stratified_means(groups: list[np.ndarray], rng: np.random.Generator, n_boot
     return out / len(groups)
 
 
-def imagination(pooled: list[tuple[dict, dict]], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def imagination(pooled: list[tuple[dict, dict]], n_boot: int = 2000, seed: int = 0,
+                version: str | None = None) -> pd.DataFrame:
     """Per game and agent (imagination, random, ppo_real): the mean real-game return over seeds (each
     seed's games weigh as one seed), a 95 % bootstrap interval over games (resampled within each
-    seed), and each agent's difference from the random agent with its interval (independent games)."""
+    seed: it covers the games, not the training seeds, whose spread is `return_std_seeds`), and each
+    agent's difference from the random agent with its interval. The agents play the same reset
+    seeds, but each agent's games are resampled on their own: the interval ignores that pairing,
+    which only widens it."""
     by: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     for meta, _ in pooled:
         path = Path(meta.get("record_dir", "")) / IMAGINATION_FILE
         if not path.is_file():
             continue
+        settings = Path(meta["record_dir"]) / "imagine.json"
+        if version is not None and (not settings.is_file()
+                                    or json.loads(settings.read_text()).get("imagine_version") != version):
+            continue  # another imagine setting (budget, horizon, T, cap): not pooled with this one
         with np.load(path) as z:
             for key in z.files:
                 agent, _, what = key.partition("__")
@@ -286,7 +294,8 @@ def imagination(pooled: list[tuple[dict, dict]], n_boot: int = 2000, seed: int =
         lo, hi = np.percentile(boots[(game, agent)], [2.5, 97.5])
         row = {"game": game, "agent": agent, "return_mean": point, "return_ci_low": lo, "return_ci_high": hi,
                "episodes": int(sum(len(g[0]) for g in v)), "truncated": int(sum(g[2].sum() for g in v)),
-               "seeds": len(v), "length_mean": float(np.mean(np.concatenate([g[1] for g in v])))}
+               "seeds": len(v), "length_mean": float(np.mean(np.concatenate([g[1] for g in v]))),
+               "return_std_seeds": float(np.std([g[0].mean() for g in v], ddof=1)) if len(v) > 1 else np.nan}
         if (game, "random") in by and agent != "random":
             diff = boots[(game, agent)] - boots[(game, "random")]
             rnd = float(np.mean([g[0].mean() for g in by[(game, "random")]]))
@@ -365,12 +374,16 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
             "paper": "the paper's cells (method 'paper (other data)') were measured on data and at a resolution "
                      "it does not state; ALE's DemonAttack frames change 24-113x more than its model error"}
     _write(out / "table2.meta.json", json.dumps(meta, indent=1))
-    im = imagination(pooled, n_boot=n_boot)
+    from pipeline.run_all import PRESETS, imagine_version
+
+    im_version = imagine_version(PRESETS[preset]()) if preset in PRESETS else None
+    im = imagination(pooled, n_boot=n_boot, version=im_version)
     if len(im):
         _write(out / "imagination.csv", im.to_csv(index=False, float_format="%.6g"))
         _write(out / "imagination.meta.json", json.dumps(
             {**meta, "table": "imagination", "ci": f"95 % percentile bootstrap over real games, resampled within "
              f"each seed, {n_boot} resamples; mean over seeds of each seed's mean return",
+             "imagine_version": im_version,
              "agents": "imagination: PPO trained only in the seed's world model (pipeline/imagine.py); random: "
              "uniform actions; ppo_real: the PPO agent that recorded the collection",
              "games": "full real games (sticky actions 0.25) to game over, cut at the run's eval_max_steps "

@@ -226,6 +226,20 @@ def preset_version(preset: Preset) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+_IMAGINE_UNVERSIONED = {"run_dir", "data_root", "game", "model_path", "name", "seed", "num_env_runners",
+                        "cpus_per_env_runner", "gpus_per_env_runner", "learner_gpus", "num_cpus", "use_gpu"}
+
+
+def imagine_version(preset: Preset) -> str:
+    """A short hash of the imagine settings that decide what its agents are and how they are scored
+    (not seeds, resources or names): real-game returns of one version pool into imagination.csv."""
+    import hashlib
+
+    cfg = dataclasses.asdict(config_from_dict(imagine.ImagineConfig, dict(preset.imagine)))
+    blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in _IMAGINE_UNVERSIONED}, default=list)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
 def with_seed(preset: Preset, seed: int) -> Preset:
     """The preset with its training seeds (VAE, DiT) and the evaluation's sampling seed set to
     `seed`. The collection keeps the preset's seed; a run's collection still differs from another's,
@@ -370,6 +384,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
 
             shutil.copy2(imag_dir / "returns.npz", Path(record) / results_record.IMAGINATION_FILE)
             shutil.copy2(imag_dir / "imagination.csv", Path(record) / "imagination.csv")
+            (Path(record) / "imagine.json").write_text(json.dumps(
+                {"imagine_version": imagine_version(p), "settings": dataclasses.asdict(cfg)}, indent=1, default=list))
         return {"out_dir": str(imag_dir), "table": tables["imagination"].to_dict(orient="records")}
 
     def do_sweep() -> dict[str, Any]:

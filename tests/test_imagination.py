@@ -48,12 +48,16 @@ def test_env_passes_gymnasiums_checker_and_names_bad_actions(model_with_heads, t
         env.step(4)
     with pytest.raises(TypeError, match="integers"):
         env.step(1.5)
-    before = env.games.frames_generated
-    ends = [env.step(a)[2:4] for a in (0, 2, 3)]
-    assert env.games.frames_generated == before + 3
-    assert ends[-1][0] or ends[-1][1]  # the third step ends the episode (max_steps=3) unless a life ended it
+    plain = WorldModelEnv(_cfg(model_with_heads, tiny_split_root, max_steps=3, heads=False))  # nothing ends early
+    plain.reset()
+    before = plain.games.frames_generated
+    ends = [plain.step(a)[2:4] for a in (0, 2, 3)]
+    assert plain.games.frames_generated == before + 3 and ends == [(False, False), (False, False), (False, True)]
     with pytest.raises(RuntimeError, match="before reset"):
-        env.step(0)
+        plain.step(0)
+    # the first reset follows the config's seed: two envs of one config start from the same context
+    again = WorldModelEnv(_cfg(model_with_heads, tiny_split_root, heads=False))
+    assert again.reset()[1]["context"] == WorldModelEnv(_cfg(model_with_heads, tiny_split_root, heads=False)).reset()[1]["context"]
     # a chunk of T frames per agent step: one generated chunk, T frames counted
     chunky = WorldModelEnv(_cfg(model_with_heads, tiny_split_root, action_repeat=2))
     chunky.reset(seed=0)
@@ -145,3 +149,32 @@ def test_env_speed_benchmark_prints_a_row_per_setting(model_with_heads, tiny_spl
     df = pd.read_csv(out)
     assert list(df.columns) == COLUMNS and list(df.batch) == [1, 2] and (df["T"] == 2).all()
     assert (df.steps_per_s > 0).all() and np.allclose(df.frames_per_s, 2 * df.steps_per_s, rtol=0.02)
+
+
+class _OneLifeLost:
+    """Heads that give reward 1 to every transition and a life loss to game 1 on their `on`-th call."""
+
+    def __init__(self, on: int):
+        self.on, self.calls = on, 0
+
+    def predict(self, prev, nxt):
+        self.calls += 1
+        lost = np.zeros(len(prev), bool)
+        if self.calls == self.on:
+            lost[1] = True
+        return np.ones(len(prev), np.float32), lost, np.zeros(len(prev), bool)
+
+
+def test_vector_env_ends_and_restarts_only_the_game_that_lost_a_life(model_with_heads, tiny_split_root):
+    vec = WorldModelVectorEnv({**dataclasses.asdict(_cfg(model_with_heads, tiny_split_root)), "num_envs": 3})
+    vec.games.heads = _OneLifeLost(on=3)  # calls 1-2: the reset's FIRE steps; 3: the first step
+    obs, _ = vec.reset(seed=1)
+    assert all(np.array_equal(obs[i, ..., 0], obs[i, ..., k]) for i in range(3) for k in range(4))  # filled
+    lives = vec.games.lives.copy()
+    _, r, term, trunc, info = vec.step(np.array([0, 0, 0]))
+    assert list(term) == [False, True, False] and not trunc.any() and np.all(r == 1.0)
+    assert list(info["lives"]) == [lives[0], lives[1] - 1, lives[2]]
+    obs, r, term, trunc, _ = vec.step(np.array([2, 2, 2]))  # game 1 restarts; 0 and 2 go on
+    assert list(r) == [1.0, 0.0, 1.0] and not term.any() and not trunc.any()
+    assert list(vec.games.steps) == [2, 0, 2]
+    assert all(np.array_equal(obs[1, ..., 0], obs[1, ..., k]) for k in range(4))  # a fresh stack

@@ -355,6 +355,7 @@ def test_imagination_table_pools_seeds_of_real_game_returns(tmp_path):
     """Seeds weigh equally whatever their game counts; the agent-vs-random interval excludes 0 for a
     clear gap and straddles it for none."""
     from pipeline.results import IMAGINATION_FILE, build_tables, current_version
+    from pipeline.run_all import PRESETS, imagine_version
 
     v, rng = current_version("gpu"), np.random.default_rng(9)
     means = {}
@@ -362,6 +363,7 @@ def test_imagination_table_pools_seeds_of_real_game_returns(tmp_path):
         rec = _record(tmp_path, rng, version=v, seed=seed)
         ret = {"imagination": rng.normal(6.0, 1.0, n), "random": rng.normal(1.0, 1.0, n),
                "ppo_real": rng.normal(1.2, 1.0, n)}
+        (rec / "imagine.json").write_text(json.dumps({"imagine_version": imagine_version(PRESETS["gpu"]())}))
         np.savez(rec / IMAGINATION_FILE, **{f"{a}__returns": r for a, r in ret.items()},
                  **{f"{a}__lengths": np.full(n, 100) for a in ret},
                  **{f"{a}__truncated": np.arange(n) < (1 if a == "random" else 0) for a in ret})
@@ -376,3 +378,11 @@ def test_imagination_table_pools_seeds_of_real_game_returns(tmp_path):
     imag, ppo = df.loc["imagination"], df.loc["ppo_real"]
     assert imag.return_ci_low < imag.return_mean < imag.return_ci_high and imag.diff_ci_low > 4.0
     assert ppo.diff_ci_low < 0.2 < ppo.diff_ci_high and np.isnan(df.loc["random", "diff_vs_random"])
+    # a record of another imagine setting (e.g. a longer PPO budget) is not pooled with these
+    other = _record(tmp_path, rng, version=v, seed=3)
+    (other / "imagine.json").write_text(json.dumps({"imagine_version": "another"}))
+    np.savez(other / IMAGINATION_FILE, imagination__returns=np.full(30, 100.0), imagination__lengths=np.full(30, 9),
+             imagination__truncated=np.zeros(30, bool))
+    build_tables(tmp_path / "runs", tmp_path / "current", "gpu", n_boot=100)
+    again = pd.read_csv(tmp_path / "current" / "imagination.csv").set_index("agent")
+    assert again.loc["imagination", "seeds"] == 3 and again.loc["imagination", "return_mean"] < 10

@@ -246,7 +246,9 @@ class ImaginedGames:
         if self.heads is not None:
             prev = np.concatenate([frames[:, -1:], new[:, :-1]], axis=1)  # the frame before each new one
             r, ll, go = self.heads.predict(prev.reshape(-1, *S.FRAME_SHAPE), new.reshape(-1, *S.FRAME_SHAPE))
-            reward = np.asarray(r, np.float32).reshape(b, T).sum(1)
+            ends = (np.asarray(ll, bool) | np.asarray(go, bool)).reshape(b, T)
+            after_end = (np.cumsum(ends, axis=1) - ends) > 0  # frames after the chunk's first ending
+            reward = np.where(after_end, 0.0, np.asarray(r, np.float32).reshape(b, T)).sum(1).astype(np.float32)
             life_lost = np.asarray(ll, bool).reshape(b, T).any(1)
             game_over = np.asarray(go, bool).reshape(b, T).any(1)
             self.seconds["heads"] += time.perf_counter() - t1
@@ -287,11 +289,15 @@ class WorldModelEnv(gym.Env):
         self.action_space = gym.spaces.Discrete(self.games.num_actions)
         self.ale = _Lives(self)
         self._started = False
+        self._seeded = False
 
     def get_action_meanings(self) -> list[str]:
         return list(self.games.action_meanings)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is None and not self._seeded:
+            seed = self.cfg.seed  # the first reset follows the config's seed: runs repeat
+        self._seeded = True
         super().reset(seed=seed)
         if seed is not None:
             self.games.generator.manual_seed(int(seed))
@@ -325,10 +331,18 @@ def wrap_agent_view(env: gym.Env, dim: int = 84, framestack: int = 4) -> gym.Env
     (workers/atari.py) minus the no-op resets and the per-life episodes (see the module docstring)."""
     from ray.rllib.env.wrappers.atari_wrappers import FireResetEnv, FrameStack, NormalizedImageEnv, WarpFrame
 
+    class FireReset(FireResetEnv):
+        """RLlib's FireResetEnv; its two steps start the game and count toward no horizon."""
+
+        def reset(self, **kwargs):
+            obs, info = super().reset(**kwargs)
+            self.env.unwrapped.games.steps[:] = 0
+            return obs, info
+
     env = WarpFrame(env, dim=dim, grayscale=True)
     env = NormalizedImageEnv(env)
     if "FIRE" in env.unwrapped.get_action_meanings():
-        env = FireResetEnv(env)
+        env = FireReset(env)
     return FrameStack(env, k=framestack)
 
 
@@ -375,19 +389,18 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
 
     def _start(self, which: np.ndarray) -> None:
         """Fresh contexts for the games `which`, then FIRE and action 2 where the game has FIRE
-        (only the games being started take those steps; the others are not advanced)."""
+        (only the games being started take those steps, in one batched call each), then their
+        stacks filled with the resulting frame, as FireResetEnv under FrameStack does."""
         g = self.games
         g.reset_games(which)
-        self._push(which, g.frames[which, -1], fill=True)
-        if not self.fire:
-            return
-        for a in (1, 2):
-            out = g.step(np.full(len(which), a), which)
+        if self.fire:
+            for a in (1, 2):
+                out = g.step(np.full(len(which), a), which)
+                ended = which[out["life_lost"] | out["game_over"]]
+                if len(ended):  # as FireResetEnv: a start that ended is started again
+                    g.reset_games(ended)
             g.steps[which] = 0
-            ended = which[out["life_lost"] | out["game_over"]]
-            if len(ended):  # as FireResetEnv: a start that ended is started again
-                g.reset_games(ended)
-            self._push(which, g.frames[which, -1])
+        self._push(which, g.frames[which, -1], fill=True)  # as FrameStack: the first observation k times
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
