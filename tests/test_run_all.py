@@ -446,23 +446,40 @@ def test_several_seeds_share_the_collection_and_vae_and_record_their_own_dit(tmp
         np.savez(d / "Breakout_scores.npz", episode_id=np.array(["e"]), start_step=np.array([0]))
         return {"generation_length": pd.DataFrame({"mse": [1.0]})}
 
+    def imagine_main(cfg, tracking_uri=None):
+        calls.append(("imagine", (cfg.seed, cfg.model_path, cfg.name)))
+        d = Path(cfg.run_dir) / "imagine" / cfg.name
+        d.mkdir(parents=True)
+        np.savez(d / "returns.npz", imagination__returns=np.array([float(cfg.seed)]))
+        table = pd.DataFrame({"agent": ["imagination"], "return_mean": [float(cfg.seed)]})
+        table.to_csv(d / "imagination.csv", index=False)
+        return {"imagination": table}
+
     monkeypatch.setattr(run_all, "train_vae_main", vae)
     monkeypatch.setattr(run_all, "train_dit_main", dit)
     monkeypatch.setattr(run_all.evaluate, "main", evaluate_main)
-    stages = ("collect", "vae", "dit", "evaluate")
+    monkeypatch.setattr(run_all.imagine, "main", imagine_main)
+    stages = ("collect", "vae", "dit", "evaluate", "imagine")
     out = run_all.main("smoke", str(tmp_path), stages=stages, games=("Breakout",), seed=(3, 5))
-    assert [c[0] for c in calls] == ["collect", "vae", "dit", "evaluate", "dit", "evaluate"]
+    assert [c[0] for c in calls] == ["collect", "vae", "dit", "evaluate", "imagine", "dit", "evaluate", "imagine"]
     assert calls[1] == ("vae", 3)
-    assert calls[2][1] == (3, "dit-Breakout-seed3") and calls[4][1] == (5, "dit-Breakout-seed5")
-    assert calls[5][1] == (5, str(tmp_path / "dit-Breakout-seed5"))  # each seed scores its own DiT
+    assert calls[2][1] == (3, "dit-Breakout-seed3") and calls[5][1] == (5, "dit-Breakout-seed5")
+    assert calls[6][1] == (5, str(tmp_path / "dit-Breakout-seed5"))  # each seed scores its own DiT
+    assert calls[7][1] == (5, str(tmp_path / "dit-Breakout-seed5"), "imagine-Breakout-seed5")  # and plays in it
     assert {"dit-seed3", "dit-seed5", "evaluate-seed5"} <= set(out)
     records = {json.loads(p.read_text())["seed"]: json.loads(p.read_text())
                for p in (tmp_path / "results").glob("*/run.json")}
     assert sorted(records) == [3, 5]
     assert records[5]["settings"]["vae"]["seed"] == 3 and records[5]["settings"]["dit"]["seed"] == 5
+    for rec in (tmp_path / "results").glob("*/run.json"):  # each seed's returns and imagine settings in its record
+        seed = json.loads(rec.read_text())["seed"]
+        with np.load(rec.parent / "imagine_returns.npz") as z:
+            assert z["imagination__returns"].tolist() == [float(seed)]
+        assert json.loads((rec.parent / "imagine.json").read_text())["imagine_version"] == \
+            run_all.imagine_version(run_all.PRESETS["smoke"]())
     calls.clear()
     run_all.main("smoke", str(tmp_path), stages=stages, games=("Breakout",), seed=(7,))
-    assert [c[0] for c in calls] == ["dit", "evaluate"]  # collection and VAE reused
+    assert [c[0] for c in calls] == ["dit", "evaluate", "imagine"]  # collection and VAE reused
     rec7 = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*-s7-*/run.json")]
     assert len(rec7) == 1 and rec7[0]["settings"]["vae"]["seed"] == 3
     calls.clear()
