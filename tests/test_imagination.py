@@ -178,3 +178,39 @@ def test_vector_env_ends_and_restarts_only_the_game_that_lost_a_life(model_with_
     assert list(r) == [1.0, 0.0, 1.0] and not term.any() and not trunc.any()
     assert list(vec.games.steps) == [2, 0, 2]
     assert all(np.array_equal(obs[1, ..., 0], obs[1, ..., k]) for k in range(4))  # a fresh stack
+
+
+def test_latent_rollout_matches_pixel_rollout_on_its_first_step(tiny_split_root, tmp_path):
+    """With a framewise VAE the games carry latents: the first step (real context, no generated
+    frame yet) gives the frames `WorldModel.predict` gives, from the same noise; later steps go on
+    from the sampled latents and encode nothing."""
+    import torch
+
+    from models.stdit import STDiT_models
+    from models.vae import VAE_models
+    from workers.world_model import save_world_model, world_model_meta
+
+    torch.manual_seed(0)
+    vae = VAE_models["tiny"](temporal_kernel=1).eval()
+    dit = STDiT_models["tiny"](in_channels=vae.cfg.latent_channels, num_actions=4).eval()
+    path = tmp_path / "framewise"
+    save_world_model(path, vae, dit, world_model_meta(dit, latent_scale=0.7, n_cond=4, horizon=2, action_mode="future",
+                                                      sample_steps=2, trained_horizons=(1, 2)))
+    kw = dict(max_steps=50, heads=False)
+    fast = WorldModelVectorEnv({**dataclasses.asdict(_cfg(str(path), tiny_split_root, action_repeat=2, **kw)),
+                                "num_envs": 2})
+    slow = WorldModelVectorEnv({**dataclasses.asdict(_cfg(str(path), tiny_split_root, action_repeat=2,
+                                                          latent_rollout=False, **kw)), "num_envs": 2})
+    assert fast.games.latents is not None and slow.games.latents is None
+    encodes = []
+    real_encode = fast.games.model.encode
+    fast.games.model.encode = lambda x: encodes.append(len(x)) or real_encode(x)
+    for env in (fast, slow):
+        env.games.reset_games(np.arange(2))  # the same draws: the RNGs share the config's seed
+        env.games.generator.manual_seed(7)
+    assert np.array_equal(fast.games.frames, slow.games.frames)
+    a, b = fast.games.step(np.array([2, 3])), slow.games.step(np.array([2, 3]))
+    diff = np.abs(a["frames"].astype(int) - b["frames"].astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    fast.games.step(np.array([1, 1]))
+    assert encodes == [] and fast.games.latents.shape[1] == 4  # nothing encoded after the contexts

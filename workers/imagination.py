@@ -69,6 +69,10 @@ class ImaginationConfig:
     """Euler steps of generation; 0 = the model's own setting."""
     heads: bool = True
     """Read reward and termination with the heads; False gives reward 0 and no ending (speed tests)."""
+    latent_rollout: bool = True
+    """With a framewise VAE and a trained chunk length, carry each game's condition latents from step
+    to step (generated latents as sampled, not re-encoded from their pixels): a step encodes nothing
+    and decodes only its new frames. False: every step runs `WorldModel.predict` on pixels."""
     device: str = "auto"
     """"cpu", "cuda" or "auto" (cuda when this process sees a GPU)."""
     seed: int = 0
@@ -192,6 +196,16 @@ class ImaginedGames:
         self.context = np.zeros(num_games, np.int64)  # the bank index each game started from
         self.rng = np.random.default_rng(cfg.seed)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        # A framewise VAE lets the games carry their condition latents: a step then encodes nothing
+        # and decodes only its new frames (the contexts are encoded once, here).
+        self.latents: torch.Tensor | None = None
+        if cfg.latent_rollout and self.model.framewise and cfg.action_repeat in self.model.trained_horizons:
+            with torch.no_grad():
+                enc = [self.model.encode(torch.from_numpy(self.bank.frames[i: i + 64]))
+                       for i in range(0, len(self.bank), 64)]
+            self.bank_latents = torch.cat(enc)  # (K, n, C, h, w) scaled, on the model's device
+            self.latents = torch.zeros(num_games, *self.bank_latents.shape[1:], device=self.bank_latents.device,
+                                       dtype=self.bank_latents.dtype)
         # cumulative seconds of generation and of the heads, and frames generated (benchmarks)
         self.seconds = {"generate": 0.0, "heads": 0.0}
         self.frames_generated = 0
@@ -208,6 +222,9 @@ class ImaginedGames:
         self.lives[which] = self.bank.lives[pick]
         self.steps[which] = 0
         self.context[which] = pick
+        if self.latents is not None:
+            self.latents[torch.as_tensor(which, device=self.latents.device)] = \
+                self.bank_latents[torch.as_tensor(pick, device=self.latents.device)]
 
     def check_actions(self, actions: Any, count: int | None = None) -> np.ndarray:
         """`actions` as int64 (count,), or a TypeError/ValueError naming the valid action set."""
@@ -236,8 +253,15 @@ class ImaginedGames:
         frames, past = self.frames[which], self.past[which]
         acts = future if self.model.action_mode == "future" else np.concatenate([past, future], axis=1)
         t0 = time.perf_counter()
-        new = self.model.predict(torch.from_numpy(frames), torch.from_numpy(acts), T,
-                                 generator=self.generator).numpy()  # (b, T, H, W, 3)
+        if self.latents is not None:
+            idx = torch.as_tensor(which, device=self.latents.device)
+            z_new, pix = self.model.chunk_from_latents(self.latents[idx], torch.from_numpy(acts), T,
+                                                       S.FRAME_SHAPE[:2], generator=self.generator)
+            self.latents[idx] = torch.cat([self.latents[idx], z_new], dim=1)[:, -self.n_cond:]
+            new = pix.cpu().numpy()  # (b, T, H, W, 3)
+        else:
+            new = self.model.predict(torch.from_numpy(frames), torch.from_numpy(acts), T,
+                                     generator=self.generator).numpy()  # (b, T, H, W, 3)
         t1 = time.perf_counter()
         self.seconds["generate"] += t1 - t0
         self.frames_generated += new.shape[0] * T

@@ -117,6 +117,32 @@ class WorldModel:
         video = self.vae.decode(z / self.latent_scale, L, (H, W))  # (B, L, 3, H, W)
         return model_to_pixels(video[:, n:])  # (B, horizon, H, W, 3)
 
+    @property
+    def framewise(self) -> bool:
+        """Whether the VAE maps each frame to its own latent frame and back, alone (no temporal
+        downsampling, temporal kernel 1): then a rollout can carry latents instead of pixels."""
+        return self.vae.cfg.temporal_downsample == 1 and self.vae.cfg.temporal_kernel == 1
+
+    @torch.no_grad()
+    def chunk_from_latents(self, z_cond: Tensor, actions: Tensor, length: int, frame_hw: tuple[int, int],
+                           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One chunk from scaled condition latents (a framewise VAE only): z_cond (B, n, C, h, w) on the
+        model's device, actions (B, A) for this chunk -> (the chunk's latents (B, length, C, h, w),
+        its frames uint8 (B, length, H, W, 3) on the device). Only the new frames are decoded and
+        nothing is encoded: an imagined rollout keeps its latents (`workers/imagination.py`)."""
+        if not self.framewise:
+            raise ValueError("chunk_from_latents needs a framewise VAE (temporal_downsample 1, temporal_kernel 1)")
+        B, n = z_cond.shape[:2]
+        L = n + length
+        z = torch.zeros(B, L, *z_cond.shape[2:], device=self.device, dtype=z_cond.dtype)
+        z[:, :n] = z_cond
+        lat_mask = torch.arange(L, device=self.device).expand(B, L) >= n  # (B, L) True = generated
+        pos = action_positions(actions.shape[1], n, self.action_mode, device=self.device)
+        z = self.sampler.sample(self.dit, z, lat_mask, generator=generator, actions=actions.to(self.device),
+                                action_positions=pos)
+        new = z[:, n:]
+        return new, model_to_pixels(self.vae.decode(new / self.latent_scale, length, frame_hw))
+
     @torch.no_grad()
     def predict(self, cond_frames: Tensor, actions: Tensor, horizon: int,
                 generator: torch.Generator | None = None) -> Tensor:
