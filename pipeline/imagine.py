@@ -193,13 +193,11 @@ def play_real_games(env_id: str, checkpoint: str | None, *, episodes: int, max_s
 
 def bootstrap_mean_ci(x: np.ndarray, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile bootstrap interval of the mean of `x` (one value per game)."""
-    x = np.asarray(x, np.float64)
+    from pipeline.stats import stratified_mean_resamples
+
     if len(x) < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(x), np.full(len(x), 1.0 / len(x)), size=n_boot)
-    means = counts @ x / len(x)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    lo, hi = np.percentile(stratified_mean_resamples([x], np.random.default_rng(seed), n_boot), [2.5, 97.5])
     return float(lo), float(hi)
 
 

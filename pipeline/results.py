@@ -254,15 +254,6 @@ IMAGINATION_FILE = "imagine_returns.npz"
 """Per-game real returns of the imagine stage's agents, copied into a seed's record by run_all."""
 
 
-def _stratified_means(groups: list[np.ndarray], rng: np.random.Generator, n_boot: int) -> np.ndarray:
-    """(n_boot,) means over seeds of each seed's mean return, games resampled within each seed."""
-    out = np.zeros(n_boot)
-    for x in groups:
-        counts = rng.multinomial(len(x), np.full(len(x), 1.0 / len(x)), size=n_boot)
-        out += counts @ x / len(x)
-    return out / len(groups)
-
-
 def imagination(pooled: list[tuple[dict, dict]], n_boot: int = 2000, seed: int = 0,
                 version: str | None = None) -> pd.DataFrame:
     """Per game and agent (imagination, random, ppo_real): the mean real-game return over seeds (each
@@ -288,7 +279,9 @@ def imagination(pooled: list[tuple[dict, dict]], n_boot: int = 2000, seed: int =
                         (z[key].astype(np.float64), z[f"{agent}__lengths"], z[f"{agent}__truncated"]))
     rows = []
     rng = np.random.default_rng(seed)
-    boots = {k: _stratified_means([g[0] for g in v], rng, n_boot) for k, v in by.items()}
+    from pipeline.stats import stratified_mean_resamples
+
+    boots = {k: stratified_mean_resamples([g[0] for g in v], rng, n_boot) for k, v in by.items()}
     for (game, agent), v in sorted(by.items(), key=lambda kv: (_game_order(kv[0][0]), kv[0][1])):
         point = float(np.mean([g[0].mean() for g in v]))
         lo, hi = np.percentile(boots[(game, agent)], [2.5, 97.5])
@@ -340,21 +333,25 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _run_dirs(runs_root: Path, runs: list[Path] | None) -> list[Path]:
+    """The run folders named (each must exist), else every recorded run under runs_root."""
+    if runs:
+        missing = [str(r) for r in runs if not Path(r).is_dir()]
+        if missing:
+            raise ResultsError(f"no run folder at {missing}")
+        return [Path(r) for r in runs]
+    if not Path(runs_root).is_dir():
+        raise ResultsError(f"no runs folder at {runs_root}")
+    return sorted(p for p in Path(runs_root).iterdir() if (p / "run.json").is_file())
+
+
 def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset: str = "gpu",
                  runs: list[Path] | None = None, version: str | None = None, n_boot: int = 2000,
                  command: str = "") -> pd.DataFrame:
     """Write `table2.csv`, `table2.md` and `table2.meta.json` under `out` from the recorded runs."""
     version = version or current_version(preset)
     explicit = bool(runs)
-    if runs:
-        missing = [str(r) for r in runs if not Path(r).is_dir()]
-        if missing:
-            raise ResultsError(f"no run folder at {missing}")
-        dirs = [Path(r) for r in runs]
-    else:
-        if not Path(runs_root).is_dir():
-            raise ResultsError(f"no runs folder at {runs_root}")
-        dirs = sorted(p for p in Path(runs_root).iterdir() if (p / "run.json").is_file())
+    dirs = _run_dirs(runs_root, runs)
     pooled, left = select_runs(dirs, preset, version, explicit)
     if not pooled:
         raise ResultsError(f"no recorded run of preset {preset!r} version {version} on the test split in "
@@ -626,15 +623,7 @@ def build_ablations(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, pre
         raise ResultsError(f"preset {preset!r} defines no sweep that varies action_mode or action_encoder: "
                            f"name a sweep version with --sweep-version")
     explicit = bool(runs)
-    if runs:
-        missing = [str(r) for r in runs if not Path(r).is_dir()]
-        if missing:
-            raise ResultsError(f"no run folder at {missing}")
-        dirs = [Path(r) for r in runs]
-    else:
-        if not Path(runs_root).is_dir():
-            raise ResultsError(f"no runs folder at {runs_root}")
-        dirs = sorted(p for p in Path(runs_root).iterdir() if (p / "run.json").is_file())
+    dirs = _run_dirs(runs_root, runs)
     pooled, left = select_trials(dirs, set(current), explicit)
     if not pooled:
         raise ResultsError(f"no recorded sweep trial of version(s) {sorted(current)} on the test split in "

@@ -104,6 +104,17 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.045, 2.042)
 
 
+def stratified_mean_resamples(groups: list[np.ndarray], rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """(n_boot,) resampled means over groups of each group's mean, the values resampled within each
+    group (one group: the plain bootstrap of a mean); e.g. real-game returns, games within seeds."""
+    out = np.zeros(n_boot)
+    for x in groups:
+        x = np.asarray(x, np.float64)
+        counts = rng.multinomial(len(x), np.full(len(x), 1.0 / len(x)), size=n_boot)
+        out += counts @ x / len(x)
+    return out / len(groups)
+
+
 def seed_interval(seed_means: np.ndarray) -> Interval:
     """95 % t-interval of the mean over training seeds from the seeds' own means: what another set of
     seeds would give on these episodes (NaN bounds with one seed)."""

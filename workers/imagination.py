@@ -29,17 +29,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from workers import schema as S
-from workers.clips import parquet_files
 
 ENV_NAME = "awm-imagination"
 """The name `register_imagination_env` gives the env in Ray Tune's registry (RLlib's `env=`)."""
@@ -107,50 +103,33 @@ class ContextBank:
     the rows kept."""
 
     def __init__(self, data_root: str, game: str, split: str, n_cond: int, max_contexts: int, seed: int = 0):
-        cols = [S.EPISODE_ID, S.STEP, S.ACTION, S.LIVES, S.GAME, S.SPLIT, S.ENV_ID, S.ENV_CONFIG]
-        files = parquet_files(data_root)
-        rows: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
-        for fi, f in enumerate(files):
-            t = pq.read_table(f, columns=cols)
-            keep = np.flatnonzero(pc.and_(pc.equal(t[S.GAME], game), pc.equal(t[S.SPLIT], split))
-                                  .to_numpy(zero_copy_only=False))
-            if len(keep):
-                t = t.take(keep)
-                rows.append((fi, keep, {c: t[c].to_numpy(zero_copy_only=False) for c in cols}))
-        if not rows:
+        from workers.inverse_dynamics import _split_rows, read_frames
+
+        r = _split_rows(data_root, game, split, extra=(S.LIVES,))
+        if not len(r["eid"]):
             raise ValueError(f"no {split!r} rows of game {game!r} under data_root {data_root!r}: "
                              f"the imagination env draws its starting contexts from them")
-        cat = {c: np.concatenate([r[2][c] for r in rows]) for c in cols}
-        file_of = np.concatenate([np.full(len(r[1]), r[0]) for r in rows])
-        row_of = np.concatenate([r[1] for r in rows])
-        eid, step, action = cat[S.EPISODE_ID].astype(str), cat[S.STEP].astype(np.int64), cat[S.ACTION].astype(np.int64)
-        order = np.lexsort((step, eid))
-        eid, step, action = eid[order], step[order], action[order]
-        n = n_cond
+        order = np.lexsort((r["step"], r["eid"]))
+        eid, step, action = r["eid"][order], r["step"][order], r["action"][order]
+        n, m = n_cond, len(order) - n_cond + 1
         # a start s is valid when rows s..s+n-1 are consecutive steps of one episode and row s+n-1 has an action
-        ok = np.ones(max(len(order) - n + 1, 0), bool)
+        ok = np.ones(max(m, 0), bool)
         for k in range(1, n):
-            ok &= (eid[k:len(order) - n + 1 + k] == eid[:len(order) - n + 1]) & \
-                  (step[k:len(order) - n + 1 + k] == step[:len(order) - n + 1] + k)
+            ok &= (eid[k:m + k] == eid[:m]) & (step[k:m + k] == step[:m] + k)
         ok &= action[n - 1:] != S.NO_ACTION
         starts = np.flatnonzero(ok)
         if not len(starts):
             raise ValueError(f"no run of {n} consecutive frames in the {split!r} episodes of {game!r} under "
                              f"{data_root!r}")
-        rng = np.random.default_rng(seed)
         if len(starts) > max_contexts:
-            starts = np.sort(rng.choice(starts, max_contexts, replace=False))
+            starts = np.sort(np.random.default_rng(seed).choice(starts, max_contexts, replace=False))
         idx = starts[:, None] + np.arange(n)  # (K, n) positions in the sorted order
-        src = order[idx]  # (K, n) index into the concatenated rows
-        self.frames = np.empty((len(starts), n, *S.FRAME_SHAPE), np.uint8)
-        for fi in np.unique(file_of[src]):
-            here = file_of[src] == fi
-            frames = S.frames_from_arrow(pq.read_table(files[fi], columns=[S.FRAME])[S.FRAME], files[fi])
-            self.frames[here] = frames[row_of[src[here]]]
+        src = order[idx]  # (K, n) rows of r
+        self.frames = read_frames(r, src.reshape(-1))[0].reshape(len(starts), n, *S.FRAME_SHAPE)
         self.past_actions = action[idx[:, :-1]]  # (K, n-1): a_{t-n+1}..a_{t-1}
-        self.lives = cat[S.LIVES][src[:, -1]].astype(np.int64)  # (K,) lives shown at the last frame
+        self.lives = r[S.LIVES][src[:, -1]].astype(np.int64)  # (K,) lives shown at the last frame
         self.keys = [(str(e), int(s)) for e, s in zip(eid[starts], step[starts])]
-        self.env_id, self.env_config = str(cat[S.ENV_ID][0]), str(cat[S.ENV_CONFIG][0])
+        self.env_id, self.env_config = str(r["env"][0]).split("\x1f", 1)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -465,7 +444,3 @@ def register_imagination_env() -> str:
 
     register_env(ENV_NAME, make_imagination_env)
     return ENV_NAME
-
-
-def heads_dir(world_model: str | Path) -> Path:
-    return Path(world_model) / "heads"
