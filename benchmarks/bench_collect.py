@@ -1,6 +1,6 @@
 """Collection throughput and storage: recorded env steps/s vs raw ALE, bytes per frame.
 
-    python benchmarks/bench_collect.py --steps 2000 --num-env-runners 2 --games Pong Breakout
+    python -m benchmarks.bench_collect --steps 2000 --num-env-runners 2 --games Pong Breakout
 
 Recorded = RLlib env runners stepping the full agent wrapper stack, PPO module inference (a
 checkpoint trained for one tiny iteration: inference costs the same as a trained one's; or
@@ -19,22 +19,48 @@ and layouts to show what the choice of a zstd binary column buys, in bytes and i
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import io
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pipeline.cli import parse_config
+from workers import schema as S
+from workers.atari import EnvSettings, make_raw_env, resolve_env_id
 
-from workers import schema as S  # noqa: E402
-from workers.atari import EnvSettings, make_raw_env, resolve_env_id  # noqa: E402
+
+@dataclass(frozen=True)
+class BenchCollectConfig:
+    """What is recorded, and how."""
+
+    games: tuple[str, ...] = ("Pong", "Breakout")
+    """ALE games recorded one after the other."""
+    policy: str = dataclasses.field(default="ppo", metadata={"choices": ("ppo", "random")})
+    """ppo: a PPO module's inference on every step; random: uniform actions, which leaves the
+    recording path (wrappers, recorder, drain, write) alone"""
+    profile_env: bool = False
+    """Also profile the recording env stack alone (no Ray, no policy)."""
+    steps: int = 2000
+    """Recorded steps per game."""
+    steps_per_round: int = 1000
+    """Steps each env runner samples between writes."""
+    num_env_runners: int = 2
+    """Recording processes (and processes of the raw ALE baseline)."""
+    num_envs_per_env_runner: int = 8
+    """Envs each runner steps together."""
+    gpus_per_env_runner: float = 0.0
+    """GPU share per recording runner (policy inference on the GPU)."""
+    num_cpus: int | None = None
+    """CPUs of the benchmark's own Ray cluster; unset = every core."""
+    inference_dtype: str = dataclasses.field(default="float32", metadata={"choices": ("float32", "bfloat16")})
+    """dtype of the recording runners' policy forward pass (AgentConfig.inference_dtype)"""
 
 
 def _raw_worker(args) -> int:
@@ -131,47 +157,47 @@ def profile_env_stack(env_id: str, vector_steps: int = 300, num_envs: int = 8) -
     return [(name, sec / steps * 1e3) for name, sec in top] + [("total (profiled)", total / steps * 1e3)]
 
 
-def main(args) -> None:
+def main(cfg: BenchCollectConfig) -> None:
     import ray
 
     from pipeline.collect import CollectConfig
     from pipeline.collect import main as collect
     from workers.rollout import AgentConfig, train_ppo
 
-    env_ids = [resolve_env_id(g) for g in args.games]
+    env_ids = [resolve_env_id(g) for g in cfg.games]
     # Its own cluster (address="local"): the figures are for this machine's cores alone.
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     agent = AgentConfig(dim=84, train_steps=128, train_batch_size=128, minibatch_size=64,
-                        num_epochs=1, inference_dtype=args.inference_dtype)
+                        num_epochs=1, inference_dtype=cfg.inference_dtype)
     rows = []
-    raw_before = {e: raw_steps_per_s(e, args.steps, args.num_env_runners) for e in env_ids}
+    raw_before = {e: raw_steps_per_s(e, cfg.steps, cfg.num_env_runners) for e in env_ids}
     with tempfile.TemporaryDirectory() as tmp:
-        for env_id in env_ids if args.policy == "ppo" else ():
+        for env_id in env_ids if cfg.policy == "ppo" else ():
             game = env_id.removeprefix("ALE/").removesuffix("-v5")
             train_ppo(env_id, agent, os.path.join(tmp, "ckpt", game), num_env_runners=1,
                       cpus_per_env_runner=0.5, log=lambda *_: None)
         m = collect(CollectConfig(data_root=os.path.join(tmp, "data"), run_id="bench",
-                                  games=tuple(args.games), policy=args.policy,
-                                  checkpoint=os.path.join(tmp, "ckpt", "{game}") if args.policy == "ppo" else None,
-                                  steps_per_game=args.steps, steps_per_round=args.steps_per_round,
-                                  num_env_runners=args.num_env_runners,
-                                  num_envs_per_env_runner=args.num_envs_per_env_runner,
-                                  gpus_per_env_runner=args.gpus_per_env_runner,
+                                  games=tuple(cfg.games), policy=cfg.policy,
+                                  checkpoint=os.path.join(tmp, "ckpt", "{game}") if cfg.policy == "ppo" else None,
+                                  steps_per_game=cfg.steps, steps_per_round=cfg.steps_per_round,
+                                  num_env_runners=cfg.num_env_runners,
+                                  num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+                                  gpus_per_env_runner=cfg.gpus_per_env_runner,
                                   agent=agent))
         ray.shutdown()
         for env_id in env_ids:
             game = env_id.removeprefix("ALE/").removesuffix("-v5")
             g = m["games"][game]
-            raw = (raw_before[env_id], raw_steps_per_s(env_id, args.steps, args.num_env_runners))
+            raw = (raw_before[env_id], raw_steps_per_s(env_id, cfg.steps, cfg.num_env_runners))
             files = [os.path.join(d, f) for d, _, fs in
                      os.walk(os.path.join(tmp, "data", "episodes", f"game={game}")) for f in fs]
             rows.append((game, g["steps_per_s"], g["steady_steps_per_s"], raw, g["runner_seconds"],
                          g["bytes_per_frame"], codec_bytes_per_frame(files)))
-    where = f" on {args.gpus_per_env_runner:g} GPU per runner" if args.gpus_per_env_runner else ""
-    where += f", {args.inference_dtype} inference" if args.policy == "ppo" else ""
-    print(f"\n{args.policy} policy{where}, {args.num_env_runners} processes ({args.num_envs_per_env_runner} "
-          f"envs each when recording), {args.steps} recorded steps per game, {os.cpu_count()} CPU cores")
+    where = f" on {cfg.gpus_per_env_runner:g} GPU per runner" if cfg.gpus_per_env_runner else ""
+    where += f", {cfg.inference_dtype} inference" if cfg.policy == "ppo" else ""
+    print(f"\n{cfg.policy} policy{where}, {cfg.num_env_runners} processes ({cfg.num_envs_per_env_runner} "
+          f"envs each when recording), {cfg.steps} recorded steps per game, {os.cpu_count()} CPU cores")
     print("| game | recorded steps/s: all / steady | raw ALE steps/s (before/after) | recorded/raw: "
           "all / steady | runner s: policy / env / drain / write |")
     print("|---|---|---|---|---|")
@@ -182,7 +208,7 @@ def main(args) -> None:
         print(f"| {game} | {rec:.0f} / {st} | {raw:.0f} ({r0:.0f}/{r1:.0f}) | {rec / raw:.0%} / {st_share} "
               f"| {sec['policy']:.1f} / {sec['env']:.1f} / {sec['drain']:.1f} / "
               f"{sec['write']:.1f} |")
-    if args.profile_env:
+    if cfg.profile_env:
         for env_id in env_ids:
             print(f"\nWhere a sub-env step of the recording env stack goes ({env_id}, 8 envs, random "
                   "actions, no Ray, cProfile)")
@@ -201,20 +227,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--games", nargs="+", default=["Pong", "Breakout"])
-    p.add_argument("--policy", choices=("ppo", "random"), default="ppo",
-                   help="ppo: a PPO module's inference on every step; random: uniform actions, "
-                        "which leaves the recording path (wrappers, recorder, drain, write) alone")
-    p.add_argument("--profile-env", action="store_true",
-                   help="also profile the recording env stack alone (no Ray, no policy)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--steps-per-round", type=int, default=1000)
-    p.add_argument("--num-env-runners", type=int, default=2)
-    p.add_argument("--num-envs-per-env-runner", type=int, default=8)
-    p.add_argument("--gpus-per-env-runner", type=float, default=0.0,
-                   help="GPU share per recording runner (policy inference on the GPU)")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--inference-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="dtype of the recording runners' policy forward pass (AgentConfig.inference_dtype)")
-    main(p.parse_args())
+    main(parse_config(BenchCollectConfig, description=__doc__))

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table, parse_config, write_rows
+from benchmarks.common import markdown_table, write_rows
+from pipeline.cli import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,7 @@ def summarise(runs: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]], batc
 
 
 def main(cfg: BenchDDPConfig) -> list[dict[str, Any]]:
-    from pipeline.run_all import PRESETS
+    from pipeline.presets import PRESETS
 
     preset_batch = PRESETS[cfg.preset]().dit["batch_size"]
     base = prepare_base(cfg)

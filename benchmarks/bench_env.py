@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import device_name, markdown_table, parse_config, pick_device, write_rows
+from benchmarks.common import device_name, markdown_table, pick_device, write_rows
+from pipeline.cli import parse_config
 
 COLUMNS = ["gpu", "batch", "T", "euler_steps", "heads", "steps_per_s", "frames_per_s", "generation_share"]
 
@@ -106,7 +107,7 @@ def ppo_generation_share(cfg: BenchEnvConfig, row: dict) -> float:
     """Share of PPO iterations' wall time that the runner's env spent generating (+ heads)."""
     import ray
 
-    from pipeline.imagine import ImagineConfig, _generation_seconds, build_imagination_ppo
+    from pipeline.imagine import ImagineConfig, build_imagination_ppo, generation_seconds
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -123,17 +124,17 @@ def ppo_generation_share(cfg: BenchEnvConfig, row: dict) -> float:
     algo = config.build_algo()
     try:
         algo.train()  # untimed: the runner's first reset and the learner's warm-up
-        gen0, t0 = _generation_seconds(algo), time.perf_counter()
+        gen0, t0 = generation_seconds(algo), time.perf_counter()
         for _ in range(cfg.ppo_iterations):
             algo.train()
-        return (_generation_seconds(algo) - gen0) / (time.perf_counter() - t0)
+        return (generation_seconds(algo) - gen0) / (time.perf_counter() - t0)
     finally:
         algo.stop()
 
 
 def random_world_model(preset: str, data_root: str, game: str, path: Path) -> str:
     """A world model of `preset`'s architecture with random weights, and heads trained 20 steps."""
-    from pipeline.run_all import PRESETS
+    from pipeline.presets import PRESETS
     from workers.reward_model import RewardModelConfig, save_heads, train_heads
     from models.config import config_from_dict
     from workers.train_dit import TrainDiTConfig, build_dit

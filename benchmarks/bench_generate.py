@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
-    GpuBusySampler, device_name, markdown_table, parse_config, pick_device, profile_table, time_calls, warm_up,
+    GpuBusySampler, device_name, markdown_table, pick_device, profile_table, time_calls, warm_up,
     write_rows,
 )
+from pipeline.cli import parse_config
 from models.rectified_flow import EulerSampler, EulerSamplerConfig
 from models.stdit import STDiT_models
 from models.vae import VAE_models

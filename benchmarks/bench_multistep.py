@@ -9,7 +9,7 @@ steps per chunk. Every generated frame is scored against the truth at native res
 horizon's score is the mean over its first h frames of one rollout to the longest horizon (as
 evaluation does). frames/s is timed separately per horizon on one batch of windows.
 
-    python -m benchmarks.bench_multistep --multi-frame runs/t4/world_model --single-step runs/t1/world_model \
+    python -m benchmarks.bench_multistep --multi-frame runs/t4/world_model --single-step runs/t1/world_model \\
         --data-root /data/awm --game Breakout --out multistep.csv
 """
 
@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
-    GpuBusySampler, device_name, markdown_table, parse_config, pick_device, profile_table, time_calls, warm_up,
+    GpuBusySampler, device_name, markdown_table, pick_device, profile_table, time_calls, warm_up,
     write_rows,
 )
+from pipeline.cli import parse_config
 from pipeline.cluster import init_ray
 from workers.evaluate import METRICS, horizon_table, score_windows, window_actions
 from workers.train_common import autocast

@@ -33,10 +33,11 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.common import (
-    PEAK_BF16_H100, GpuBusySampler, device_name, markdown_table, parse_config, pick_device, profile_table,
+    PEAK_BF16_H100, GpuBusySampler, device_name, markdown_table, pick_device, profile_table,
     time_calls, warm_up, write_rows,
 )
-from benchmarks.model_flops import _count as count_flops
+from pipeline.cli import parse_config
+from benchmarks.model_flops import count_flops
 from models.action_encoder import action_positions
 from pipeline.cluster import init_ray
 from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig

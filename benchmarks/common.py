@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: device naming, timing, GPU-busy sampling, profiling, tables, CLI.
+"""What the benchmark scripts share: device naming, timing, GPU-busy sampling, profiling, tables.
 
 Timing rule: a measured region ends with `sync(device)` (torch.cuda.synchronize on GPU), because
 CUDA kernels run asynchronously and a host clock read without it times the launch, not the work.
@@ -6,9 +6,7 @@ CUDA kernels run asynchronously and a host clock read without it times the launc
 
 from __future__ import annotations
 
-import argparse
 import csv
-import dataclasses
 import json
 import math
 import platform
@@ -16,7 +14,6 @@ import shutil
 import subprocess
 import threading
 import time
-import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -262,21 +259,3 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any
     else:
         path.write_text(json.dumps({"meta": meta or {}, "rows": rows}, indent=1, default=str))
     return path
-
-
-# -- command line ----------------------------------------------------------------------------------
-def parse_config(cls: type, argv: list[str] | None = None, description: str | None = None):
-    """A frozen dataclass from the command line: one `--flag-name` per field, the field's type and
-    default; bools take --x/--no-x, tuples take one or more values."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag, typ = f"--{f.name.replace('_', '-')}", hints[f.name]
-        if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif typing.get_origin(typ) is tuple:
-            parser.add_argument(flag, type=typing.get_args(typ)[0], nargs="+", default=list(f.default))
-        else:
-            parser.add_argument(flag, type=typ, default=f.default)
-    values = vars(parser.parse_args(argv))
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

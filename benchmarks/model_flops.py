@@ -8,7 +8,6 @@ parameter preset costs no memory or time. FLOPs count multiply-adds as 2 (matmul
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -16,24 +15,33 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.stdit import STDiT_models
 from models.vae import VAE_models
+from pipeline.cli import parse_config
 
 
 @dataclass(frozen=True)
 class FlopsConfig:
+    """The clip each preset is counted on."""
+
     frames: int = 8
     """Latent frames seen by the ST-DiT (the VAE row encodes frames * temporal factor pixel frames)."""
     batch: int = 1
+    """Clips per step."""
     height: int = 210
     """Pixel height of the clip (Atari: 210)."""
     width: int = 160
+    """Pixel width of the clip (Atari: 160)."""
     spatial_downsample: int = 4
+    """VAE spatial factor (latent H, W = pixels / factor, rounded up)."""
     temporal_downsample: int = 1
+    """VAE temporal factor (pixel frames per latent frame)."""
     latent_channels: int = 4
+    """Channels of the VAE latent (the ST-DiT's input)."""
     num_actions: int = 8
     """Action tokens per sample."""
 
 
-def _count(fn) -> int:
+def count_flops(fn) -> int:
+    """FLOPs of one call of `fn` (torch's FlopCounterMode; run it on the meta device to count without computing)."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -53,7 +61,7 @@ def main(cfg: FlopsConfig) -> list[dict]:
                 (recon.square().mean() + mean.square().mean() + logvar.mean()).backward()
 
             rows.append(dict(model=f"VAE {name}", params=sum(p.numel() for p in vae.parameters()),
-                             input=f"pixels {tuple(x.shape)}", flops=_count(step)))
+                             input=f"pixels {tuple(x.shape)}", flops=count_flops(step)))
         h, w = -(-cfg.height // cfg.spatial_downsample), -(-cfg.width // cfg.spatial_downsample)
         for name, build in STDiT_models.items():
             model = build(in_channels=cfg.latent_channels)
@@ -66,7 +74,7 @@ def main(cfg: FlopsConfig) -> list[dict]:
                 model(x, t, actions=actions, frame_mask=mask).square().mean().backward()
 
             rows.append(dict(model=f"STDiT {name}", params=sum(p.numel() for p in model.parameters()),
-                             input=f"latents {tuple(x.shape)}", flops=_count(step)))
+                             input=f"latents {tuple(x.shape)}", flops=count_flops(step)))
     print(f"| model | params | input | fwd+bwd GFLOPs |\n| --- | ---: | --- | ---: |")
     for r in rows:
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['input']} | {r['flops'] / 1e9:,.1f} |")
@@ -74,7 +82,4 @@ def main(cfg: FlopsConfig) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, f in FlopsConfig.__dataclass_fields__.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default)
-    main(FlopsConfig(**vars(parser.parse_args())))
+    main(parse_config(FlopsConfig, description=__doc__))

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import markdown_table, parse_config, write_rows
+from benchmarks.common import markdown_table, write_rows
+from pipeline.cli import parse_config
 
 COLUMNS = ["gpu", "T", "euler_steps", "frames_per_s", "p50_ms", "p95_ms", "mean_ms", "generate_ms", "requests",
            "sessions", "rss_mb_idle", "rss_mb_sessions", "kb_per_session", "kb_held_per_session", "rss_mb_closed"]

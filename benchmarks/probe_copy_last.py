@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.common import markdown_table, parse_config, write_rows
+from benchmarks.common import markdown_table, write_rows
+from pipeline.cli import parse_config
 from benchmarks.probe_vae_grid import play_episodes
 from pipeline.paper import PAPER
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from benchmarks.common import device_name, markdown_table, parse_config, pick_device, sync, write_rows
+from benchmarks.common import device_name, markdown_table, pick_device, sync, write_rows
+from pipeline.cli import parse_config
 from models.vae import VAE_models, vae_loss
 from workers.atari import resolve_env_id
 from models.pixels import model_to_pixels, pixels_to_model

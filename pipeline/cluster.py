@@ -4,7 +4,8 @@ A bare `ray.init()` joins RAY_ADDRESS, else the cluster whose address the last `
 to `<ray temp dir>/ray_current_cluster`. A `ray start` that was killed (rather than stopped with
 `ray stop`) leaves that file behind, and `ray.init()` then spends a minute failing to reach its
 GCS before raising. `init_ray` checks that address first and starts a local cluster instead,
-saying so; RAY_ADDRESS (what `ray job submit` sets for its driver) is always obeyed.
+saying so; RAY_ADDRESS (what `ray job submit` sets for its driver) is always obeyed. `ensure_ray`
+does that only when this process is not connected yet.
 
 A cluster started with token authentication (`RAY_AUTH_MODE=token ray start`, or a plain `ray
 start` once `~/.ray/auth_token` exists) refuses a client without its token: Ray then raises
@@ -69,6 +70,15 @@ def init_ray(**kwargs) -> None:
             raise
         address = explicit or recorded_address() or "?"
         raise SystemExit(auth_fix_message(address)) from None
+
+
+def ensure_ray() -> None:
+    """Join or start a cluster (`init_ray`) unless this process is connected to one already: a
+    stage run alone starts Ray itself, a stage run by run_all or a sweep trial uses the caller's."""
+    import ray
+
+    if not ray.is_initialized():
+        init_ray()
 
 
 def _refuses_this_client(address: str, timeout_s: float = 5.0) -> bool:

@@ -1,7 +1,7 @@
 """Stage 1: play Atari with a PPO agent (or at random) and record the raw games as Parquet.
 
-    python pipeline/collect.py --data-root /abs/data --run-id r0 --games Breakout Pong \
-        --steps-per-game 1000000 --num-env-runners 8
+    python -m pipeline.collect --data-root /abs/data --run-id r0 --games Breakout Pong \\
+        --steps-per-game 1000000 --num-env-runners 8 --agent-train-steps 2000000
 
 Per game: train PPO (RLlib new API stack) or load `--checkpoint`, then record with the
 algorithm's env runners (each steps `--num-envs-per-env-runner` envs with one batched policy
@@ -18,27 +18,34 @@ On a multi-node cluster <data_root> must be shared storage: runners on every nod
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 import platform
 import shutil
-import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python pipeline/collect.py`): run again as `python -m pipeline.collect`,
+    # with this file's checkout first on the import path and the working directory off it (-P),
+    # so that this copy of the code is the one imported, not an installed one elsewhere.
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "pipeline.collect", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": path})
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.cluster import init_ray  # noqa: E402
-from workers import schema as S  # noqa: E402
-from workers.atari import DEFAULT_GAMES, EnvSettings, game_name, resolve_env_id  # noqa: E402
-from workers.rollout import (AgentConfig, build_recorder_algo, train_ppo,  # noqa: E402
-                             write_on_runner)
+from pipeline import cli
+from pipeline.cluster import init_ray
+from workers import schema as S
+from workers.atari import DEFAULT_GAMES, EnvSettings, game_name, resolve_env_id
+from workers.rollout import AgentConfig, build_recorder_algo, train_ppo, write_on_runner
 
 
 @dataclass(frozen=True)
@@ -263,27 +270,8 @@ def main(cfg: CollectConfig) -> dict:
     return manifest
 
 
-def _parse(argv=None) -> CollectConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    agent_names = {f.name for f in fields(AgentConfig)}
-    for f in list(fields(CollectConfig)) + list(fields(AgentConfig)):
-        if f.name == "agent":
-            continue
-        # AgentConfig's fields are --agent-<name>: both configs have a `seed`, for instance
-        is_agent = f in fields(AgentConfig)
-        flag = ("--agent-" if is_agent else "--") + f.name.replace("_", "-")
-        default = getattr(AgentConfig() if is_agent else CollectConfig(), f.name)
-        if f.name == "games":
-            p.add_argument(flag, nargs="+", default=list(default))
-        elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            typ = str if default is None else type(default)
-            p.add_argument(flag, type=typ, default=default)
-    a = vars(p.parse_args(argv))
-    agent = AgentConfig(**{k: a.pop(f"agent_{k}") for k in agent_names})
-    a["games"] = tuple(a["games"])
-    return CollectConfig(**a, agent=agent)
+def _parse(argv: list[str] | None = None) -> CollectConfig:
+    return cli.parse_config(CollectConfig, argv, description=__doc__)
 
 
 if __name__ == "__main__":

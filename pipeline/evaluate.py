@@ -1,7 +1,7 @@
 """Evaluation driver: score a trained world model on held-out episodes, log tables and figures.
 
-    python pipeline/evaluate.py --run_dir /abs/runs/x --model_path /abs/runs/x/models/dit \
-        --data_root /abs/data --game Breakout
+    python -m pipeline.evaluate --run-dir /abs/runs/x --model-path /abs/runs/x/models/dit-Breakout \\
+        --data-root /abs/data --games Breakout
 
 For each game: windows of n + max(horizons) frames from the test split (episodes never seen in
 training; `split="val"` scores the val split while choosing settings), rolled out once to the longest horizon through Ray Data (`workers.evaluate.ScoreWindows`),
@@ -26,25 +26,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# `python pipeline/<x>.py` puts pipeline/ on sys.path, not the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python pipeline/evaluate.py`): run again as `python -m pipeline.evaluate`,
+    # with this file's checkout first on the import path and the working directory off it (-P),
+    # so that this copy of the code is the one imported, not an installed one elsewhere.
+    import sys
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "pipeline.evaluate", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": path})
 
-from pipeline import figures, paper  # noqa: E402
-from pipeline.stats import action_rows, pooled_rows  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
-from pipeline.train import _ensure_ray, parse_config, pop_tracking_uri, spread_window_dataset  # noqa: E402
-from workers.evaluate import (METRICS, ScoreWindows, frame_table, horizon_table, partner_keys,  # noqa: E402
-                              score_windows, window_actions)
-from workers.world_model import load_world_model  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import cli, figures, paper
+from pipeline.cluster import ensure_ray
+from pipeline.stats import action_rows, pooled_rows
+from pipeline.tracking import Tracker
+from workers.data import spread_window_dataset
+from workers.evaluate import (METRICS, ScoreWindows, frame_table, horizon_table, partner_keys, score_windows,
+                              window_actions)
+from workers.world_model import load_world_model
 
 
 CI_COLUMNS = ("mse_ci_low", "mse_ci_high", "lpips_ci_low", "lpips_ci_high", "db_over_copy_last", "db_ci_low",
@@ -295,7 +303,7 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().resolve()))
     if not cfg.model_path:
         raise ValueError("EvalConfig.model_path is empty: point it at a trained world-model directory")
-    _ensure_ray()
+    ensure_ray()
     world_model = load_world_model(cfg.model_path, sample_steps=cfg.sample_steps or None,
                                    guidance_scale=cfg.guidance_scale or None)
     meta = json.loads((Path(cfg.model_path) / "world_model.json").read_text())
@@ -381,5 +389,5 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
 
 
 if __name__ == "__main__":
-    argv, uri = pop_tracking_uri(sys.argv[1:])
-    print(main(parse_config(EvalConfig, argv), tracking_uri=uri))
+    cfg, uri = cli.parse_job(EvalConfig, description=__doc__)
+    print(main(cfg, tracking_uri=uri))

@@ -1,7 +1,7 @@
 """The imagine stage: an agent trained only inside the world model, scored in the real game.
 
-    python pipeline/imagine.py --run_dir /abs/run --data_root /abs/run/data --game Breakout \\
-        --model_path /abs/run/models/dit-Breakout --train_steps 200000
+    python -m pipeline.imagine --run-dir /abs/run --data-root /abs/run/data --game Breakout \\
+        --model-path /abs/run/models/dit-Breakout --train-steps 200000
 
 1. Reward/termination heads (`workers/reward_model.py`) are trained on the training split's frame
    pairs, their thresholds chosen on val, and saved in the world-model folder (`heads/`); their
@@ -25,18 +25,29 @@ import dataclasses
 import glob
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python pipeline/imagine.py`): run again as `python -m pipeline.imagine`,
+    # with this file's checkout first on the import path and the working directory off it (-P),
+    # so that this copy of the code is the one imported, not an installed one elsewhere.
+    import sys
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "pipeline.imagine", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": path})
 
-from pipeline.tracking import Tracker  # noqa: E402
+import numpy as np
+import pandas as pd
+
+from pipeline import cli
+from pipeline.cluster import ensure_ray
+from pipeline.stats import stratified_mean_resamples
+from pipeline.tracking import Tracker
 
 AGENTS = ("imagination", "random", "ppo_real")
 IMAGINATION_COLUMNS = ["game", "agent", "return_mean", "return_ci_low", "return_ci_high", "episodes", "truncated",
@@ -193,8 +204,6 @@ def play_real_games(env_id: str, checkpoint: str | None, *, episodes: int, max_s
 
 def bootstrap_mean_ci(x: np.ndarray, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile bootstrap interval of the mean of `x` (one value per game)."""
-    from pipeline.stats import stratified_mean_resamples
-
     if len(x) < 2:
         return float("nan"), float("nan")
     lo, hi = np.percentile(stratified_mean_resamples([x], np.random.default_rng(seed), n_boot), [2.5, 97.5])
@@ -275,7 +284,7 @@ def build_imagination_ppo(cfg: ImagineConfig):
     return config
 
 
-def _generation_seconds(algo) -> float:
+def generation_seconds(algo) -> float:
     """Seconds the runners' imagination envs spent generating and reading heads so far."""
     def seconds(runner) -> float:
         games = getattr(runner.env.unwrapped, "games", None)
@@ -287,15 +296,13 @@ def _generation_seconds(algo) -> float:
 def main(cfg: ImagineConfig, tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
     import ray
 
-    from pipeline.cluster import init_ray
     from workers.atari import resolve_env_id
 
     if not cfg.model_path or not cfg.data_root or not cfg.game:
         raise ValueError("ImagineConfig needs model_path, data_root and game")
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().resolve()),
                               name=cfg.name or f"imagine-{cfg.game}")
-    if not ray.is_initialized():
-        init_ray()
+    ensure_ray()
     out_dir = Path(cfg.run_dir) / "imagine" / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
     env_id = resolve_env_id(cfg.game)
@@ -323,7 +330,7 @@ def main(cfg: ImagineConfig, tracking_uri: str | None = None) -> dict[str, pd.Da
                 it += 1
                 runners = res.get("env_runners", {})
                 steps = int(runners.get("num_env_steps_sampled_lifetime", steps + cfg.train_batch_size))
-                gen = _generation_seconds(algo)
+                gen = generation_seconds(algo)
                 wall = time.time() - t_it
                 row = {"iteration": it, "steps": steps, "seconds": round(time.time() - t_train, 2),
                        "imagined_return_mean": float(runners.get("episode_return_mean", float("nan"))),
@@ -374,7 +381,5 @@ def main(cfg: ImagineConfig, tracking_uri: str | None = None) -> dict[str, pd.Da
 
 
 if __name__ == "__main__":
-    from pipeline.train import parse_config, pop_tracking_uri
-
-    argv, uri = pop_tracking_uri(sys.argv[1:])
-    main(parse_config(ImagineConfig, argv), tracking_uri=uri)
+    cfg, uri = cli.parse_job(ImagineConfig, description=__doc__)
+    main(cfg, tracking_uri=uri)

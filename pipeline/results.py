@@ -40,6 +40,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python pipeline/results.py`): run again as `python -m pipeline.results`,
+    # with this file's checkout first on the import path and the working directory off it (-P),
+    # so that this copy of the code is the one imported, not an installed one elsewhere.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "pipeline.results", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": path})
+
 import numpy as np
 import pandas as pd
 
@@ -145,7 +154,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
 
 def current_version(preset: str) -> str:
     """The version of a preset as the code defines it now."""
-    from pipeline.run_all import PRESETS, preset_version
+    from pipeline.presets import PRESETS, preset_version
 
     if preset not in PRESETS:
         raise ResultsError(f"unknown preset {preset!r}; presets are {sorted(PRESETS)}")
@@ -371,7 +380,7 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
             "paper": "the paper's cells (method 'paper (other data)') were measured on data and at a resolution "
                      "it does not state; ALE's DemonAttack frames change 24-113x more than its model error"}
     _write(out / "table2.meta.json", json.dumps(meta, indent=1))
-    from pipeline.run_all import PRESETS, imagine_version
+    from pipeline.presets import PRESETS, imagine_version
 
     im_version = imagine_version(PRESETS[preset]()) if preset in PRESETS else None
     im = imagination(pooled, n_boot=n_boot, version=im_version)
@@ -415,7 +424,7 @@ def _reference() -> dict[str, str]:
 def current_sweep_versions(preset: str) -> dict[str, str]:
     """{sweep version: space} of the preset's sweeps whose trials vary action_mode or action_encoder,
     as the code defines them now (`pipeline.sweep.sweep_version`)."""
-    from pipeline.run_all import PRESETS
+    from pipeline.presets import PRESETS
     from pipeline.sweep import preset_sweep_config, swept_fields, sweep_version
 
     if preset not in PRESETS:

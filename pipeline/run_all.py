@@ -1,7 +1,7 @@
 """The whole job: collect -> VAE -> DiT -> evaluate -> imagine -> sweep, on whatever Ray cluster is found.
 
     ray job submit --working-dir . -- python pipeline/run_all.py --preset smoke --out /abs/runs/smoke
-    python pipeline/run_all.py --preset smoke                  # starts a local Ray cluster
+    python -m pipeline.run_all --preset smoke                  # starts a local Ray cluster
 
 `ray.init()` joins the cluster that `ray job submit` (or RAY_ADDRESS) points at, or starts a local
 one. A preset picks the scale: `smoke` (minutes on 2 CPU cores; what CI runs), `gpu` (one GPU box,
@@ -29,225 +29,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python pipeline/run_all.py`): run again as `python -m pipeline.run_all`,
+    # with this file's checkout first on the import path and the working directory off it (-P),
+    # so that this copy of the code is the one imported, not an installed one elsewhere.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "pipeline.run_all", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": path})
 
-from pipeline import collect, evaluate, imagine, sweep  # noqa: E402
-from pipeline import results as results_record  # noqa: E402
-from pipeline.cluster import init_ray  # noqa: E402
-from pipeline.train import train_dit_main, train_vae_main  # noqa: E402
-from workers.rollout import AgentConfig  # noqa: E402
-from models.config import config_from_dict  # noqa: E402
-from workers.train_dit import TrainDiTConfig  # noqa: E402
-from workers.train_vae import TrainVAEConfig  # noqa: E402
+from models.config import config_from_dict
+from pipeline import cli, collect, evaluate, imagine, sweep
+from pipeline import results as results_record
+from pipeline.cluster import init_ray
+from pipeline.presets import (PRESETS, Preset, imagine_version, preset_version, resolved_settings, with_overrides,
+                              with_seed)
+from pipeline.train import train_dit_main, train_vae_main
+from workers.rollout import AgentConfig
+from workers.train_dit import TrainDiTConfig
+from workers.train_vae import TrainVAEConfig
 
 STAGES = ("collect", "vae", "dit", "evaluate", "imagine", "sweep")
 
 
-@dataclass(frozen=True)
-class Preset:
-    """The scale of a job: per-stage settings (field names of each stage's config)."""
-
-    games: tuple[str, ...]
-    """Games collected and modelled; the DiT trains on the first, evaluation scores all."""
-    collect: dict[str, Any]
-    """CollectConfig fields (plus `agent`: AgentConfig fields)."""
-    vae: dict[str, Any]
-    """TrainVAEConfig fields."""
-    dit: dict[str, Any]
-    """TrainDiTConfig fields."""
-    evaluate: dict[str, Any]
-    """EvalConfig fields."""
-    sweeps: tuple[tuple[str, dict[str, Any]], ...] = ()
-    """(space, SweepConfig fields) per sweep; SweepConfig.dit defaults to this preset's `dit`."""
-    imagine: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """ImagineConfig fields (pipeline/imagine.py): PPO trained in the world model, scored in the real game."""
-
-
-def smoke() -> Preset:
-    """Minutes on 2 CPU cores: a one-iteration PPO agent, a few hundred steps, tiny models."""
-    cpu = {"num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": False}
-    dit = {**cpu, "dit_preset": "tiny", "steps": 30, "batch_size": 4, "warmup_steps": 5,
-           "checkpoint_every": 15, "log_every": 5, "horizon": 4, "horizon_choices": (1, 2, 4), "sample_steps": 4}
-    return Preset(
-        games=("Breakout", "Pong"),
-        collect={"policy": "ppo", "steps_per_game": 600, "steps_per_round": 300, "num_env_runners": 2,
-                 "cpus_per_env_runner": 0.5, "test_fraction": 0.3, "val_fraction": 0.2,
-                 "agent": {"train_steps": 256, "train_batch_size": 256, "minibatch_size": 64, "num_epochs": 1}},
-        vae={**cpu, "vae_preset": "tiny", "temporal_kernel": 1, "steps": 30, "batch_size": 2, "clip_length": 8, "warmup_steps": 5,
-             "checkpoint_every": 15, "log_every": 5, "val_every": 15, "val_windows": 4},
-        dit=dit,
-        evaluate={"horizons": (1, 2, 4), "max_windows": 8, "stride": 8, "batch_size": 4, "num_cpus": 0.5,
-                  "figure_windows": 1, "idm_steps": 20, "idm_max_pairs": 256},
-        imagine={"heads_steps": 40, "heads_max_pairs": 256, "imagination_horizon": 8, "max_contexts": 32,
-                 "train_steps": 64, "train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1,
-                 "num_env_runners": 1, "num_envs_per_env_runner": 4, "cpus_per_env_runner": 0.5,
-                 "eval_episodes": 30, "eval_max_steps": 150, "num_cpus": 0.5},
-        sweeps=(("table3", {"seeds": (0,), "overrides": json.dumps({"horizon": [1, 2], "game": "Breakout"}),
-                            "dit": json.dumps({**dit, "steps": 12, "checkpoint_every": 12, "horizon_choices": ()}),
-                            "eval_max_windows": 4, "eval_lpips": False, "eval_idm_steps": 20,
-                            "eval_idm_max_pairs": 256}),),
-    )
-
-
-def gpu() -> Preset:
-    """One GPU box (16 cores, one H100 or H200), about 20 minutes a game: the reported runs.
-
-    - Collection: a briefly trained PPO agent records 120k steps; 20 % of the episodes are test
-      and 20 % val (split by episode hash), so that intervals over held-out episodes mean something
-      (Breakout: 161 val and 140 test episodes; collect warns below 30).
-    - Step budgets, not clocks, so that runs on H100 and H200 pool into one table: a frame-wise L2
-      VAE (4,000 steps; it exports the EMA weights of its best check on fixed training windows,
-      since its loss can spike late), then one DiT for generation lengths 1, 2 and 4 on 64 clips
-      a step (2,000 steps), both with a linear learning-rate cooldown over their last 20 %.
-    - 4 Euler steps (as good as 8 at half the cost); evaluation at T = 1, 2, 4 on 256 test
-      windows spread over the test episodes. `docs/history.md` has the measurements behind each
-      choice.
-    - The imagine stage trains PPO in each seed's world model and scores it in the real game; the
-      sweep stage trains 9 more DiTs (Tables 3 and 4: three variants x three seeds) on the same
-      collection and VAE. `--stages collect vae dit evaluate` is Table 2 alone."""
-    gpu1 = {"num_workers": 1, "cpus_per_worker": 4, "use_gpu": True, "bf16": True}
-    return Preset(
-        games=("Breakout",),
-        collect={"policy": "ppo", "steps_per_game": 120_000, "steps_per_round": 4000, "num_env_runners": 14,
-                 "cpus_per_env_runner": 1.0, "test_fraction": 0.2, "val_fraction": 0.2,
-                 "agent": {"train_steps": 64_000, "train_batch_size": 8000, "minibatch_size": 500, "num_epochs": 2,
-                           "learner_device": "auto", "learner_threads": 8}},
-        vae={**gpu1, "vae_preset": "small", "latent_channels": 8, "temporal_kernel": 1, "recon_kind": "l2",
-             "steps": 4_000, "max_train_s": 0.0,
-             "batch_size": 16, "clip_length": 4, "lr": 4e-4, "warmup_steps": 200, "lr_cooldown": 0.2, "checkpoint_every": 1000,
-             "log_every": 50, "val_every": 500, "val_windows": 32},
-        dit={**gpu1, "dit_preset": "S", "patch_size": (1, 4, 4), "steps": 2_000, "max_train_s": 0.0,
-             "batch_size": 64, "horizon": 4, "horizon_choices": (1, 2, 4), "sample_steps": 4, "lr": 3e-4,
-             "warmup_steps": 300, "lr_cooldown": 0.2, "checkpoint_every": 1000, "log_every": 50},
-        evaluate={"horizons": (1, 2, 4), "max_windows": 256, "stride": 8, "batch_size": 32,
-                  "num_cpus": 4, "use_gpu": True, "figure_windows": 2},
-        # 60k imagined agent steps: about as many as the collection's training split holds; at the
-        # measured 87 steps/s (pixel rollout, 256 games) 12 minutes
-        imagine={"heads_steps": 2000, "train_steps": 60_000, "train_batch_size": 8192, "minibatch_size": 512,
-                 "num_epochs": 2, "num_env_runners": 1, "num_envs_per_env_runner": 256, "cpus_per_env_runner": 2,
-                 "gpus_per_env_runner": 0.5, "learner_gpus": 0.5, "eval_episodes": 30, "num_cpus": 4,
-                 "use_gpu": True},
-        # Tables 3 and 4: the preset's DiT with only action_mode or action_encoder changed, 3 seeds, on
-        # the job's collection and VAE, one trial at a time; scored on test (records pooled by
-        # `python -m pipeline.results ablations`); set sweep eval_split "val" while choosing settings.
-        sweeps=(("ablations", {"seeds": (0, 1, 2), "use_gpu": True, "eval_split": "test", "eval_max_windows": 256,
-                               "eval_stride": 8, "eval_batch_size": 32, "eval_num_cpus": 4, "eval_lpips": True,
-                               "eval_idm_steps": 2000, "eval_idm_max_pairs": 8192, "max_concurrent_trials": 1,
-                               "trials_per_gpu": 1}),),
-    )
-
-
-def paper() -> Preset:
-    """The paper's scale: 1M recorded steps per game, a large ST-DiT; a GPU cluster."""
-    gpus = {"num_workers": 8, "cpus_per_worker": 8, "use_gpu": True, "bf16": True}
-    return Preset(
-        games=("Breakout", "Pong", "DemonAttack"),
-        collect={"policy": "ppo", "steps_per_game": 1_000_000, "num_env_runners": 32, "cpus_per_env_runner": 1.0,
-                 "agent": {"train_steps": 10_000_000}},
-        vae={**gpus, "vae_preset": "base", "latent_channels": 8, "steps": 100_000, "batch_size": 8,
-             "clip_length": 16},
-        dit={**gpus, "dit_preset": "B", "steps": 200_000, "batch_size": 32, "horizon": 4, "sample_steps": 16},
-        evaluate={"horizons": (1, 2, 4, 8, 16), "max_windows": 2048, "use_gpu": True, "num_cpus": 4},
-        sweeps=tuple((space, {"seeds": (0, 1, 2), "use_gpu": True, **({"games": ("Breakout",)} if space != "table2" else {})})
-                     for space in ("table2", "table3", "table4")),  # the paper's Tables 3 and 4 are Breakout only
-    )
-
-
-PRESETS: dict[str, Callable[[], Preset]] = {"smoke": smoke, "gpu": gpu, "paper": paper}
-
-
-def _section_configs() -> dict[str, type]:
-    return {"collect": collect.CollectConfig, "collect.agent": AgentConfig, "vae": TrainVAEConfig,
-            "dit": TrainDiTConfig, "evaluate": evaluate.EvalConfig, "imagine": imagine.ImagineConfig}
-
-
-def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
-    """The preset with `section.field=value` settings replaced (`--set`): section is collect,
-    collect.agent, vae, dit or evaluate; value is JSON (`16`, `[1, 2]`, `true`), else a string.
-    An unknown section or field fails here, naming it, before anything runs."""
-    sections = _section_configs()
-    parts = {name: dict(getattr(preset, name)) for name in ("collect", "vae", "dit", "evaluate", "imagine")}
-    for item in sets:
-        key, eq, raw = item.partition("=")
-        section, _, field = key.strip().rpartition(".")
-        if not eq or not section or not field:
-            raise SystemExit(f"--set {item!r}: expected section.field=value, e.g. vae.latent_channels=16")
-        if section not in sections:
-            raise SystemExit(f"--set {item!r}: unknown section {section!r}; sections are {sorted(sections)}")
-        names = {f.name for f in dataclasses.fields(sections[section])}
-        if field not in names:
-            raise SystemExit(f"--set {item!r}: {sections[section].__name__} has no field {field!r}; "
-                             f"fields are {sorted(names)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if section == "collect.agent":  # a copy: the preset's own dict stays as it was
-            parts["collect"]["agent"] = {**parts["collect"].get("agent", {}), field: value}
-        else:
-            parts[section][field] = value
-    return dataclasses.replace(preset, **parts)
-
-
-# Fields that do not change what a run trains or how its Table 2 is scored: where it runs, with
-# what resources, under which names, and the training seeds (seeds of one version pool).
-_UNVERSIONED = {"run_dir", "data_root", "name", "game", "games", "run_id", "vae_path", "model_path", "seed",
-                "num_workers", "cpus_per_worker", "use_gpu", "num_cpus", "figure_windows",
-                "action_sequences", "windows_of", "checkpoint_every", "log_every", "num_env_runners",
-                "cpus_per_env_runner", "gpus_per_env_runner", "learner_threads", "learner_device",
-                "steps_per_round", "data_loader"}
-_EVAL_VERSIONED = ("split", "horizons", "stride", "max_windows", "sample_steps", "guidance_scale", "lpips",
-                   "vae_recon", "action_tests", "idm_steps", "idm_max_pairs")
-
-
-def resolved_settings(preset: Preset) -> dict[str, dict[str, Any]]:
-    """Every setting of the preset's configs, defaults included (what a run actually trains with)."""
-    c = dict(preset.collect)
-    agent = AgentConfig(**c.pop("agent", {}))
-    return {"collect": dataclasses.asdict(collect.CollectConfig(agent=agent, **c)),
-            "vae": dataclasses.asdict(config_from_dict(TrainVAEConfig, dict(preset.vae))),
-            "dit": dataclasses.asdict(config_from_dict(TrainDiTConfig, dict(preset.dit))),
-            "evaluate": dataclasses.asdict(config_from_dict(evaluate.EvalConfig, dict(preset.evaluate)))}
-
-
-def preset_version(preset: Preset) -> str:
-    """A short hash of the resolved settings that decide what a run trains and how its Table 2 is
-    scored: runs of one version (any game, any training seed, any machine) pool into one table;
-    a changed setting or default makes a new version. Step budgets, not clocks, keep runs on
-    different GPUs comparable."""
-    settings = resolved_settings(preset)
-
-    def keep(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: keep(v) if isinstance(v, dict) else v for k, v in sorted(d.items()) if k not in _UNVERSIONED}
-
-    versioned = {k: keep(v) for k, v in settings.items() if k != "evaluate"}
-    versioned["evaluate"] = {k: settings["evaluate"][k] for k in _EVAL_VERSIONED}
-    blob = json.dumps(versioned, sort_keys=True, default=list)
-    import hashlib
-
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-_IMAGINE_UNVERSIONED = {"run_dir", "data_root", "game", "model_path", "name", "seed", "num_env_runners",
-                        "cpus_per_env_runner", "gpus_per_env_runner", "learner_gpus", "num_cpus", "use_gpu"}
-
-
-def imagine_version(preset: Preset) -> str:
-    """A short hash of the imagine settings that decide what its agents are and how they are scored
-    (not seeds, resources or names): real-game returns of one version pool into imagination.csv."""
-    import hashlib
-
-    cfg = dataclasses.asdict(config_from_dict(imagine.ImagineConfig, dict(preset.imagine)))
-    blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in _IMAGINE_UNVERSIONED}, default=list)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-def with_seed(preset: Preset, seed: int) -> Preset:
-    """The preset with its training seeds (VAE, DiT) and the evaluation's sampling seed set to
-    `seed`. The collection keeps the preset's seed; a run's collection still differs from another's,
-    since its PPO agent's training is not bit-reproducible, so a seed's spread includes the data's."""
-    return dataclasses.replace(preset, vae={**preset.vae, "seed": seed}, dit={**preset.dit, "seed": seed},
-                               evaluate={**preset.evaluate, "seed": seed})
+# The presets, their `--set` overrides, training seeds and versions (pipeline/presets/); `gpu`,
+# `smoke` and `paper` name each preset's factory here too.
+gpu, smoke, paper = PRESETS["gpu"], PRESETS["smoke"], PRESETS["paper"]
 
 
 class StageFailed(RuntimeError):
@@ -423,25 +230,36 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     return results
 
 
+@dataclass(frozen=True)
+class JobArgs:
+    """The job's command line."""
+
+    preset: str = dataclasses.field(default="smoke", metadata={"choices": sorted(PRESETS)})
+    """Scale of the job: smoke (2 CPU cores, minutes), gpu (one GPU box, about 20 minutes a game),
+    paper (a GPU cluster)"""
+    out: str | None = None
+    """Output folder, absolute under `ray job submit` (unset: <cwd>/runs/<preset>)"""
+    force: tuple[str, ...] = ()
+    """Stages to redo even if complete (or all)"""
+    stages: tuple[str, ...] = STAGES
+    """Stages to run; the others are reused when complete, else skipped"""
+    games: tuple[str, ...] = ()
+    """ALE games to use instead of the preset's (the DiT trains on the first)"""
+    tracking_uri: str | None = None
+    """MLflow tracking server (unset: MLFLOW_TRACKING_URI, else a sqlite store in --out)"""
+    sets: tuple[str, ...] = dataclasses.field(default=(), metadata={"flag": "--set", "metavar": "SECTION.FIELD=VALUE"})
+    """Preset settings to replace, e.g. vae.latent_channels=16 dit.max_train_s=600
+    collect.agent.train_steps=8000 (sections: collect, collect.agent, vae, dit, evaluate, imagine; a
+    value is JSON, else a string); every --set counts"""
+    seed: tuple[int, ...] | None = None
+    """Training seed(s) of the DiT (and the evaluation's noise); the VAE takes the first, the
+    collection keeps the preset's seed. Several seeds share the collection and the VAE, each
+    training, evaluating and recording its own DiT"""
+
+
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
-    p.add_argument("--out", default=None, help="absolute output directory (default <cwd>/runs/<preset>)")
-    p.add_argument("--force", nargs="*", default=[], help=f"stages to redo even if complete: {STAGES} or all")
-    p.add_argument("--stages", nargs="*", default=list(STAGES), help="stages to run (others are reused or skipped)")
-    p.add_argument("--games", nargs="*", default=[], help="ALE games to use instead of the preset's "
-                                                          "(the DiT trains on the first)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI, "
-                                                        "else a sqlite store in --out)")
-    p.add_argument("--set", nargs="*", action="extend", default=[], dest="sets", metavar="SECTION.FIELD=VALUE",
-                   help="replace preset settings (repeatable: every --set counts), e.g. "
-                        "vae.latent_channels=16 dit.max_train_s=600 "
-                        "collect.agent.train_steps=8000 (sections: collect, collect.agent, vae, dit, evaluate, imagine)")
-    p.add_argument("--seed", type=int, nargs="+", default=None,
-                   help="training seed(s) of the DiT (and the evaluation's noise); the VAE takes the first, "
-                        "the collection keeps the preset's seed. Several seeds share the collection and the "
-                        "VAE, each training, evaluating and recording its own DiT")
-    return p.parse_args(argv)
+    """The command line as given (lists where JobArgs has tuples)."""
+    return cli.config_parser(JobArgs, description=__doc__).parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """Play a trained world model in a browser: a Ray Serve application.
 
-    python pipeline/serve.py --run runs/smoke            # then open http://127.0.0.1:8000/
-    python pipeline/serve.py --run runs/gpu-pong --seed 1 --host 0.0.0.0 --port 8080 --num_gpus 1
-    python pipeline/serve.py --run models:/m-0123abcd --tracking_uri sqlite:////abs/runs/smoke/mlflow.db
+    python -m pipeline.serve --run runs/smoke            # then open http://127.0.0.1:8000/
+    python -m pipeline.serve --run runs/gpu-pong --seed 1 --host 0.0.0.0 --port 8080 --num-gpus 1
+    python -m pipeline.serve --run models:/m-0123abcd --tracking-uri sqlite:////abs/runs/smoke/mlflow.db
 
 `--run` takes a finished run folder (its `stages/dit.json`, or `stages/dit-seed<N>.json` with `--seed
 N`, names the world model), a world-model directory (`models/<name>/`), or an MLflow URI of a logged
 world model (`models:/<id>`, `runs:/<run id>/world_model_pyfunc`, `runs:/<run id>/world_model`;
 pipeline/tracking.py). Sessions start from held-out contexts: n_cond recorded frames of the test
-(or val) split of the model's training data (`--data_root` replaces the path the model recorded).
+(or val) split of the model's training data (`--data-root` replaces the path the model recorded).
 
 One replica holds every session (one per browser tab): its condition frames, its action history and
-its random generator; a session idle for `--idle_s` seconds is dropped. Each session can switch on
+its random generator; a session idle for `--idle-s` seconds is dropped. Each session can switch on
 the real game: the ALE emulator restored to the session's start by replaying the episode's
 recorded reset seed and actions from step 0 (workers/schema.py), then stepped with the same actions
 as the dream, so dream and reality play side by side.
@@ -48,17 +48,31 @@ import io
 import json
 import os
 import secrets
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-# `python pipeline/<x>.py` puts pipeline/ on sys.path, not the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python pipeline/serve.py`): run again as `python -m pipeline.serve`,
+    # with this file's checkout first on the import path and the working directory off it (-P),
+    # so that this copy of the code is the one imported, not an installed one elsewhere.
+    import sys
 
-import numpy as np  # noqa: E402
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "pipeline.serve", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": path})
+
+import numpy as np
+from fastapi import Body, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from pipeline import cli
+from pipeline.cluster import init_ray
 
 PAGE = Path(__file__).resolve().parent / "static" / "play.html"
 FRAME_FORMATS = ("png", "raw")
@@ -440,7 +454,7 @@ class PlayCore:
         data_root = cfg.data_root or train.get("data_root", "")
         game = meta.get("game") or train.get("game", "")
         if not data_root or not game:
-            raise ValueError(f"{path}: the model records no training data root or game; pass --data_root "
+            raise ValueError(f"{path}: the model records no training data root or game; pass --data-root "
                              f"(and train on one game)")
         return cls(wm, meta, EpisodeIndex(data_root, game), source=cfg.run or str(path), cfg=cfg, clock=clock)
 
@@ -675,11 +689,6 @@ def device_name(device) -> str:
 
 
 # -- HTTP (FastAPI inside a Ray Serve deployment) ----------------------------------------------------------
-from fastapi import Body, FastAPI, Request  # noqa: E402
-from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-from ray import serve  # noqa: E402
-
 api = FastAPI(title="atari-world-model play", docs_url="/api/docs", openapi_url="/api/openapi.json")
 
 
@@ -807,12 +816,9 @@ def run(cfg: ServeConfig, clock: Callable[[], float] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.cluster import init_ray
-    from pipeline.train import parse_config
-
-    cfg = parse_config(ServeConfig, argv)
+    cfg = cli.parse_config(ServeConfig, argv, description=__doc__)
     if not cfg.run:
-        raise SystemExit("usage: python pipeline/serve.py --run <run folder | world-model dir | models:/... | "
+        raise SystemExit("usage: python -m pipeline.serve --run <run folder | world-model dir | models:/... | "
                          "runs:/...> [--port 8000] [--host 127.0.0.1] (--help lists every setting)")
     init_ray()
     try:

@@ -1,7 +1,7 @@
 """Stage: Ray Tune sweeps over the paper's ablations, aggregated into Tables 2-4.
 
-    python pipeline/sweep.py --run_dir /abs/runs/x --data_root /abs/data \
-        --vae_path /abs/runs/x/models/vae --space ablations --seeds 0,1,2 --dit '{"dit_preset": "S", ...}'
+    python -m pipeline.sweep --run-dir /abs/runs/x --data-root /abs/data \\
+        --vae-path /abs/runs/x/models/vae --space ablations --seeds 0 1 2 --dit '{"dit_preset": "S", ...}'
 
 Each trial is a function (Train V2 style: Tune runs a function that builds and fits the
 TorchTrainer; `Tuner(TorchTrainer(...))` is rejected) that trains one DiT on the frozen VAE, scores
@@ -42,16 +42,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python pipeline/sweep.py`): run again as `python -m pipeline.sweep`,
+    # with this file's checkout first on the import path and the working directory off it (-P),
+    # so that this copy of the code is the one imported, not an installed one elsewhere.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "pipeline.sweep", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": path})
+
 import pandas as pd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models.action_encoder import ENCODER_KINDS  # noqa: E402
-from models.config import config_from_dict  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
-from pipeline.train import _ensure_ray, parse_config  # noqa: E402
-from tune_spaces.spaces import BUNDLES, SWEEPS, expand_bundles, grid, is_grid, space_for, swept  # noqa: E402
-from workers.train_dit import TrainDiTConfig  # noqa: E402
+from models.action_encoder import ENCODER_KINDS
+from models.config import config_from_dict
+from pipeline import cli
+from pipeline.cluster import ensure_ray
+from pipeline.tracking import Tracker
+from tune_spaces.spaces import BUNDLES, SWEEPS, expand_bundles, grid, is_grid, space_for, swept
+from workers.train_dit import TrainDiTConfig
 
 METRICS = ("mse", "psnr", "lpips")
 ACTION_MEASURES = ("dpsnr_vs_permuted", "dpsnr_vs_noop", "idm_acc_generated", "idm_f1_generated", "idm_acc_real",
@@ -536,7 +544,7 @@ def main(cfg: SweepConfig, tracking_uri: str | None = None) -> pd.DataFrame:
     plan = plan_sweep(cfg)  # every trial's config, checked before Ray or Tune start
     print(f"[sweep] {cfg.sweep_name}: {len(plan.trials)} trials, version {plan.version}, changing "
           f"{list(plan.fields) or 'nothing but the seed'} of the DiT settings; scored on {cfg.eval_split}", flush=True)
-    _ensure_ray()
+    ensure_ray()
     out_dir = Path(cfg.run_dir) / "sweeps" / cfg.sweep_name
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = plan.keys
@@ -580,4 +588,5 @@ def main(cfg: SweepConfig, tracking_uri: str | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main(parse_config(SweepConfig))
+    cfg, uri = cli.parse_job(SweepConfig, description=__doc__)
+    main(cfg, tracking_uri=uri)

@@ -34,15 +34,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-# A dead server must fail fast, not after mlflow's default of minutes of retries.
+import mlflow
+import mlflow.data.meta_dataset
+import mlflow.pyfunc
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+# A dead server must fail fast, not after mlflow's default of minutes of retries (mlflow reads
+# both at each request, so setting them after its import counts).
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-import mlflow  # noqa: E402
-import mlflow.data.meta_dataset  # noqa: E402
-import mlflow.pyfunc  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Training drivers: `train_vae_main(cfg)` then `train_dit_main(cfg)`, each one Ray Train run.
 
-    python pipeline/train.py vae --run_dir /abs/runs/x --data_root /abs/data --steps 2000
-    python pipeline/train.py dit --run_dir /abs/runs/x --data_root /abs/data --vae_path /abs/runs/x/models/vae
+    python -m pipeline.train vae --run-dir /abs/runs/x --data-root /abs/data --steps 2000
+    python -m pipeline.train dit --run-dir /abs/runs/x --data-root /abs/data --vae-path /abs/runs/x/models/vae
+    python -m pipeline.train vae --help             # every setting, with its meaning and default
 
 Layout of a run directory (`cfg.run_dir`, made absolute here, because Ray Train storage and
 `ray job submit`'s temporary working directory both need absolute paths):
@@ -23,148 +24,37 @@ checkpoint, which stays in storage.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
-import sys
 import threading
-import typing
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Callable
 
-# `python pipeline/<x>.py` puts pipeline/ on sys.path, not the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python pipeline/train.py`): run again as `python -m pipeline.train`,
+    # with this file's checkout first on the import path and the working directory off it (-P),
+    # so that this copy of the code is the one imported, not an installed one elsewhere.
+    import os
+    import sys
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "pipeline.train", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": path})
 
-from pipeline.cluster import init_ray  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
-from workers.train_common import (  # noqa: E402
-    NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, pixels_to_model,
-)
-from workers.train_dit import TrainDiTConfig, build_dit, snapshot_name, snapshot_path  # noqa: E402
-from workers.train_dit import train_loop_per_worker as dit_loop  # noqa: E402
-from workers.train_vae import TrainVAEConfig, build_vae  # noqa: E402
-from workers.train_vae import train_loop_per_worker as vae_loop  # noqa: E402
-from workers.world_model import load_vae, save_vae, save_world_model, world_model_meta  # noqa: E402
+import numpy as np
+import torch
 
-
-
-# -- data ------------------------------------------------------------------------------------------
-def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int,
-                 episodes: Collection[str] | None = None):
-    """Ray Dataset of windows (`frames` uint8 (L, 210, 160, 3), `actions` int64 (L,)) of one split
-    of one game (every game when `game` is empty); of the given episodes alone when `episodes` is
-    set: their rows are kept before the shuffle that gathers episodes, so the others cost a read only."""
-    from ray.data.expressions import col
-
-    import pyarrow.parquet as pq
-    import ray
-
-    from workers.clips import parquet_files, window_dataset
-    from workers.schema import EPISODE_ID, GAME
-
-    files = parquet_files(data_root)
-    if episodes is not None:
-        # Only the files holding those episodes are read, and the episodes are picked after the
-        # shuffle that gathers them: with an `is_in` filter before it, a 28-file collection failed
-        # in Ray Data's hash shuffle ("Schema at index 1 was different": a block without columns
-        # beside full ones), which a CPU-sized collection did not show.
-        wanted = set(episodes)
-        files = [f for f in files if wanted & set(pq.read_table(f, columns=[EPISODE_ID])[EPISODE_ID].to_pylist())]
-        if not files:
-            raise ValueError(f"none of the {len(wanted)} episodes asked for is in {data_root}")
-    rows = ray.data.read_parquet(files, partitioning=None)  # as workers.clips.read_episodes
-    if game:
-        rows = rows.filter(expr=col(GAME) == game)
-    # One shuffle partition per file, as window_dataset does for a path: Ray's default of 200
-    # partitions costs minutes of scheduling on a small machine.
-    partitions = max(1, min(200, len(files)))
-    return window_dataset(rows, length=length, stride=stride, split=split, num_partitions=partitions,
-                          episodes=episodes)
-
-
-def spread_window_dataset(data_root: str, game: str, split: str, length: int, stride: int, n: int | None,
-                          keys: set[tuple[str, int]] | None = None):
-    """`n` windows of a split (`clip_dataset`), spread evenly over its windows in (episode, start)
-    order so that every episode weighs in (all of them when n is None); or exactly the windows
-    `keys` ((episode_id, start_step) pairs) when given. Chosen from the small columns alone; only
-    the chosen windows' episodes are cut into windows (32 spread windows of Breakout's 361 training
-    episodes touch at most 32 of them)."""
-    from workers.clips import spread_indices, window_keys_of_split
-    from workers.schema import EPISODE_ID
-
-    if keys is None:
-        every = window_keys_of_split(data_root, length, stride, split=split, game=game)
-        keys = {every[i] for i in spread_indices(len(every), n)}
-    chosen = frozenset(keys)
-    ds = clip_dataset(data_root, game, split, length, stride, episodes={e for e, _ in chosen} or None)
-    return ds.filter(lambda row: (str(row[EPISODE_ID]), int(row["start_step"])) in chosen), len(chosen)
-
-
-def frame_dataset(data_root: str, game: str, split: str):
-    """Ray Dataset of the rows (frames, actions, episode and step) of one split of one game (every
-    game when `game` is empty): what the "device" loader reads into each worker's memory."""
-    from ray.data.expressions import col
-
-    from workers.clips import read_episodes
-    from workers.frame_store import STORE_COLUMNS
-    from workers.schema import GAME, SPLIT
-
-    ds = read_episodes(data_root, columns=[*STORE_COLUMNS, GAME, SPLIT])
-    ds = ds.filter(expr=col(SPLIT) == split)
-    if game:
-        ds = ds.filter(expr=col(GAME) == game)
-    return ds.select_columns(STORE_COLUMNS)
-
-
-def training_data_input(data_root: str, game: str, episode_share: float = 1.0) -> dict[str, Any]:
-    """The training rows of a job (the train split of `game`, every game when empty, and the
-    `episode_share` of its episodes) described for `Tracker.log_dataset`: the Parquet root as the
-    source, the columns' Arrow types, a digest of the files (names, sizes) and the selection, and
-    a profile of counts. Reads the small columns only."""
-    import hashlib
-
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from workers import schema as S
-    from workers.clips import episode_share_mask, parquet_files
-
-    root = Path(data_root).expanduser().resolve()
-    files = parquet_files(str(root))
-    h = hashlib.sha256(json.dumps({"game": game, "split": "train", "share": episode_share}).encode())
-    rows, episodes, schema = 0, set(), None
-    for f in files:
-        h.update(f"{os.path.relpath(f, root)}:{os.path.getsize(f)};".encode())
-        t = pq.read_table(f, columns=[S.GAME, S.EPISODE_ID, S.SPLIT], partitioning=None)
-        keep = pc.equal(t[S.SPLIT], "train")
-        if game:
-            keep = pc.and_(keep, pc.equal(t[S.GAME], game))
-        t = t.filter(keep)
-        if episode_share < 1.0 and t.num_rows:
-            t = t.filter(episode_share_mask(t[S.EPISODE_ID], episode_share))
-        rows += t.num_rows
-        episodes.update(pc.unique(t[S.EPISODE_ID]).to_pylist())  # an episode may span files
-        schema = schema or pq.read_schema(f)
-    return {"source": str(root), "name": f"{root.name}/{game or 'all-games'}/train",
-            "digest": h.hexdigest()[:16],
-            "schema": {c: str(schema.field(c).type) for c in S.COLUMNS if c in schema.names},
-            "profile": {"rows": rows, "episodes": len(episodes), "files": len(files), "game": game or "all",
-                        "split": "train", "episode_share": episode_share, "frame_shape": list(S.FRAME_SHAPE)}}
-
-
-def training_dataset(cfg, length: int, stride: int):
-    """What the job's workers read: rows for the "device" loader, windows for "stream"; of the
-    `train_episodes` share of the training episodes."""
-    from workers.clips import keep_episode_share
-
-    if cfg.data_loader == "device":
-        return keep_episode_share(frame_dataset(cfg.data_root, cfg.game, "train"), cfg.train_episodes)
-    ds = keep_episode_share(clip_dataset(cfg.data_root, cfg.game, "train", length, stride), cfg.train_episodes)
-    return ds.select_columns(["frames", "actions"])  # tensors only: iter_torch_batches rejects strings
+from pipeline import cli
+from pipeline.cluster import ensure_ray
+from pipeline.tracking import Tracker
+from workers.data import frame_dataset, spread_window_dataset, training_data_input, training_dataset
+from workers.train_common import NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, pixels_to_model
+from workers.train_dit import TrainDiTConfig, build_dit, snapshot_name, snapshot_path
+from workers.train_dit import train_loop_per_worker as dit_loop
+from workers.train_vae import TrainVAEConfig, build_vae
+from workers.train_vae import train_loop_per_worker as vae_loop
+from workers.world_model import load_vae, save_vae, save_world_model, world_model_meta
 
 
 # -- running a TorchTrainer -------------------------------------------------------------------------
@@ -250,18 +140,11 @@ def _absolute(cfg):
     return dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().resolve()))
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        init_ray()  # a local cluster, or the one RAY_ADDRESS / `ray job submit` points at
-
-
 # -- the two jobs ----------------------------------------------------------------------------------
 def train_vae_main(cfg: TrainVAEConfig, tracking_uri: str | None = None) -> Path:
     """Train the VAE; returns the directory of its exported EMA weights (for TrainDiTConfig.vae_path)."""
     cfg = _absolute(cfg)
-    _ensure_ray()
+    ensure_ray()
     build_vae(cfg)  # a bad preset fails here, before any worker starts
     ds = training_dataset(cfg, cfg.clip_length, cfg.clip_stride)
     side = {}  # the loop's checks: held-out windows, and the training windows export_best scores
@@ -328,7 +211,7 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
     cfg = _absolute(cfg)
     if not cfg.vae_path:
         raise ValueError("TrainDiTConfig.vae_path is empty: train the VAE first (train_vae_main)")
-    _ensure_ray()
+    ensure_ray()
     if cfg.latent_scale <= 0:
         # Measured once per run and kept: a resumed run must train on the same latent scale.
         saved = Path(cfg.run_dir) / f"{cfg.name}.latent_scale.json"
@@ -376,39 +259,9 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
 
 
 # -- command line ----------------------------------------------------------------------------------
-def parse_config(cls: type, argv: list[str] | None = None):
-    """A config dataclass from `--field value` flags (tuples as comma lists, bools as true/false)."""
-    parser = argparse.ArgumentParser(description=cls.__doc__)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) is tuple:
-            elem = typing.get_args(kind)[0]
-            conv = lambda s, elem=elem: tuple(elem(v) for v in s.split(",") if v)  # noqa: E731
-        elif kind is bool:
-            conv = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
-        else:
-            conv = kind
-        parser.add_argument(f"--{f.name}", type=conv, default=f.default)
-    return cls(**vars(parser.parse_args(argv)))
-
-
-def pop_tracking_uri(argv: list[str]) -> tuple[list[str], str | None]:
-    """`--tracking_uri URI` (else MLFLOW_TRACKING_URI, else the run directory's sqlite store)."""
-    if "--tracking_uri" not in argv:
-        return argv, None
-    i = argv.index("--tracking_uri")
-    return argv[:i] + argv[i + 2:], argv[i + 1]
-
-
 def main(argv: list[str] | None = None) -> Path:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("vae", "dit"):
-        raise SystemExit("usage: python pipeline/train.py {vae|dit} [--tracking_uri URI] [--field value ...]")
-    rest, uri = pop_tracking_uri(argv[1:])
-    if argv[0] == "vae":
-        return train_vae_main(parse_config(TrainVAEConfig, rest), tracking_uri=uri)
-    return train_dit_main(parse_config(TrainDiTConfig, rest), tracking_uri=uri)
+    job, cfg, uri = cli.parse_command({"vae": TrainVAEConfig, "dit": TrainDiTConfig}, argv, description=__doc__)
+    return (train_vae_main if job == "vae" else train_dit_main)(cfg, tracking_uri=uri)
 
 
 if __name__ == "__main__":

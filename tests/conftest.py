@@ -14,6 +14,10 @@
 - `tiny_trained` (session): a tiny VAE then DiT on Breakout of `tiny_split_root`, trained through
   the drivers (Ray Train, MLflow): `(run_dir, world_model_path, TrainDiTConfig)`. The one trained
   world model of a test session: share it, read-only.
+
+Every test that needs none of these fixtures and starts no job of its own (no subprocess of an
+entry point, no Ray Serve, no browser) is marked `quick`: `python -m pytest -m quick tests` is the
+few-minute loop while changing code; the whole suite is what CI runs.
 """
 
 from __future__ import annotations
@@ -110,3 +114,21 @@ def tiny_trained(tiny_split_root, tmp_path_factory):
     dit_cfg = TrainDiTConfig(**common, vae_path=str(vae_path), horizon=2, clip_stride=4, sample_steps=2,
                              snapshot_s=(0.0, 3600.0))
     return run_dir, train_dit_main(dit_cfg), dit_cfg
+
+
+# Fixtures that start a Ray cluster, collect a dataset or train models; and modules whose tests start
+# jobs, servers or browsers in subprocesses. A test touching neither is quick.
+_SLOW_FIXTURES = frozenset({"ray_local", "tiny_dataset", "tiny_split_root", "tiny_trained"})
+_SLOW_MODULES = frozenset({"test_job", "test_readme", "test_cli", "test_serve", "test_learning", "test_benchmarks"})
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: needs no Ray cluster, dataset, trained model or subprocess job "
+                                       "(`pytest -m quick`; set by tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module not in _SLOW_MODULES and not _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.quick)

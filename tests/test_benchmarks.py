@@ -24,10 +24,11 @@ from benchmarks.bench_multistep import BenchMultistepConfig, frame_bound, verdic
 from benchmarks.bench_multistep import main as multistep_main
 from benchmarks.bench_train import BenchTrainConfig, step_flops
 from benchmarks.bench_train import main as train_main
-from benchmarks.common import kernel_kind, kernel_times, markdown_table, parse_config, profile_table, time_by_kind, time_calls
+from benchmarks.common import kernel_kind, kernel_times, markdown_table, profile_table, time_by_kind, time_calls
 from models.lpips import weights_path
 from models.stdit import STDiT_models
 from models.vae import VAE_models
+from pipeline.cli import parse_config
 from workers.world_model import save_world_model, world_model_meta
 
 CROP = (slice(96, 144), slice(48, 112))  # 48x64 of Breakout's paddle/ball area

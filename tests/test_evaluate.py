@@ -207,7 +207,7 @@ def test_vae_logs_its_heldout_floor_as_the_evaluation_scores_it(trained, data_ro
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import local_tracking_uri
-    from pipeline.train import spread_window_dataset
+    from workers.data import spread_window_dataset
     from workers.train_common import metrics_path, read_metrics
     from workers.world_model import load_vae
 
@@ -238,8 +238,8 @@ def test_spread_windows_cut_only_their_episodes(data_root, monkeypatch):
     """clip_dataset(episodes=...) keeps those episodes' rows before they are cut into windows: the
     windows are the whole split's windows of those episodes, frame for frame, and no other's;
     spread_window_dataset cuts only the episodes of the windows it chose."""
-    import pipeline.train as train_module
-    from pipeline.train import clip_dataset, spread_window_dataset
+    import workers.data as data_module
+    from workers.data import clip_dataset, spread_window_dataset
     from workers.clips import spread_indices, window_keys_of_split
 
     every = {(r["episode_id"], int(r["start_step"])): r for r in clip_dataset(data_root, "", "train", 4, 8).take_all()}
@@ -253,7 +253,7 @@ def test_spread_windows_cut_only_their_episodes(data_root, monkeypatch):
     keys = window_keys_of_split(data_root, 4, 8, split="train")
     assert sorted(every) == keys
     asked = []  # the episodes spread_window_dataset has clip_dataset cut (the real one runs)
-    monkeypatch.setattr(train_module, "clip_dataset",
+    monkeypatch.setattr(data_module, "clip_dataset",
                         lambda *a, **kw: asked.append(kw.get("episodes")) or clip_dataset(*a, **kw))
     ds, n = spread_window_dataset(data_root, "", "train", 4, 8, 3)
     got = {(r["episode_id"], int(r["start_step"])): r for r in ds.take_all()}

@@ -10,9 +10,10 @@ import pytest
 import torch
 from test_clips import _write_episodes
 
-from pipeline.train import frame_dataset, measure_latent_scale
+from pipeline.train import measure_latent_scale
 from workers import schema as S
 from workers.clips import parquet_files
+from workers.data import frame_dataset
 from workers.frame_store import FrameStore, window_generator
 
 

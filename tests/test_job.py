@@ -195,8 +195,14 @@ def ray_head(tmp_path):
 
 
 def _submit(address: str, env: dict, out: Path, tracking: str, log: Path) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-           "python", "pipeline/run_all.py", "--preset", "smoke", "--out", str(out), "--tracking-uri", tracking]
+    return _submit_job(address, env, REPO, ["python", "pipeline/run_all.py", "--preset", "smoke", "--out", str(out),
+                                            "--tracking-uri", tracking], log)
+
+
+def _submit_job(address: str, env: dict, working_dir: Path, entrypoint: list[str], log: Path
+                ) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(working_dir), "--",
+           *entrypoint]
     deadline = time.time() + 180  # the head's job agent can come up a while after its dashboard
     while True:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400)
@@ -284,25 +290,25 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     parent_metrics = {m["key"] for m in parent["data"].get("metrics", [])}
     assert "sweep/action_mode:past_future/horizon:2/mse" in parent_metrics
     assert not (out / "mlflow_pending.jsonl").exists(), "MLflow calls failed during the job"
-    _check_summary(out)
+    _check_results_tables(out, out.parent / "tables")
 
 
-def _check_summary(out: Path) -> None:
-    """scripts/run_summary.py reads the run back: its Table 2 rows carry the evaluation's cells."""
-    import importlib.util
-
+def _check_results_tables(out: Path, tables: Path) -> None:
+    """`python -m pipeline.results tables` reads the job's record back: its Table 2 rows of the model
+    carry the evaluation's MSE at each generation length, from one seed (so not reported)."""
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("run_summary", REPO / "scripts" / "run_summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    text = mod.summarise([str(out)])
-    vs = pd.read_csv(out / "eval" / "eval-Breakout" / "vs_paper.csv")
-    for _, r in vs.iterrows():
-        assert f"| Breakout | {r.generation_length} | {r.mse:.2f} / {r.paper_mse:.2f} / {r.copy_last_mse:.2f} |" in text
-    assert "| VAE |" in text and " steps (" in text and "| eval-Breakout |" in text
-    # the smoke preset checks its VAE (val_every) and exports the best check's EMA weights
-    assert "| VAE exported: step; MSE training / held-out windows |" in text
+    res = subprocess.run([sys.executable, "-m", "pipeline.results", "tables", "--runs", str(out / "results"),
+                          "--out", str(tables), "--preset", "smoke", "--n-boot", "200"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    t2 = pd.read_csv(tables / "table2.csv")
+    model = t2[(t2.game == "Breakout") & (t2.method == "model")].set_index("T")
+    vs = pd.read_csv(out / "eval" / "eval-Breakout" / "vs_paper.csv").set_index("generation_length")
+    assert len(model) and set(model.index) <= set(vs.index)
+    for T, row in model.iterrows():
+        assert row.mse == pytest.approx(vs.loc[T, "mse"], rel=1e-4), T
+        assert row.seeds == 1 and not row.reported
 
 
 @pytest.mark.timeout(3000)
@@ -323,3 +329,21 @@ def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(tmp_path, ml
     for stage in ("collect", "vae", "dit", "evaluate", "sweep"):
         assert f"{stage}: reusing the completed stage" in res2.stdout
     assert sorted(p.name for p in (out / "data" / "episodes").rglob("*.parquet")) == rows_before
+
+
+@pytest.mark.timeout(900)
+def test_a_submitted_script_imports_the_uploaded_copy(tmp_path, ray_head):
+    """`ray job submit --working-dir <dir> -- python pipeline/run_all.py` runs the copy of <dir> that
+    the cluster received: every package it imports comes from there, not from <dir> itself nor
+    from the checkout installed in this environment."""
+    from test_cli import PACKAGES, copy_reporting_origin, origins
+
+    address, env = ray_head
+    app = copy_reporting_origin(tmp_path / "app")
+    res = _submit_job(address, env, app, ["python", "pipeline/run_all.py", "--help"], tmp_path / "job.log")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    found = origins(res.stdout)
+    assert set(found) == set(PACKAGES), res.stdout[-4000:]
+    # the head's temp folder (linked as tmp_path/ray*), whose session unpacks the uploads
+    heads = [link.resolve() for link in tmp_path.glob("ray*") if link.is_symlink()]
+    assert all(any(path.is_relative_to(h) for h in heads) for path in found.values()), (found, heads)

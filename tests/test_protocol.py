@@ -193,7 +193,7 @@ def test_table_builder_pools_only_the_current_preset_version(tmp_path):
 
 
 def test_preset_version_ignores_seeds_and_resources_not_settings():
-    from pipeline.run_all import PRESETS, preset_version, with_overrides, with_seed
+    from pipeline.presets import PRESETS, preset_version, with_overrides, with_seed
 
     gpu = PRESETS["gpu"]()
     v = preset_version(gpu)
@@ -355,7 +355,7 @@ def test_imagination_table_pools_seeds_of_real_game_returns(tmp_path):
     """Seeds weigh equally whatever their game counts; the agent-vs-random interval excludes 0 for a
     clear gap and straddles it for none."""
     from pipeline.results import IMAGINATION_FILE, build_tables, current_version
-    from pipeline.run_all import PRESETS, imagine_version
+    from pipeline.presets import PRESETS, imagine_version
 
     v, rng = current_version("gpu"), np.random.default_rng(9)
     means = {}

@@ -455,7 +455,7 @@ def test_model_and_dataset_logging_wait_out_a_store_failure(tiny_trained, tiny_s
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import PENDING_FILE, Tracker, local_tracking_uri
-    from pipeline.train import training_data_input
+    from workers.data import training_data_input
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _, wm_path, _ = tiny_trained

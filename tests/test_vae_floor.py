@@ -1,6 +1,6 @@
 """scripts/vae_floor.py: the VAE's reconstruction error by split and by the way the VAE is run,
 on a real collected dataset (Parquet through Ray Data) and real (tiny, untrained) VAE weights laid
-out as a pipeline run leaves them; run_summary's table of it."""
+out as a pipeline run leaves them."""
 
 from __future__ import annotations
 
@@ -81,16 +81,3 @@ def test_vae_floor_without_checkpoints_scores_the_exported_vae_alone(tiny_datase
     run, _ = _run_dir(tmp_path, tiny_dataset.root, with_checkpoint=False)
     df = mod.main(["--run-dir", str(run), "--windows", "2", "--device", "cpu"])
     assert set(df.weights) == {"exported (EMA)"} and len(df) == 2 * 2
-
-
-def test_run_summary_puts_the_splits_side_by_side():
-    mod = _load("run_summary")
-    rows = [{"split": s, "windows": 4, "weights": "exported (EMA)", "precision": p, "latent": "mean",
-             "mse_0_255": v, "train_loss_scale": v} for s, p, v in
-            (("train", "fp32", 2.0), ("test", "fp32", 6.0), ("train", "bf16", 2.5), ("test", "bf16", 2.5))]
-    t = mod.vae_floor_table(pd.DataFrame(rows))
-    got = t.set_index("precision")
-    assert list(got.loc["fp32", ["MSE train", "MSE held-out", "held-out / train"]]) == ["2.00", "6.00", "3.00"]
-    assert got.loc["bf16", "held-out / train"] == "1.00"
-    with pytest.raises(ValueError, match="train and test"):
-        mod.vae_floor_table(pd.DataFrame([r for r in rows if r["split"] == "train"]))

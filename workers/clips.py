@@ -62,12 +62,16 @@ def _check_actions(actions: np.ndarray, env_id: str, env_config: str, where: str
                              f"action space [0, {n}) (or -1 on an episode's last row)")
 
 
-def _windows_of_episode(batch: pa.Table, length: int, stride: int, episodes: frozenset | None = None
-                        ) -> Iterator[dict]:
+def _windows_of_episode(batch: pa.Table, length: int, stride: int, split: str | None = None,
+                        game: str | None = None, episodes: frozenset | None = None) -> Iterator[dict]:
     """map_groups UDF: one episode's rows (an Arrow table) -> batches of windows (none for an episode
-    outside `episodes`, when given)."""
+    of another split than `split`, another game than `game`, or outside `episodes`, when given)."""
     eid = str(batch[S.EPISODE_ID][0].as_py())
     if episodes is not None and eid not in episodes:
+        return
+    if split is not None and str(batch[S.SPLIT][0].as_py()) != split:
+        return
+    if game is not None and str(batch[S.GAME][0].as_py()) != game:
         return
     # Rows arrive in any order (an episode may span files). Only the small columns are sorted by
     # step; the frames stay a view of the batch, read through `order` when windows are cut.
@@ -115,10 +119,10 @@ def keep_episode_share(ds, share: float):
 
 
 def window_dataset(ds_or_path, length: int = 32, stride: int = 4, split: str | None = None,
-                   num_partitions: int | None = None, episodes=None):
+                   num_partitions: int | None = None, episodes=None, game: str | None = None):
     """Sliding windows within episodes as a Ray Dataset with rows `frames` uint8 (L,210,160,3),
-    `actions` int64 (L,), `episode_id`, `start_step`. `split` keeps one split, `episodes` (ids) only those
-    episodes' windows. `num_partitions` sets the
+    `actions` int64 (L,), `episode_id`, `start_step`. `split` keeps one split, `game` one game
+    (its name, as `workers.atari.game_name`), `episodes` (ids) only those episodes' windows. `num_partitions` sets the
     shuffle that gathers episodes (default: one per input file, at most 200)."""
     if length < 1 or stride < 1:
         raise ValueError(f"window length and stride must be >= 1, got {length}, {stride}")
@@ -130,17 +134,18 @@ def window_dataset(ds_or_path, length: int = 32, stride: int = 4, split: str | N
     else:
         ds = ds_or_path
     names = set(ds.schema().names)
-    missing = [c for c in _READ_COLUMNS if c not in names]
+    missing = [c for c in (*_READ_COLUMNS, *([S.GAME] if game else [])) if c not in names]
     if missing:
         raise S.DatasetError(f"episode dataset lacks column(s) {missing}; has {sorted(names)}")
-    ds = ds.select_columns(_READ_COLUMNS)
-    if split is not None:
-        from ray.data.expressions import col
-
-        ds = ds.filter(expr=col(S.SPLIT) == split)
+    # The split and the game are kept after the shuffle that gathers episodes (an episode lies in one split), not
+    # by a filter before it: a filter there can hand the shuffle an empty block without columns,
+    # which Ray Data's hash shuffle then fails to concatenate with full ones ("Schema at index i
+    # was different"), depending on which block arrives first.
+    ds = ds.select_columns([*_READ_COLUMNS, S.GAME] if game else _READ_COLUMNS)
     return ds.groupby(S.EPISODE_ID, num_partitions=num_partitions).map_groups(
         _windows_of_episode, batch_format="pyarrow",
-        fn_kwargs=dict(length=length, stride=stride, episodes=frozenset(episodes) if episodes is not None else None))
+        fn_kwargs=dict(length=length, stride=stride, split=split, game=game or None,
+                       episodes=frozenset(episodes) if episodes is not None else None))
 
 
 def split_sample(frames, actions, n_cond: int, horizon: int, action_mode: str = "future"):

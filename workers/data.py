@@ -1,0 +1,122 @@
+"""The Ray Datasets every stage reads from a collection: windows, spread windows, rows, and the
+description of a job's training data.
+
+    clip_dataset(root, game, split, length, stride)        windows of one split (Ray Data, grouped by episode)
+    spread_window_dataset(root, game, split, L, s, n)      n of them spread over the split, or given ones
+    frame_dataset(root, game, split)                       the rows, for the "device" loader's FrameStore
+    training_dataset(cfg, length, stride)                  what a training job's workers read
+    training_data_input(root, game, share)                 the training rows described for MLflow
+
+A window is `frames` uint8 (L, 210, 160, 3), `actions` int64 (L,), `episode_id`, `start_step`
+(`workers/clips.py` cuts them); splits are by episode (`workers/schema.py`). These run on the
+driver and return lazy Ray Datasets: nothing is read until a consumer iterates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Collection
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from workers import schema as S
+from workers.clips import (episode_share_mask, keep_episode_share, parquet_files, read_episodes, spread_indices,
+                           window_dataset, window_keys_of_split)
+from workers.frame_store import STORE_COLUMNS
+
+
+def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int,
+                 episodes: Collection[str] | None = None):
+    """Ray Dataset of windows (`frames` uint8 (L, 210, 160, 3), `actions` int64 (L,)) of one split
+    of one game (every game when `game` is empty); of the given episodes alone when `episodes` is
+    set: their rows are kept before the shuffle that gathers episodes, so the others cost a read only."""
+    import ray
+    from ray.data.expressions import col
+
+    files = parquet_files(data_root)
+    if episodes is not None:
+        # Only the files holding those episodes are read, and the episodes are picked after the
+        # shuffle that gathers them: with an `is_in` filter before it, a 28-file collection failed
+        # in Ray Data's hash shuffle ("Schema at index 1 was different": a block without columns
+        # beside full ones), which a CPU-sized collection did not show.
+        wanted = set(episodes)
+        files = [f for f in files if wanted & set(pq.read_table(f, columns=[S.EPISODE_ID])[S.EPISODE_ID].to_pylist())]
+        if not files:
+            raise ValueError(f"none of the {len(wanted)} episodes asked for is in {data_root}")
+    rows = ray.data.read_parquet(files, partitioning=None)  # as workers.clips.read_episodes
+    if game:
+        rows = rows.filter(expr=col(S.GAME) == game)
+    # One shuffle partition per file, as window_dataset does for a path: Ray's default of 200
+    # partitions costs minutes of scheduling on a small machine.
+    partitions = max(1, min(200, len(files)))
+    return window_dataset(rows, length=length, stride=stride, split=split, num_partitions=partitions,
+                          episodes=episodes)
+
+
+def spread_window_dataset(data_root: str, game: str, split: str, length: int, stride: int, n: int | None,
+                          keys: set[tuple[str, int]] | None = None):
+    """`n` windows of a split (`clip_dataset`), spread evenly over its windows in (episode, start)
+    order so that every episode weighs in (all of them when n is None); or exactly the windows
+    `keys` ((episode_id, start_step) pairs) when given. Chosen from the small columns alone; only
+    the chosen windows' episodes are cut into windows (32 spread windows of Breakout's 361 training
+    episodes touch at most 32 of them). Returns the dataset and the number of windows chosen."""
+    if keys is None:
+        every = window_keys_of_split(data_root, length, stride, split=split, game=game)
+        keys = {every[i] for i in spread_indices(len(every), n)}
+    chosen = frozenset(keys)
+    ds = clip_dataset(data_root, game, split, length, stride, episodes={e for e, _ in chosen} or None)
+    return ds.filter(lambda row: (str(row[S.EPISODE_ID]), int(row["start_step"])) in chosen), len(chosen)
+
+
+def frame_dataset(data_root: str, game: str, split: str):
+    """Ray Dataset of the rows (frames, actions, episode and step) of one split of one game (every
+    game when `game` is empty): what the "device" loader reads into each worker's memory."""
+    from ray.data.expressions import col
+
+    ds = read_episodes(data_root, columns=[*STORE_COLUMNS, S.GAME, S.SPLIT])
+    ds = ds.filter(expr=col(S.SPLIT) == split)
+    if game:
+        ds = ds.filter(expr=col(S.GAME) == game)
+    return ds.select_columns(STORE_COLUMNS)
+
+
+def training_dataset(cfg, length: int, stride: int):
+    """What a training job's workers read (`cfg`: a TrainSettings): rows for the "device" loader,
+    windows of `length` every `stride` steps for "stream"; of the `train_episodes` share of the
+    training episodes."""
+    if cfg.data_loader == "device":
+        return keep_episode_share(frame_dataset(cfg.data_root, cfg.game, "train"), cfg.train_episodes)
+    ds = keep_episode_share(clip_dataset(cfg.data_root, cfg.game, "train", length, stride), cfg.train_episodes)
+    return ds.select_columns(["frames", "actions"])  # tensors only: iter_torch_batches rejects strings
+
+
+def training_data_input(data_root: str, game: str, episode_share: float = 1.0) -> dict[str, Any]:
+    """The training rows of a job (the train split of `game`, every game when empty, and the
+    `episode_share` of its episodes) described for `Tracker.log_dataset`: the Parquet root as the
+    source, the columns' Arrow types, a digest of the files (names, sizes) and the selection, and
+    a profile of counts. Reads the small columns only."""
+    root = Path(data_root).expanduser().resolve()
+    files = parquet_files(str(root))
+    h = hashlib.sha256(json.dumps({"game": game, "split": "train", "share": episode_share}).encode())
+    rows, episodes, schema = 0, set(), None
+    for f in files:
+        h.update(f"{os.path.relpath(f, root)}:{os.path.getsize(f)};".encode())
+        t = pq.read_table(f, columns=[S.GAME, S.EPISODE_ID, S.SPLIT], partitioning=None)
+        keep = pc.equal(t[S.SPLIT], "train")
+        if game:
+            keep = pc.and_(keep, pc.equal(t[S.GAME], game))
+        t = t.filter(keep)
+        if episode_share < 1.0 and t.num_rows:
+            t = t.filter(episode_share_mask(t[S.EPISODE_ID], episode_share))
+        rows += t.num_rows
+        episodes.update(pc.unique(t[S.EPISODE_ID]).to_pylist())  # an episode may span files
+        schema = schema or pq.read_schema(f)
+    return {"source": str(root), "name": f"{root.name}/{game or 'all-games'}/train",
+            "digest": h.hexdigest()[:16],
+            "schema": {c: str(schema.field(c).type) for c in S.COLUMNS if c in schema.names},
+            "profile": {"rows": rows, "episodes": len(episodes), "files": len(files), "game": game or "all",
+                        "split": "train", "episode_share": episode_share, "frame_shape": list(S.FRAME_SHAPE)}}
