@@ -8,7 +8,7 @@ Layout of a run directory (`cfg.run_dir`, made absolute here, because Ray Train 
 `ray job submit`'s temporary working directory both need absolute paths):
 
     <run_dir>/<name>/                  Ray Train storage of the run: checkpoints, resume state
-    <run_dir>/<name>.metrics.jsonl     rank 0's metric lines (see workers/train_common.py)
+    <run_dir>/<name>.metrics.jsonl     rank 0's metric lines (see workers/train_loop.py)
     <run_dir>/<name>.latent_scale.json the DiT run's measured latent scale (reused on resume)
     <run_dir>/models/<name>/           exported EMA weights: the VAE, or the whole world model
     <run_dir>/mlflow.db, mlartifacts/  the default MLflow store (pipeline/tracking.py)

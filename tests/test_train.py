@@ -139,7 +139,7 @@ def test_device_loader_ddp_reads_each_shard_once_and_survives_a_crash(tmp_path, 
     rows once into memory, train on random windows, and a crashed worker group reloads its shards
     and continues from the checkpoint. The checks' best EMA weights (export_best) are kept in the
     checkpoints and come through the restart."""
-    from pipeline.train import frame_dataset
+    from workers.data import frame_dataset
 
     ds = frame_dataset(tiny_dataset.root, "Breakout", "train")
     cfg = _cfg(tmp_path, steps=12, fail_at_step=7, max_failures=1, data_loader="device", val_every=2,
@@ -264,3 +264,119 @@ def test_fused_optimizer_skips_a_nonfinite_step_on_the_device_and_stops_at_the_l
     # a later finite step updates again
     ok, _ = optimizer_step(model(x).pow(2).sum(), model, opt, sched, ema, cfg, 2, log, skipped)
     assert ok and not torch.equal(before[0], model.weight) and skipped.item() == 1
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _LocalSession:
+    """Ray Train's part of the loop in the test process: CPU, no DDP, checkpoints in a folder;
+    `stop_after`: the run dies right after reporting that step's checkpoint."""
+
+    def __init__(self, root: Path, shard, stop_after: int | None = None):
+        self.root, self.shard, self.stop_after = root, shard, stop_after
+        self.reports: list[dict] = []
+
+    def device(self):
+        return torch.device("cpu")
+
+    def dataset_shard(self, name):
+        return self.shard if name == "train" else None
+
+    def prepare_model(self, model):
+        return model
+
+    def latest(self) -> Path | None:
+        return max(self.root.glob("ckpt*"), default=None)
+
+    def checkpoint_state(self, map_location):
+        latest = self.latest()
+        return None if latest is None else torch.load(latest / "state.pt", map_location=map_location, weights_only=False)
+
+    def report(self, metrics, checkpoint_fn=None):
+        self.reports.append(metrics)
+        if checkpoint_fn is not None:
+            d = self.root / f"ckpt{metrics['step']:06d}"
+            d.mkdir(parents=True)
+            checkpoint_fn(d)
+        if metrics["step"] == self.stop_after:
+            raise _Interrupted
+
+
+class _Shard:
+    """A "stream" shard of two batches an epoch, in a fixed order."""
+
+    def __init__(self, frames: torch.Tensor):
+        self.frames = frames
+
+    def iter_torch_batches(self, batch_size: int, drop_last: bool):
+        for i in range(0, len(self.frames) - batch_size + 1, batch_size):
+            yield {"frames": self.frames[i:i + batch_size]}
+
+
+def _regression_component(cfg):
+    from workers.train_loop import TrainComponent
+
+    class Regression(TrainComponent):
+        """Predicts a window's second frame from its first; no draw from the global RNG after the
+        model's init, so two runs of it differ only by what the loop does."""
+
+        clip_length = 2
+
+        def build(self, device):
+            return torch.nn.Linear(3, 3).to(device)
+
+        def start(self, loop):
+            self.batches = loop.restored.get("batches", 0)
+
+        def batch(self, step, windows):
+            self.batches += 1
+            return windows(step, 2)[0]  # (B, 2, 3)
+
+        def loss_and_logs(self, model, x):
+            err = model(x[:, 0]) - x[:, 1]
+            return err.pow(2).mean(), {"train/abs": err.abs().mean().detach()}
+
+        def checkpoint_extra(self):
+            return {"batches": self.batches}
+
+    return Regression(cfg)
+
+
+def test_loop_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
+    """An attempt that dies after its step-4 checkpoint, then resumes, ends bit for bit where an
+    uninterrupted run does: weights, EMA, AdamW moments and the still-warming learning rate continue
+    from the checkpoint, the component's own checkpoint entries come back, and every step is logged
+    once with the component's scalars beside the loss."""
+    from workers.train_common import TrainSettings
+    from workers.train_loop import train
+
+    frames = torch.randn(8, 2, 3, generator=torch.Generator().manual_seed(0))
+
+    def run(name, session):
+        cfg = TrainSettings(run_dir=str(tmp_path), name=name, steps=6, batch_size=4, lr=0.05, warmup_steps=10,
+                            ema_decay=0.9, log_every=1, checkpoint_every=2, data_loader="stream")
+        component = _regression_component(cfg)
+        train(component, session)
+        return component
+
+    whole = _LocalSession(tmp_path / "whole", _Shard(frames))
+    run("whole", whole)
+    cut = _LocalSession(tmp_path / "cut", _Shard(frames), stop_after=4)
+    with pytest.raises(_Interrupted):
+        run("cut", cut)
+    cut.stop_after = None
+    resumed = run("cut", cut)
+
+    assert [r["step"] for r in cut.reports] == [2, 4, 6] == [r["step"] for r in whole.reports]
+    assert _starts(TrainSettings(run_dir=str(tmp_path), name="cut")) == [0, 4]
+    rows = [r for r in read_metrics(metrics_path(tmp_path, "cut")) if "event" not in r]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and all("train/abs" in r for r in rows)
+    a, b = (torch.load(s.latest() / "state.pt", weights_only=False) for s in (whole, cut))
+    assert a["step"] == b["step"] == 6 and a["batches"] == b["batches"] == resumed.batches == 6
+    for key in ("model", "ema"):
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+    torch.testing.assert_close(b["optimizer"], a["optimizer"], rtol=0, atol=0)
+    assert b["scheduler"]["last_epoch"] == a["scheduler"]["last_epoch"] == 6
+    assert b["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 7 / 10)  # warmup still running

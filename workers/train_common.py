@@ -1,37 +1,30 @@
-"""What the VAE and DiT train loops share: settings, optimiser, EMA, checkpoints, reporting.
+"""The pieces of a training step that every job shares: settings, optimiser and LR schedule, EMA,
+the non-finite guard, and the metric lines. The loop that runs them is `workers/train_loop.py`.
 
-Both loops run inside Ray Train workers (`train_loop_per_worker`). They never talk to MLflow:
-rank 0 appends one JSON line per logged step to `<run_dir>/<name>.metrics.jsonl` (which the
-driver replays into MLflow, live or after `fit()`), and every `checkpoint_every` steps all ranks
-call `ray.train.report` with rank 0 carrying the checkpoint. Ray Train's own `Result` keeps
-metrics only for checkpointed reports, hence the JSONL.
-
-A checkpoint directory holds `state.pt` (model, EMA, optimiser, scheduler, step) and
-`config.json` (the job's settings), so it is complete on its own.
+Rank 0 appends one JSON line per logged step to `<run_dir>/<name>.metrics.jsonl` (`JsonlLog`);
+the driver replays them into MLflow (`read_metrics` reads the file back, one row per step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
-import os
-import tempfile
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from einops import rearrange
 from torch import Tensor, nn
 
 from models.config import config_from_dict  # noqa: F401  (the stages' config builder)
 from models.pixels import model_to_pixels, pixels_to_model  # noqa: F401  (training's model space)
+
+if TYPE_CHECKING:
+    from workers.train_loop import RunClock
 
 NONFINITE_EVENT = "nonfinite"
 
@@ -278,79 +271,6 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     return dict(zip(keys, t.tolist()))
 
 
-def save_checkpoint(directory: Path, *, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-                    sched, step: int, config: Any, extra: dict[str, Any] | None = None) -> None:
-    torch.save({
-        "model": unwrap(model).state_dict(),
-        "ema": ema.model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "step": step,
-        **(extra or {}),
-    }, directory / "state.pt")
-    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
-
-
-def load_checkpoint_state(map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The state of the run's latest reported checkpoint (resume or FailureConfig restart)."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        return torch.load(Path(d) / "state.pt", map_location=map_location, weights_only=False)
-
-
-CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step")
-"""What every `save_checkpoint` writes; a loop's own entries (`extra`) come beside them."""
-
-
-def restore(device: torch.device, model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, sched,
-            extra: dict[str, Any] | None = None) -> int:
-    """Loads the latest reported checkpoint (a resumed run, or a FailureConfig restart) into the
-    model, EMA, optimizer and scheduler; returns the step to continue from (0 when fresh). The
-    loop's own entries of that checkpoint (`save_checkpoint`'s `extra`) go into `extra`."""
-    state = load_checkpoint_state(device)
-    if state is None:
-        return 0
-    if extra is not None:
-        extra.update({k: v for k, v in state.items() if k not in CHECKPOINT_KEYS})
-    model.load_state_dict(state["model"])
-    ema.model.load_state_dict(state["ema"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return int(state["step"])
-
-
-def report(metrics: dict[str, float], *, checkpoint_fn=None) -> None:
-    """ray.train.report on every rank; rank 0 attaches the checkpoint that checkpoint_fn(dir) writes."""
-    import ray.train
-
-    rank, _ = rank_and_world()
-    if checkpoint_fn is None:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0:
-            checkpoint_fn(Path(tmp))
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
-
-
-def maybe_crash(cfg: TrainSettings, step: int) -> None:
-    """Tests only: the last rank dies hard once (a marker file keeps the restart from dying too)."""
-    if cfg.fail_at_step < 0 or step != cfg.fail_at_step:
-        return
-    rank, world = rank_and_world()
-    marker = Path(cfg.run_dir) / f"{cfg.name}.crashed"
-    if rank == world - 1 and not marker.exists():
-        marker.write_text(str(step))
-        print(f"[train] injected crash of rank {rank} at step {step}", flush=True)
-        os._exit(1)
-
-
 def optimizer_step(loss: Tensor, model: nn.Module, opt, sched, ema: EMA, cfg: TrainSettings,
                    step: int, log: JsonlLog, skipped: Tensor | None = None) -> tuple[bool, Tensor]:
     """Backward, clip, step, EMA. Returns (ok, grad_norm). grad_norm is a 0-dim tensor on the
@@ -412,52 +332,3 @@ def stop_if_skipped(skipped: Tensor | None, step: int, log: JsonlLog) -> bool:
                    "message": f"non-finite loss/gradient in {n} step(s) up to step {step}, whose updates were "
                               f"skipped; stopped, the last good checkpoint is kept"})
     return n > 0
-
-
-class RunClock:
-    """The run's wall clock against `max_train_s`, read by every rank at the same steps: `check()`
-    takes the largest elapsed time over the ranks (the slowest decides), so that no rank stops
-    while the others wait in a collective, and every rank's learning-rate cooldown sees the same
-    `time_frac`."""
-
-    def __init__(self, cfg: TrainSettings, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.t_start = time.time()
-        self.time_frac = 0.0
-        """Elapsed share of the budget at the last check (0 without a budget), at most 1."""
-
-    def start(self) -> float:
-        """Starts the clock (at the first training step, after loading); returns the time."""
-        self.t_start = time.time()
-        return self.t_start
-
-    def elapsed(self) -> float:
-        """This rank's seconds since `start`."""
-        return time.time() - self.t_start
-
-    def check(self) -> bool:
-        """Whether the budget is spent (a collective: call it on every rank at the same step)."""
-        if self.cfg.max_train_s <= 0:
-            return False
-        elapsed = torch.tensor([self.elapsed()], dtype=torch.float64, device=self.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
-        seconds = float(elapsed.item())
-        self.time_frac = min(1.0, seconds / self.cfg.max_train_s)
-        return seconds > self.cfg.max_train_s
-
-
-def load_frame_store(cfg: TrainSettings, device: torch.device, log: JsonlLog):
-    """The "device" loader: this worker's shard of frames, read once into `device` memory."""
-    import ray.train
-
-    from workers.frame_store import FrameStore, shard_batches
-
-    rank, _ = rank_and_world()
-    t0 = time.time()
-    store = FrameStore.from_batches(shard_batches(ray.train.get_dataset_shard("train")), device,
-                                    max_bytes=cfg.max_store_gib * 2**30, source=f"rank {rank}'s training shard")
-    log.write({"event": "frame_store", "rows": len(store), "episodes": len(store.episode_ids),
-               "gib": round(store.values.numel() * store.values.element_size() / 2**30, 3),
-               "load_s": round(time.time() - t0, 1)})
-    return store

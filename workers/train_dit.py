@@ -1,11 +1,13 @@
-"""ST-DiT training loop with the VAE frozen, run by a Ray Train TorchTrainer on each worker.
+"""The DiT job's part of the training loop (`workers/train_loop.py`), with the VAE frozen, run by
+a Ray Train TorchTrainer on each worker.
 
 Each sample is a window of L = n_cond + horizon frames with its actions. Pixels uint8
 (B, L, 210, 160, 3) -> [-1, 1] (B, L, 3, H, W) -> frozen VAE encoder mean x latent_scale ->
 rectified-flow loss, noise and loss on the latent frames that hold future frames only
 (frame_mask), condition latents clean. With the "device" loader and a frame-wise VAE the latents
 of the worker's whole shard are computed once before training; otherwise the VAE encodes each
-batch's windows.
+batch's windows. The DiT supplies its network, each step's generation length and latents, the
+loss, and the EMA snapshots at `snapshot_s`; the loop does the rest.
 """
 
 from __future__ import annotations
@@ -19,15 +21,13 @@ from typing import Any
 import torch
 
 from models.action_encoder import ACTION_MODES, action_positions, num_action_tokens
+from models.config import config_from_dict
+from models.pixels import pixels_to_model
 from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.stdit import STDiT, STDiT_models
 from workers.clips import split_sample
-from workers.frame_store import window_generator
-from workers.train_common import (
-    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, gpu_ids, infinite_batches, load_frame_store, restore,
-    make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, optimizer_step,
-    pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything, skip_counter, stop_if_skipped,
-)
+from workers.train_common import TrainSettings, autocast
+from workers.train_loop import TrainComponent, TrainLoop, Windows, train
 from workers.world_model import load_vae
 
 
@@ -124,123 +124,103 @@ def build_dit(cfg: TrainDiTConfig, latent_channels: int) -> STDiT:
                                         action_encoder=cfg.action_encoder, patch_size=tuple(cfg.patch_size))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+@dataclass(frozen=True)
+class DiTBatch:
+    """One step's training batch, on the device."""
 
-    cfg = config_from_dict(TrainDiTConfig, config)
-    if cfg.latent_scale <= 0:
-        raise ValueError("TrainDiTConfig.latent_scale must be set (the driver measures it) before training")
-    rank, world = rank_and_world()
-    device = ray.train.torch.get_device()
-    seed_everything(cfg.seed + rank)
+    x0: torch.Tensor
+    """(B, T', C, h, w) scaled latents of the windows."""
+    latent_mask: torch.Tensor
+    """(B, T') bool, True = a latent frame to generate (holds a future frame)."""
+    actions: torch.Tensor
+    """(B, A) int64 action tokens."""
+    positions: torch.Tensor
+    """(A,) clip frame index of each action token."""
 
-    vae = load_vae(cfg.vae_path, device)  # frozen, eval
-    if cfg.n_cond % vae.frames_per_latent:
-        raise ValueError(f"n_cond={cfg.n_cond} is not a multiple of the VAE's temporal factor {vae.frames_per_latent}")
-    dit = build_dit(cfg, vae.cfg.latent_channels).to(device)
-    ema = EMA(dit, cfg.ema_decay)
-    opt = make_optimizer(dit, cfg)
-    clock = RunClock(cfg, device)
-    sched = make_scheduler(opt, cfg, clock)
-    skipped = skip_counter(opt, device)  # the fused optimiser's non-finite steps, read at log steps
-    step = restore(device, dit, ema, opt, sched)  # a resumed run, or a FailureConfig restart
-    model = ray.train.torch.prepare_model(dit)
-    if cfg.compile:
-        model = torch.compile(model)
-    flow = RectifiedFlow(RectifiedFlowConfig(t_sampling=cfg.t_sampling, logit_mean=cfg.t_logit_mean,
-                                             action_dropout=cfg.action_dropout))
-    log = JsonlLog(metrics_path(cfg.run_dir, cfg.name), active=rank == 0)
-    log.write({"event": "start", "step": step, "world_size": world, "gpu_ids": gpu_ids()})  # rank 0's
-    # Training windows: (pixels or latents (B, L, ...), actions (B, L)) for a window length L.
-    framewise = vae.cfg.temporal_kernel == 1 and vae.frames_per_latent == 1
-    if cfg.data_loader == "device":
-        store, gen = load_frame_store(cfg, device, log), None
-        if framewise:  # each frame's latent once, instead of a VAE pass per step
-            t0 = time.time()
-            with autocast(device, cfg.bf16):
-                store.encode_frames(lambda f: vae.encode(pixels_to_model(f))[0])
-            log.write({"event": "latents", "rows": len(store), "shape": list(store.values.shape[1:]),
-                       "encode_s": round(time.time() - t0, 1)})
 
-        def next_windows(step: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-            nonlocal gen
-            gen = window_generator(device, cfg.seed, rank, step, gen)
-            return store.sample(cfg.batch_size, L, gen)
-    else:
-        framewise = False
-        batches = infinite_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, ("frames", "actions"))
+class DiTComponent(TrainComponent):
+    """The rectified-flow loss of the ST-DiT on the frozen VAE's latents."""
 
-        def next_windows(step: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-            batch = next(batches)
-            frames = batch["frames"].to(device, non_blocking=True)  # (B, n+horizon, H, W, 3) uint8
-            if frames.shape[1] != cfg.clip_length:
-                raise ValueError(f"training windows have {frames.shape[1]} frames, expected "
-                                 f"n_cond+horizon={cfg.clip_length}")
-            return frames[:, :L], batch["actions"][:, :L].to(device)
+    columns = ("frames", "actions")
 
-    # The generation length of each step: one draw per step from a generator seeded by the step,
-    # so every DDP rank (and a resumed run) picks the same T.
-    horizons = cfg.trained_horizons
-    pick = torch.Generator().manual_seed(cfg.seed)
+    def __init__(self, cfg: TrainDiTConfig):
+        if cfg.latent_scale <= 0:
+            raise ValueError("TrainDiTConfig.latent_scale must be set (the driver measures it) before training")
+        super().__init__(cfg)
+        self.flow = RectifiedFlow(RectifiedFlowConfig(t_sampling=cfg.t_sampling, logit_mean=cfg.t_logit_mean,
+                                                      action_dropout=cfg.action_dropout))
+        # The generation length of each step: one draw per step from a generator seeded by the step,
+        # so every DDP rank (and a resumed run) picks the same T.
+        self.pick = torch.Generator().manual_seed(cfg.seed)
+        self.vae = None
+        self.latents = False  # whether the windows hold latent means (the store's, encoded once)
+        self.pending: list[float] = []  # snapshot times still to take, rank 0
 
-    def checkpoint(d):
-        save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg)
+    def build(self, device: torch.device) -> STDiT:
+        cfg = self.cfg
+        self.vae = load_vae(cfg.vae_path, device)  # frozen, eval
+        if cfg.n_cond % self.vae.frames_per_latent:
+            raise ValueError(f"n_cond={cfg.n_cond} is not a multiple of the VAE's temporal factor "
+                             f"{self.vae.frames_per_latent}")
+        return build_dit(cfg, self.vae.cfg.latent_channels).to(device)
 
-    t_last = clock.start()
-    steps_since, reported_step = 0, -1
-    # Snapshots still to take (a restarted run keeps the ones its earlier attempt wrote).
-    pending = sorted(s for s in cfg.snapshot_s if not snapshot_path(cfg.run_dir, cfg.name, s).exists())
-    while step < cfg.steps:
-        maybe_crash(cfg, step)
-        pick.manual_seed(cfg.seed * 1_000_003 + step)
-        T = horizons[int(torch.randint(len(horizons), (1,), generator=pick))]
+    def prepare_store(self, loop: TrainLoop, store) -> None:
+        vae = self.vae
+        if not (vae.cfg.temporal_kernel == 1 and vae.frames_per_latent == 1):
+            return
+        t0 = time.time()  # a frame-wise VAE: each frame's latent once, instead of a VAE pass per step
+        with autocast(loop.device, self.cfg.bf16):
+            store.encode_frames(lambda f: vae.encode(pixels_to_model(f))[0])
+        self.latents = True
+        loop.log.write({"event": "latents", "rows": len(store), "shape": list(store.values.shape[1:]),
+                        "encode_s": round(time.time() - t0, 1)})
+
+    def start(self, loop: TrainLoop) -> None:
+        # A restarted run keeps the snapshots its earlier attempt wrote.
+        cfg = self.cfg
+        self.pending = sorted(s for s in cfg.snapshot_s if not snapshot_path(cfg.run_dir, cfg.name, s).exists())
+
+    def batch(self, step: int, windows: Windows) -> DiTBatch:
+        cfg = self.cfg
+        horizons = cfg.trained_horizons
+        self.pick.manual_seed(cfg.seed * 1_000_003 + step)
+        T = horizons[int(torch.randint(len(horizons), (1,), generator=self.pick))]
         L = cfg.n_cond + T
-        values, window_actions = next_windows(step, L)  # (B, L, ...), (B, L)
+        values, window_actions = windows(step, L)  # (B, L, ...), (B, L)
+        device = values.device
         _, _, actions = split_sample(values, window_actions.long(), cfg.n_cond, T, cfg.action_mode)  # (B, A)
         positions = action_positions(actions.shape[1], cfg.n_cond, cfg.action_mode, device=device)
         frame_mask = torch.arange(L, device=device) >= cfg.n_cond  # (L,) True = generated
         B = values.shape[0]
-        if framewise:
+        if self.latents:
             x0 = values * cfg.latent_scale  # (B, L, C, h, w) cached latent means
         else:
             with torch.no_grad(), autocast(device, cfg.bf16):
-                mean, _ = vae.encode(pixels_to_model(values))  # (B, T', C, h, w)
+                mean, _ = self.vae.encode(pixels_to_model(values))  # (B, T', C, h, w)
             x0 = mean.float() * cfg.latent_scale
-        lat_mask = vae.latent_frame_mask(frame_mask.expand(B, L))  # (B, T')
-        with autocast(device, cfg.bf16):
-            loss = flow.loss(model, x0, lat_mask, actions=actions, action_positions=positions)
-        if step == cfg.nan_at_step:
-            loss = loss * float("nan")
-        ok, grad_norm = optimizer_step(loss.float(), model, opt, sched, ema, cfg, step, log, skipped)
-        if not ok:
+        return DiTBatch(x0, self.vae.latent_frame_mask(frame_mask.expand(B, L)), actions, positions)
+
+    def loss_and_logs(self, model, batch: DiTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with autocast(batch.x0.device, self.cfg.bf16):
+            loss = self.flow.loss(model, batch.x0, batch.latent_mask, actions=batch.actions,
+                                  action_positions=batch.positions)
+        return loss, {}
+
+    def after_step(self, loop: TrainLoop) -> None:
+        """Rank 0 keeps the EMA weights once training has run each `snapshot_s` seconds."""
+        cfg, step = self.cfg, loop.step
+        if not (self.pending and loop.rank == 0 and step % cfg.log_every == 0):
             return
-        step += 1
-        steps_since += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.time()
-            m = mean_across_ranks({"train/loss": float(loss.detach())}, device)
-            m.update({"train/grad_norm": float(grad_norm), "train/lr": sched.get_last_lr()[0],
-                      "train/steps_per_s": steps_since / max(now - t_last, 1e-9)})
-            log.write({"step": step, **m})
-            t_last, steps_since = now, 0
-            if stop_if_skipped(skipped, step, log):
-                return  # a non-finite step was skipped on the device since the last log step
-        if pending and rank == 0 and step % cfg.log_every == 0:
-            elapsed = clock.elapsed()
-            while pending and elapsed >= pending[0]:
-                at = pending.pop(0)
-                path = snapshot_path(cfg.run_dir, cfg.name, at)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                torch.save({"ema": ema.model.state_dict(), "step": step, "elapsed_s": elapsed}, tmp)
-                os.replace(tmp, path)  # whole or absent
-                log.write({"event": "snapshot", "at_s": at, "step": step, "elapsed_s": round(elapsed, 1)})
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
-            reported_step = step
-        if step % cfg.log_every == 0 and clock.check():
-            log.write({"event": "time_budget", "step": step, "message": f"max_train_s={cfg.max_train_s} spent at step {step}"})
-            break
-    if reported_step != step:  # stopped by the time budget, or restarted after the last step
-        report({"step": step}, checkpoint_fn=checkpoint)
+        elapsed = loop.clock.elapsed()
+        while self.pending and elapsed >= self.pending[0]:
+            at = self.pending.pop(0)
+            path = snapshot_path(cfg.run_dir, cfg.name, at)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"ema": loop.ema.model.state_dict(), "step": step, "elapsed_s": elapsed}, tmp)
+            os.replace(tmp, path)  # whole or absent
+            loop.log.write({"event": "snapshot", "at_s": at, "step": step, "elapsed_s": round(elapsed, 1)})
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    train(DiTComponent(config_from_dict(TrainDiTConfig, config)))

@@ -1,27 +1,26 @@
-"""VAE training loop, run by a Ray Train TorchTrainer on each worker (DDP, CPU or GPU).
+"""The VAE job's part of the training loop (`workers/train_loop.py`), run by a Ray Train
+TorchTrainer on each worker (DDP, CPU or GPU).
 
 The driver (`pipeline/train.py`) hands in `dataclasses.asdict(TrainVAEConfig)` and a Ray Dataset
-of clips (column `frames`, uint8 (L, 210, 160, 3)); this loop reconstructs the config (unknown keys
-fail), resumes from the run's last checkpoint if there is one, and trains for `steps` optimiser
-steps, reporting metrics and checkpoints through Ray Train (see `workers/train_common.py`).
+of clips (column `frames`, uint8 (L, 210, 160, 3)); with `val_every` also the "val" held-out and
+"select" training windows its checks score. The VAE supplies its network, the loss on a batch of
+clips, the periodic held-out check and the best check's EMA weights (export_best), kept in every
+checkpoint; the loop does the rest.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from models.config import config_from_dict
+from models.pixels import model_to_pixels, pixels_to_model
 from models.vae import VAE_models, VideoVAE, vae_loss
-from workers.frame_store import window_generator
-from workers.train_common import (
-    EMA, JsonlLog, TrainSettings, autocast, config_from_dict, gpu_ids, infinite_batches, load_frame_store, restore,
-    make_optimizer, make_scheduler, RunClock, maybe_crash, mean_across_ranks, metrics_path, model_to_pixels,
-    optimizer_step, pixels_to_model, rank_and_world, report, save_checkpoint, seed_everything, skip_counter, stop_if_skipped,
-)
+from workers.train_common import TrainSettings, autocast
+from workers.train_loop import TrainComponent, TrainLoop, Windows, train
 
 
 @dataclass(frozen=True)
@@ -153,13 +152,10 @@ class BestWeights:
         return {"best_ema": self.weights, "best_step": self.step, "best_mse": self.mse}
 
 
-def whole_dataset_frames(name: str, device: torch.device) -> torch.Tensor | None:
-    """A side dataset of the driver's, given whole to every worker, read onto `device`: "val", the
-    held-out windows (whenever val_every > 0), or "select", the fixed training windows that
-    export_best scores. None when it holds no window."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard(name)
+def whole_dataset_frames(shard, name: str, device: torch.device) -> torch.Tensor | None:
+    """A side dataset of the driver's (`shard`, given whole to every worker), read onto `device`:
+    "val", the held-out windows (whenever val_every > 0), or "select", the fixed training windows
+    that export_best scores. None when it holds no window."""
     if shard is None:
         raise RuntimeError(f"the VAE job was given no {name!r} dataset: with val_every > 0 the driver passes "
                            f"'val' (held-out windows) and, with export_best, 'select' (training windows)")
@@ -167,99 +163,64 @@ def whole_dataset_frames(name: str, device: torch.device) -> torch.Tensor | None
     return torch.cat(parts).to(device) if parts else None
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+class VAEComponent(TrainComponent):
+    """The VAE's loss on random clips, with the held-out check every `val_every` steps (rank 0)."""
 
-    cfg = config_from_dict(TrainVAEConfig, config)
-    rank, world = rank_and_world()
-    device = ray.train.torch.get_device()
-    seed_everything(cfg.seed + rank)
+    def __init__(self, cfg: TrainVAEConfig):
+        super().__init__(cfg)
+        self.val_frames: torch.Tensor | None = None  # held-out windows (N, L, H, W, 3), rank 0
+        self.select_frames: torch.Tensor | None = None  # training windows export_best scores, rank 0
+        self.best: BestWeights | None = None
 
-    vae = build_vae(cfg).to(device)
-    ema = EMA(vae, cfg.ema_decay)
-    opt = make_optimizer(vae, cfg)
-    clock = RunClock(cfg, device)
-    sched = make_scheduler(opt, cfg, clock)
-    skipped = skip_counter(opt, device)  # the fused optimiser's non-finite steps, read at log steps
-    restored: dict[str, Any] = {}  # the checkpoint's kept best weights, if any
-    step = restore(device, vae, ema, opt, sched, restored)  # a resumed run, or a FailureConfig restart
-    model = ray.train.torch.prepare_model(vae)  # DDP over the workers (gloo on CPU, NCCL on GPU)
-    if cfg.compile:
-        model = torch.compile(model)
-    log = JsonlLog(metrics_path(cfg.run_dir, cfg.name), active=rank == 0)
-    log.write({"event": "start", "step": step, "world_size": world, "gpu_ids": gpu_ids()})  # rank 0's
-    if cfg.data_loader == "device":
-        store, gen = load_frame_store(cfg, device, log), None
+    def build(self, device: torch.device) -> VideoVAE:
+        return build_vae(self.cfg).to(device)
 
-        def next_frames(step: int) -> torch.Tensor:
-            nonlocal gen
-            gen = window_generator(device, cfg.seed, rank, step, gen)
-            return store.sample(cfg.batch_size, cfg.clip_length, gen)[0]  # (B, L, H, W, 3)
-    else:
-        batches = infinite_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, ("frames",))
+    def start(self, loop: TrainLoop) -> None:
+        cfg = self.cfg
+        if cfg.val_every <= 0 or loop.rank != 0:
+            return
+        self.val_frames = whole_dataset_frames(loop.session.dataset_shard("val"), "val", loop.device)
+        if cfg.export_best:
+            self.best = BestWeights(loop.restored)  # the checkpoint's kept best weights, if any
+            self.select_frames = whole_dataset_frames(loop.session.dataset_shard("select"), "select", loop.device)
+            if self.select_frames is None:
+                raise RuntimeError("export_best: the 'select' dataset holds no window of the training split")
 
-        def next_frames(step: int) -> torch.Tensor:
-            return next(batches)["frames"].to(device, non_blocking=True)  # (B, L, H, W, 3)
+    def batch(self, step: int, windows: Windows) -> torch.Tensor:
+        return pixels_to_model(windows(step, self.cfg.clip_length)[0])  # (B, T, 3, H, W)
 
-    def checkpoint(d):
-        save_checkpoint(d, model=model, ema=ema, opt=opt, sched=sched, step=step, config=cfg,
-                        extra=best.state() if best is not None else None)
-
-    val_frames = whole_dataset_frames("val", device) if cfg.val_every > 0 and rank == 0 else None
-    best, select_frames = None, None
-    if cfg.val_every > 0 and cfg.export_best and rank == 0:
-        best, select_frames = BestWeights(restored), whole_dataset_frames("select", device)
-        if select_frames is None:
-            raise RuntimeError("export_best: the 'select' dataset holds no window of the training split")
-
-    def check_heldout() -> None:
-        line: dict[str, Any] = {"step": step}
-        if val_frames is not None:
-            line.update(heldout_reconstruction(val_frames, ema.model, vae, device, cfg.bf16, seed=cfg.seed))
-        if best is not None:
-            line["val/mse_train"] = mean_reconstruction_error(ema.model, select_frames)[0]
-            if best.offer(step, line["val/mse_train"], ema.model):
-                line["val/best_step"] = step
-        if len(line) > 1:
-            log.write(line)
-
-    t_last = clock.start()
-    steps_since, reported_step = 0, -1
-    while step < cfg.steps:
-        maybe_crash(cfg, step)
-        x = pixels_to_model(next_frames(step))  # (B, T, 3, H, W)
-        with autocast(device, cfg.bf16):
+    def loss_and_logs(self, model, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with autocast(x.device, self.cfg.bf16):
             recon, mean, logvar = model(x)
         # The loss in float32: a bf16 mean over ~10^6 pixels loses the small reconstruction errors.
-        loss, parts = vae_loss(x, recon.float(), mean.float(), logvar.float(), cfg.kl_weight,
-                               recon_kind=cfg.recon_kind)
-        if step == cfg.nan_at_step:
-            loss = loss * float("nan")
-        ok, grad_norm = optimizer_step(loss, model, opt, sched, ema, cfg, step, log, skipped)
-        if not ok:
-            return  # the driver turns the logged event into NonFiniteLossError
-        step += 1
-        steps_since += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.time()
-            m = mean_across_ranks({f"train/{k}": float(v) for k, v in parts.items()}, device)
-            m["train/loss"] = m.pop("train/total")
-            m.update({"train/grad_norm": float(grad_norm), "train/lr": sched.get_last_lr()[0],
-                      "train/steps_per_s": steps_since / max(now - t_last, 1e-9)})
-            log.write({"step": step, **m})
-            t_last, steps_since = now, 0
-            if stop_if_skipped(skipped, step, log):
-                return  # a non-finite step was skipped on the device since the last log step
-        if cfg.val_every > 0 and step % cfg.val_every == 0:
-            check_heldout()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            report({"step": step, "train/loss": float(loss.detach())}, checkpoint_fn=checkpoint)
-            reported_step = step
-        if step % cfg.log_every == 0 and clock.check():
-            log.write({"event": "time_budget", "step": step, "message": f"max_train_s={cfg.max_train_s} spent at step {step}"})
-            break
-    if cfg.val_every > 0 and step % cfg.val_every != 0:
-        check_heldout()  # the exported weights' own check
-    if reported_step != step:  # stopped by the time budget, or restarted after the last step
-        report({"step": step}, checkpoint_fn=checkpoint)
+        loss, parts = vae_loss(x, recon.float(), mean.float(), logvar.float(), self.cfg.kl_weight,
+                               recon_kind=self.cfg.recon_kind)
+        return loss, {"train/recon": parts["recon"], "train/kl": parts["kl"]}
+
+    def after_step(self, loop: TrainLoop) -> None:
+        if self.cfg.val_every > 0 and loop.step % self.cfg.val_every == 0:
+            self.check(loop)
+
+    def finish(self, loop: TrainLoop) -> None:
+        if self.cfg.val_every > 0 and loop.step % self.cfg.val_every != 0:
+            self.check(loop)  # the exported weights' own check
+
+    def check(self, loop: TrainLoop) -> None:
+        """The `val/*` line of this step: held-out reconstruction, and export_best's score."""
+        line: dict[str, Any] = {"step": loop.step}
+        if self.val_frames is not None:
+            line.update(heldout_reconstruction(self.val_frames, loop.ema.model, loop.net, loop.device, self.cfg.bf16,
+                                               seed=self.cfg.seed))
+        if self.best is not None:
+            line["val/mse_train"] = mean_reconstruction_error(loop.ema.model, self.select_frames)[0]
+            if self.best.offer(loop.step, line["val/mse_train"], loop.ema.model):
+                line["val/best_step"] = loop.step
+        if len(line) > 1:
+            loop.log.write(line)
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return self.best.state() if self.best is not None else {}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    train(VAEComponent(config_from_dict(TrainVAEConfig, config)))
