@@ -148,13 +148,14 @@ def summarise(runs: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]], batc
 
 def main(cfg: BenchDDPConfig) -> list[dict[str, Any]]:
     from pipeline.presets import PRESETS
+    from workers.train_common import metrics_path
 
     preset_batch = PRESETS[cfg.preset]().dit["batch_size"]
     base = prepare_base(cfg)
     runs, batch_of = {}, {}
     for n in cfg.workers:
         run = run_workers(cfg, base, n)
-        runs[n] = read_metrics(run / f"dit-{cfg.game}.metrics.jsonl")
+        runs[n] = read_metrics(metrics_path(run, f"dit-{cfg.game}"))
         batch_of[n] = cfg.global_batch // n if cfg.global_batch else preset_batch
         print(f"[bench_ddp] {n} worker(s): {runs[n][1][-1]['step']} steps", flush=True)
     rows = summarise(runs, batch_of)

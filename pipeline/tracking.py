@@ -104,6 +104,8 @@ class Tracker:
     ):
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # local copies of this MLflow run's tables and figures (what a replay uploads)
+        self.artifact_dir = self.run_dir / "tracking" / run_name
         self.pending_path = self.run_dir / PENDING_FILE
         wanted = resolve_tracking_uri(self.run_dir, tracking_uri)
         self.fallback_from: str | None = None
@@ -239,7 +241,7 @@ class Tracker:
         """A pandas DataFrame as an MLflow table (readable back with MlflowClient.load_table)."""
         if not artifact_file.endswith(".json"):
             raise ValueError(f"MLflow tables must be .json artifact files, got {artifact_file!r}")
-        local = self.run_dir / "tables" / artifact_file
+        local = self.artifact_dir / artifact_file
         local.parent.mkdir(parents=True, exist_ok=True)
         df.to_json(local, orient="split")  # a local copy, also what a replay uploads
         self._safe("table", {"path": str(local), "artifact_file": artifact_file},
@@ -256,7 +258,7 @@ class Tracker:
 
     def log_figure(self, fig, artifact_file: str) -> None:
         """A matplotlib figure, saved locally first so that a replay can upload it."""
-        local = self.run_dir / "figures" / artifact_file
+        local = self.artifact_dir / artifact_file
         local.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(local, dpi=100, bbox_inches="tight")
         parent = str(Path(artifact_file).parent)

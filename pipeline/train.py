@@ -7,16 +7,17 @@
 Layout of a run directory (`cfg.run_dir`, made absolute here, because Ray Train storage and
 `ray job submit`'s temporary working directory both need absolute paths):
 
-    <run_dir>/<name>/                  Ray Train storage of the run: checkpoints, resume state
-    <run_dir>/<name>.metrics.jsonl     rank 0's metric lines (see workers/train_loop.py)
-    <run_dir>/<name>.latent_scale.json the DiT run's measured latent scale (reused on resume)
+    <run_dir>/train/<name>/            Ray Train storage of the run: checkpoints, resume state, and
+        metrics.jsonl                  rank 0's metric lines (see workers/train_loop.py)
+        latent_scale.json              the DiT run's measured latent scale (reused on resume)
+        snapshots/                     the DiT's EMA weights at `snapshot_s` seconds
     <run_dir>/models/<name>/           exported EMA weights: the VAE, or the whole world model
     <run_dir>/mlflow.db, mlartifacts/  the default MLflow store (pipeline/tracking.py)
 
 Metrics reach MLflow from the driver only: while `fit()` runs, a thread follows the JSONL and logs
 each new line (so the MLflow UI shows live progress); lines written before this `fit()` were logged
 by the driver that saw them. Restarting with the same `name` resumes from the last checkpoint (Ray
-Train finds it in `<run_dir>/<name>/`) and continues the same MLflow run. A crashed worker group is
+Train finds it in `<run_dir>/train/<name>/`) and continues the same MLflow run. A crashed worker group is
 restarted from the last checkpoint up to `max_failures` times (FailureConfig). A loop that meets a
 non-finite loss stops; the driver raises `NonFiniteLossError` naming the step and the last good
 checkpoint, which stays in storage.
@@ -49,7 +50,8 @@ from pipeline import cli
 from pipeline.cluster import ensure_ray
 from pipeline.tracking import Tracker
 from workers.data import frame_dataset, spread_window_dataset, training_data_input, training_dataset
-from workers.train_common import NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, pixels_to_model
+from workers.train_common import (NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, pixels_to_model,
+                                  train_dir)
 from workers.train_dit import TrainDiTConfig, build_dit, snapshot_name, snapshot_path
 from workers.train_dit import train_loop_per_worker as dit_loop
 from workers.train_vae import TrainVAEConfig, build_vae
@@ -110,7 +112,7 @@ def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Trac
         datasets={"train": dataset, **(side_datasets or {})},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
-            storage_path=cfg.run_dir, name=cfg.name,
+            storage_path=str(train_dir(cfg.run_dir, cfg.name).parent), name=cfg.name,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
         ),
@@ -214,7 +216,7 @@ def train_dit_main(cfg: TrainDiTConfig, tracking_uri: str | None = None) -> Path
     ensure_ray()
     if cfg.latent_scale <= 0:
         # Measured once per run and kept: a resumed run must train on the same latent scale.
-        saved = Path(cfg.run_dir) / f"{cfg.name}.latent_scale.json"
+        saved = train_dir(cfg.run_dir, cfg.name) / "latent_scale.json"
         if saved.exists():
             scale = json.loads(saved.read_text())["latent_scale"]
         else:

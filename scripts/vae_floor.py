@@ -24,14 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.clips import read_windows_numpy  # noqa: E402
+from workers.train_common import train_dir  # noqa: E402
 from workers.train_vae import mean_reconstruction_error  # noqa: E402
 from workers.world_model import load_vae  # noqa: E402
 
 
 def last_checkpoint_state(run_dir: Path, name: str = "vae") -> dict | None:
     """The raw and EMA state dicts of the run's newest VAE training checkpoint (Ray Train's
-    `<run>/<name>/checkpoint_*/state.pt`); None when the run kept none."""
-    found = sorted((run_dir / name).glob("checkpoint_*/state.pt"))
+    `<run>/train/<name>/checkpoint_*/state.pt`); None when the run kept none."""
+    found = sorted(train_dir(run_dir, name).glob("checkpoint_*/state.pt"))
     return torch.load(found[-1], map_location="cpu", weights_only=False) if found else None
 
 
@@ -45,7 +46,7 @@ def floor(vae, frames: np.ndarray, device: str, bf16: bool, sample: bool, batch:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True, help="a pipeline run of one game (data/, models/vae, vae/checkpoint_*)")
+    p.add_argument("--run-dir", required=True, help="a pipeline run of one game (data/, models/vae, train/vae/checkpoint_*)")
     p.add_argument("--windows", type=int, default=64, help="windows per split, spread over its episodes")
     p.add_argument("--length", type=int, default=4, help="frames per window")
     p.add_argument("--stride", type=int, default=8)

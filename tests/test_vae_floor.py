@@ -29,7 +29,7 @@ def _load(name: str):
 
 def _run_dir(tmp_path: Path, data_root: str, with_checkpoint: bool) -> tuple[Path, torch.nn.Module]:
     """A run as the pipeline leaves it: data/, models/vae (the exported EMA weights) and, when
-    asked, vae/checkpoint_*/state.pt whose raw weights differ from the EMA's."""
+    asked, train/vae/checkpoint_*/state.pt whose raw weights differ from the EMA's."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "data").symlink_to(data_root)
@@ -41,7 +41,7 @@ def _run_dir(tmp_path: Path, data_root: str, with_checkpoint: bool) -> tuple[Pat
         with torch.no_grad():
             for p in raw.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        ckpt = run / "vae" / "checkpoint_000001"
+        ckpt = run / "train" / "vae" / "checkpoint_000001"
         ckpt.mkdir(parents=True)
         torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "step": 30}, ckpt / "state.pt")
     return run, ema

@@ -1,7 +1,7 @@
 """The pieces of a training step that every job shares: settings, optimiser and LR schedule, EMA,
 the non-finite guard, and the metric lines. The loop that runs them is `workers/train_loop.py`.
 
-Rank 0 appends one JSON line per logged step to `<run_dir>/<name>.metrics.jsonl` (`JsonlLog`);
+Rank 0 appends one JSON line per logged step to `<run_dir>/train/<name>/metrics.jsonl` (`JsonlLog`);
 the driver replays them into MLflow (`read_metrics` reads the file back, one row per step).
 """
 
@@ -116,8 +116,14 @@ class TrainSettings:
 DATA_LOADERS = ("device", "stream")
 
 
+def train_dir(run_dir: str | Path, name: str) -> Path:
+    """`<run_dir>/train/<name>/`: the Ray Train storage of training run `name` (checkpoints, resume
+    state), beside its metric lines, its latent scale and its snapshots."""
+    return Path(run_dir) / "train" / name
+
+
 def metrics_path(run_dir: str | Path, name: str) -> Path:
-    return Path(run_dir) / f"{name}.metrics.jsonl"
+    return train_dir(run_dir, name) / "metrics.jsonl"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

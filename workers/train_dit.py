@@ -26,7 +26,7 @@ from models.pixels import pixels_to_model
 from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.stdit import STDiT, STDiT_models
 from workers.clips import split_sample
-from workers.train_common import TrainSettings, autocast
+from workers.train_common import TrainSettings, autocast, train_dir
 from workers.train_loop import TrainComponent, TrainLoop, Windows, train
 from workers.world_model import load_vae
 
@@ -111,7 +111,7 @@ class TrainDiTConfig(TrainSettings):
 
 def snapshot_path(run_dir: str | Path, name: str, at_s: float) -> Path:
     """Where the EMA weights kept at `at_s` seconds of training of run `name` live."""
-    return Path(run_dir) / "snapshots" / name / f"at{at_s:g}s.pt"
+    return train_dir(run_dir, name) / "snapshots" / f"at{at_s:g}s.pt"
 
 
 def snapshot_name(name: str, at_s: float) -> str:

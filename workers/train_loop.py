@@ -10,7 +10,7 @@ injections. One step, on every rank:
           -> after_step hook -> checkpoint report (every checkpoint_every) -> clock check (every log_every)
 
 The loop never talks to MLflow: rank 0 appends one JSON line per logged step to
-`<run_dir>/<name>.metrics.jsonl` (which the driver replays into MLflow, live or after `fit()`),
+`<run_dir>/train/<name>/metrics.jsonl` (which the driver replays into MLflow, live or after `fit()`),
 and every `checkpoint_every` steps (and at the last) all ranks call `ray.train.report` with rank 0
 carrying the checkpoint. Ray Train's own `Result` keeps metrics only for checkpointed reports,
 hence the JSONL. A checkpoint directory holds `state.pt` (model, EMA, optimiser, scheduler, step,
