@@ -8,7 +8,10 @@ from typing import Any
 
 
 def config_from_dict(cls: type, values: dict[str, Any]):
-    """Build a frozen config dataclass; unknown keys are errors, lists become tuples."""
+    """Build a frozen config dataclass; unknown keys are errors, lists become tuples. A dict-typed
+    field gets a copy of the given dict, its values as given (a list stays a list, a tuple a tuple):
+    whoever reads it resolves them, as `pipeline/sweep.py` resolves `SweepConfig.dit` through
+    TrainDiTConfig, so that a list and a tuple of the same values give the same settings."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -16,7 +19,10 @@ def config_from_dict(cls: type, values: dict[str, Any]):
     hints = typing.get_type_hints(cls)
     clean = {}
     for key, value in values.items():
-        if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
+        kind = typing.get_origin(hints[key]) or hints[key]
+        if isinstance(value, list) and kind is tuple:
             value = tuple(value)
+        elif isinstance(value, dict) and kind is dict:
+            value = dict(value)  # the caller's dict may change later; the frozen config's must not
         clean[key] = value
     return cls(**clean)

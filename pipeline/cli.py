@@ -13,6 +13,8 @@ field, inherited fields included) becomes the flag's `--help` text, followed by 
   fixed-length tuple takes exactly that many; a tuple of tuples takes each inner tuple
   comma-separated (`--agent-conv-filters 16,8,4 32,4,2 256,11,1`). A tuple flag given twice
   collects both lists;
+- dicts: one JSON object (`--dit '{"steps": 12}'`, `--overrides '{"horizon": [1, 2]}'`); a value
+  that is not a JSON object is a usage error naming the flag;
 - a nested dataclass field (collect's `agent`) gives its own fields as prefixed flags
   (`--agent-seed`).
 
@@ -29,6 +31,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import json
 import sys
 import textwrap
 import types
@@ -97,16 +100,40 @@ class _CommaTuple:
             raise argparse.ArgumentTypeError(f"{token!r}: expected comma-separated {self.__name__}") from None
 
 
+def _json_object(token: str) -> dict[str, Any]:
+    """One token holding a JSON object -> that dict (argparse prefixes the flag to the error)."""
+    try:
+        value = json.loads(token)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{token!r} is not JSON ({exc}); expected a JSON object, "
+                                         f"e.g. '{{\"steps\": 12}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{token!r} is not a JSON object ({{\"name\": value, ...}}) but a "
+                                         f"{type(value).__name__}")
+    return value
+
+
+_json_object.__name__ = "JSON object"  # argparse names the type in its errors
+
+
+def _is_dict(kind: Any) -> bool:
+    return kind is dict or typing.get_origin(kind) is dict
+
+
 def _converter(kind: Any, where: str) -> Callable[[str], Any]:
     """What turns one command-line token into a value of `kind`."""
     if kind in (int, float, str):
         return kind
+    if _is_dict(kind):
+        return _json_object
     if typing.get_origin(kind) is tuple and all(k in (int, float, str) for k in _element_types(kind)):
         return _CommaTuple(_element_types(kind), _is_variadic(kind))
     raise TypeError(f"{where}: the command line has no syntax for fields of type {kind!r}")
 
 
 def _metavar(kind: Any) -> str:
+    if _is_dict(kind):
+        return "JSON"
     if typing.get_origin(kind) is tuple:
         return ",".join(_metavar(k) for k in _element_types(kind))
     return getattr(kind, "__name__", str(kind)).upper()
@@ -114,6 +141,8 @@ def _metavar(kind: Any) -> str:
 
 def _shown(value: Any) -> str:
     """A default as it is typed on the command line."""
+    if isinstance(value, dict):
+        return json.dumps(value, default=list)
     if isinstance(value, (tuple, list)):
         items = [",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v) for v in value]
         return " ".join(items) or "empty"

@@ -200,7 +200,7 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     def do_sweep() -> dict[str, Any]:
         tables = {}
         for space, fields in preset.sweeps:
-            fields = {"dit": json.dumps(preset.dit), **fields}
+            fields = {"dit": dict(preset.dit), **fields}
             cfg = config_from_dict(sweep.SweepConfig, {**fields, "space": space, "run_dir": str(out_dir),
                                                        "data_root": data_root,
                                                        "vae_path": results["vae"]["vae_path"]})

@@ -96,12 +96,12 @@ class SweepConfig:
     games: tuple[str, ...] = ()
     """Games the trials train on where the space does not name the game (each game gets the whole
     grid); () = every game collected under `data_root`."""
-    overrides: str = ""
-    """JSON object of grid overrides, e.g. '{"horizon": [1, 2], "game": "Breakout"}' (a list sweeps;
-    a scalar names the game, or repeats a value `dit` already has: it never replaces one)."""
-    dit: str = ""
-    """JSON object of TrainDiTConfig fields of every trial (in the job: the preset's `dit`); a trial
-    changes only the fields its space sweeps."""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Grid overrides, e.g. {"horizon": [1, 2], "game": "Breakout"} (a list sweeps; a scalar names
+    the game, or repeats a value `dit` already has: it never replaces one)."""
+    dit: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """TrainDiTConfig fields of every trial (in the job: the preset's `dit`); a trial changes only
+    the fields its space sweeps."""
     name: str = ""
     """Sweep name (Tune experiment and MLflow parent run); empty = `sweep-<space>`."""
     eval_max_windows: int = 64
@@ -138,10 +138,10 @@ class SweepConfig:
 
         if self.eval_split not in SPLITS:
             raise ValueError(f"SweepConfig.eval_split={self.eval_split!r} is no split; splits are {list(SPLITS)}")
-        for field in ("overrides", "dit"):
-            text = getattr(self, field)
-            if text and not isinstance(json.loads(text), dict):
-                raise ValueError(f"SweepConfig.{field} must be a JSON object, got {text!r}")
+        for name in ("overrides", "dit"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"SweepConfig.{name} must be a dict of settings by name, got {value!r}")
         if self.trials_per_gpu < 1:
             raise ValueError(f"SweepConfig.trials_per_gpu={self.trials_per_gpu} must be >= 1")
         if self.trials_per_gpu > 1:
@@ -160,11 +160,11 @@ class SweepError(ValueError):
 
 # -- what each trial trains ----------------------------------------------------------------------------
 def _overrides(cfg: SweepConfig) -> dict[str, Any]:
-    return json.loads(cfg.overrides) if cfg.overrides else {}
+    return dict(cfg.overrides)  # a copy: the frozen config's own dict stays as given
 
 
 def _base(cfg: SweepConfig) -> dict[str, Any]:
-    return json.loads(cfg.dit) if cfg.dit else {}
+    return dict(cfg.dit)
 
 
 def collected_games(data_root: str) -> tuple[str, ...]:
@@ -362,7 +362,7 @@ def sweep_version(cfg: SweepConfig) -> str:
 def preset_sweep_config(preset: Any, space: str, fields: dict[str, Any]) -> SweepConfig:
     """A preset's sweep entry as the job runs it (`pipeline/run_all.py`: its `dit` defaults to the
     preset's), without the job's paths: what `sweep_version` of a preset's sweep is computed from."""
-    return config_from_dict(SweepConfig, {"dit": json.dumps(preset.dit), **fields, "space": space})
+    return config_from_dict(SweepConfig, {"dit": dict(preset.dit), **fields, "space": space})
 
 
 def upstream(cfg: SweepConfig) -> dict[str, Any]:

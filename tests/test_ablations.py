@@ -31,7 +31,7 @@ PATHS = {"run_dir": "/r", "data_root": "/d", "vae_path": "/v"}
 
 def _sweep_config(preset: run_all.Preset, space: str, fields: dict, **paths) -> sweep.SweepConfig:
     """A preset's sweep entry as `run_all`'s sweep stage builds it."""
-    return config_from_dict(sweep.SweepConfig, {"dit": json.dumps(preset.dit), **fields, "space": space,
+    return config_from_dict(sweep.SweepConfig, {"dit": dict(preset.dit), **fields, "space": space,
                                                 **(paths or PATHS)})
 
 
@@ -50,7 +50,7 @@ def test_each_trial_trains_the_presets_model_with_only_the_swept_fields_changed(
     assert plan.trials
     # the sweep's DiT settings: the preset's own, unless the entry gives a `dit` of its own (smoke's
     # shorter trials)
-    base = json.loads(fields["dit"]) if "dit" in fields else preset.dit
+    base = fields.get("dit", preset.dit)
     job = dataclasses.asdict(config_from_dict(TrainDiTConfig, {**base, **PATHS}))
     swept = set(plan.fields) | {"seed", "game", "name"} | ({"horizon_choices"} if "horizon" in plan.fields else set())
     for params, trial in plan.trials:
@@ -83,18 +83,18 @@ def _gpu_cfg(tmp_path: Path, **fields) -> sweep.SweepConfig:
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"overrides": json.dumps({"variant": ["future+embedding", "future+one-hot"]})},
+    ({"overrides": {"variant": ["future+embedding", "future+one-hot"]}},
      r"variant='future\+one-hot' is not one of"),
-    ({"space": "table3", "overrides": json.dumps({"action_mode": ["future", "past"]})}, r"action_mode='past' is not one of"),
-    ({"space": "table4", "overrides": json.dumps({"action_encoder": ["one-hot"]})}, r"action_encoder='one-hot' is not one"),
-    ({"overrides": json.dumps({"horizn": [1, 2]})}, r"swept field 'horizn' is no TrainDiTConfig field"),
-    ({"overrides": json.dumps({"name": ["x"]})}, r"'name' is set by the sweep itself"),
-    ({"overrides": json.dumps({"dit_preset": "tiny"})}, r"overrides fix dit_preset='tiny', but .* have dit_preset='S'"),
-    ({"overrides": json.dumps({"sample_steps": 8})}, r"fix sample_steps=8, but .* have sample_steps=4"),
+    ({"space": "table3", "overrides": {"action_mode": ["future", "past"]}}, r"action_mode='past' is not one of"),
+    ({"space": "table4", "overrides": {"action_encoder": ["one-hot"]}}, r"action_encoder='one-hot' is not one"),
+    ({"overrides": {"horizn": [1, 2]}}, r"swept field 'horizn' is no TrainDiTConfig field"),
+    ({"overrides": {"name": ["x"]}}, r"'name' is set by the sweep itself"),
+    ({"overrides": {"dit_preset": "tiny"}}, r"overrides fix dit_preset='tiny', but .* have dit_preset='S'"),
+    ({"overrides": {"sample_steps": 8}}, r"fix sample_steps=8, but .* have sample_steps=4"),
     ({"games": ("Pong",)}, r"game\(s\) \['Pong'\] have no episodes"),
     ({"use_gpu": False}, r"use_gpu=False, but .* use_gpu=True"),
-    ({"dit": json.dumps({**run_all.gpu().dit, "max_train_s": 600.0})}, r"step budgets, not clocks"),
-    ({"dit": json.dumps({**run_all.gpu().dit, "lr_cooldwn": 0.2})}, r"lr_cooldwn"),
+    ({"dit": {**run_all.gpu().dit, "max_train_s": 600.0}}, r"step budgets, not clocks"),
+    ({"dit": {**run_all.gpu().dit, "lr_cooldwn": 0.2}}, r"lr_cooldwn"),
 ])
 def test_bad_sweeps_fail_before_tune_starts_naming_the_field(tmp_path, fields, message):
     (tmp_path / "vae").mkdir()
@@ -110,11 +110,11 @@ def test_sweep_config_refuses_a_shared_gpu_and_a_game_named_twice(tmp_path):
         _gpu_cfg(tmp_path, trials_per_gpu=2)
     with pytest.raises(ValueError, match="trials_per_gpu=0"):
         _gpu_cfg(tmp_path, trials_per_gpu=0)
-    cfg = _gpu_cfg(tmp_path, games=("Breakout",), overrides=json.dumps({"game": "Breakout"}))
+    cfg = _gpu_cfg(tmp_path, games=("Breakout",), overrides={"game": "Breakout"})
     with pytest.raises(sweep.SweepError, match="the game is set twice"):
         sweep.plan_sweep(cfg, collected=("Breakout",))
     with pytest.raises(sweep.SweepError, match="SweepConfig.dit sets game"):
-        sweep.plan_sweep(_gpu_cfg(tmp_path, dit=json.dumps({**run_all.gpu().dit, "game": "Pong"})),
+        sweep.plan_sweep(_gpu_cfg(tmp_path, dit={**run_all.gpu().dit, "game": "Pong"}),
                          collected=("Breakout",))
 
 
@@ -122,12 +122,14 @@ def test_sweep_version_pools_seeds_games_splits_and_jobs_not_other_settings(tmp_
     v = sweep.sweep_version(_gpu_cfg(tmp_path))
     same = [dict(seeds=(3, 4)), dict(games=("Pong",)), dict(eval_split="val"), dict(max_concurrent_trials=2),
             dict(eval_batch_size=8, eval_num_cpus=1), dict(name="other"),
-            dict(overrides=json.dumps({"variant": ["future+onehot"], "game": "Pong"})),  # a narrower grid elsewhere
-            dict(dit=json.dumps({**run_all.gpu().dit, "num_workers": 2, "checkpoint_every": 500}))]
+            dict(overrides={"variant": ["future+onehot"], "game": "Pong"}),  # a narrower grid elsewhere
+            dict(dit={**run_all.gpu().dit, "num_workers": 2, "checkpoint_every": 500}),
+            # the same settings as the command line gives them (JSON: lists for tuples)
+            dict(dit=json.loads(json.dumps(run_all.gpu().dit)), overrides={"variant": ("future+onehot",)})]
     for fields in same:
         assert sweep.sweep_version(_gpu_cfg(tmp_path, **fields)) == v, fields
-    other = [dict(dit=json.dumps({**run_all.gpu().dit, "steps": 4000})), dict(eval_max_windows=128),
-             dict(eval_lpips=False), dict(space="table3"), dict(overrides=json.dumps({"horizon": [1, 2, 4]}))]
+    other = [dict(dit={**run_all.gpu().dit, "steps": 4000}), dict(eval_max_windows=128),
+             dict(eval_lpips=False), dict(space="table3"), dict(overrides={"horizon": [1, 2, 4]})]
     assert len({v, *(sweep.sweep_version(_gpu_cfg(tmp_path, **f)) for f in other)}) == 1 + len(other)
     # the version of a preset's sweep is computable from the code alone (the results tables use it)
     from pipeline.results import current_sweep_versions

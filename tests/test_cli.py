@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,6 +139,8 @@ class Outer:
     sets: tuple[str, ...] = dataclasses.field(default=(), metadata={"flag": "--set"})
     mode: str = dataclasses.field(default="a", metadata={"choices": ("a", "b")})
     inner: Inner = dataclasses.field(default_factory=lambda: Inner(seed=7))
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """settings by name"""
 
     def __post_init__(self):
         if self.rate < 0:
@@ -148,15 +151,19 @@ def test_generator_parses_every_kind_of_field(capsys):
     assert cli.parse_config(Outer, []) == Outer()
     cfg = cli.parse_config(Outer, ["--name", "x", "--seed", "3", "--rate", "2.5", "--checkpoint", "c", "--no-explore",
                                    "--horizons", "4", "8", "--patch", "1", "4", "4", "--set", "a=1", "b=2", "--set",
-                                   "c=3", "--mode", "b", "--inner-seed", "5", "--inner-filters", "32,4,2", "64,3,1"])
+                                   "c=3", "--mode", "b", "--inner-seed", "5", "--inner-filters", "32,4,2", "64,3,1",
+                                   "--extra", '{"steps": 12, "horizon": [1, 2]}'])
     assert cfg == Outer(name="x", seed=3, rate=2.5, checkpoint="c", explore=False, horizons=(4, 8), patch=(1, 4, 4),
-                        sets=("a=1", "b=2", "c=3"), mode="b", inner=Inner(seed=5, filters=((32, 4, 2), (64, 3, 1))))
+                        sets=("a=1", "b=2", "c=3"), mode="b", inner=Inner(seed=5, filters=((32, 4, 2), (64, 3, 1))),
+                        extra={"steps": 12, "horizon": [1, 2]})
     # --field_name spellings; a tuple flag alone is an empty tuple
     assert cli.parse_config(Outer, ["--inner_seed=9", "--horizons"]) == Outer(inner=Inner(seed=9), horizons=())
     for argv, says in ((["--sed", "1"], "unrecognized arguments: --sed"), (["--see", "1"], "unrecognized"),
                        (["--mode", "c"], "invalid choice: 'c'"), (["--rate", "-1"], "rate must be >= 0, got -1.0"),
                        (["--inner-filters", "1,2"], "expected 3 comma-separated values"),
-                       (["--patch", "1", "2"], "expected 3 arguments")):
+                       (["--patch", "1", "2"], "expected 3 arguments"),
+                       (["--extra", "[1, 2]"], "argument --extra: '[1, 2]' is not a JSON object"),
+                       (["--extra", "{steps: 1}"], "argument --extra: '{steps: 1}' is not JSON")):
         with pytest.raises(SystemExit) as exc:
             cli.parse_config(Outer, argv)
         assert exc.value.code == 2 and says in capsys.readouterr().err, argv
@@ -165,6 +172,22 @@ def test_generator_parses_every_kind_of_field(capsys):
     assert "(channels, kernel, stride) per layer (default: 16,8,4)" in help_text
     assert "--inner-seed INT" in help_text and "the inner seed (default: 7)" in help_text
     assert "--explore, --no-explore" in help_text and "sample actions (default: True)" in help_text
+    assert "--extra JSON" in help_text and "settings by name (default: {})" in help_text
+
+
+def test_sweep_dicts_parse_from_json_objects(capsys):
+    from pipeline.sweep import SweepConfig
+
+    cfg = cli.parse_config(SweepConfig, ["--dit", '{"steps": 12, "horizon_choices": [1, 2]}',
+                                         "--overrides", '{"horizon": [1, 2], "game": "Breakout"}'])
+    assert cfg.dit == {"steps": 12, "horizon_choices": [1, 2]}
+    assert cfg.overrides == {"horizon": [1, 2], "game": "Breakout"}
+    assert cli.parse_config(SweepConfig, []).dit == {} == cli.parse_config(SweepConfig, []).overrides
+    for flag, value in (("--overrides", "[1, 2]"), ("--dit", '"steps"'), ("--dit", "12"), ("--overrides", "{horizon}")):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_config(SweepConfig, [flag, value])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"argument {flag}: {value!r}" in err and "JSON" in err, (flag, value, err)
 
 
 def test_sub_commands_and_the_tracking_uri():

@@ -103,11 +103,13 @@ def test_sweep_aggregates_mean_and_std_over_seeds():
     assert "| future | 4 | model | 10.00 ± 1.41 |" in md and md.count("copy_last") == 2
 
 
-def test_sweep_config_rejects_unknown_space_and_bad_json():
+def test_sweep_config_rejects_unknown_space_and_settings_not_a_dict():
     with pytest.raises(ValueError, match="known spaces"):
         sweep.SweepConfig(space="table9")
-    with pytest.raises(ValueError, match="JSON object"):
-        sweep.SweepConfig(overrides="[1, 2]")
+    with pytest.raises(ValueError, match="SweepConfig.overrides must be a dict"):
+        sweep.SweepConfig(overrides=[1, 2])
+    with pytest.raises(ValueError, match="SweepConfig.dit must be a dict"):
+        sweep.SweepConfig(dit='{"steps": 12}')  # settings, not their JSON text
 
 
 def test_dit_config_checks_horizon_choices():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from pipeline.presets.base import Preset
 
 
@@ -26,8 +24,8 @@ def preset() -> Preset:
                  "train_steps": 64, "train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1,
                  "num_envs_per_env_runner": 4, "cpus_per_env_runner": 0.5,
                  "eval_max_steps": 150, "num_cpus": 0.5},
-        sweeps=(("table3", {"seeds": (0,), "overrides": json.dumps({"horizon": [2], "game": "Breakout"}),
-                            "dit": json.dumps({**dit, "steps": 12, "checkpoint_every": 12, "horizon_choices": ()}),
+        sweeps=(("table3", {"seeds": (0,), "overrides": {"horizon": [2], "game": "Breakout"},
+                            "dit": {**dit, "steps": 12, "checkpoint_every": 12, "horizon_choices": ()},
                             "eval_max_windows": 4, "eval_lpips": False, "eval_idm_steps": 20,
                             "eval_idm_max_pairs": 256}),),
     )
