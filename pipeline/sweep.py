@@ -71,7 +71,7 @@ SWEEP_OWNED = frozenset({"run_dir", "data_root", "vae_path", "name", "use_gpu", 
 
 # Settings that do not change what a trial trains or how it is scored: where it runs, with what
 # resources, under which names, and the seeds and games (a version's seeds and games pool): the
-# fields that `pipeline/run_all.py`'s preset version leaves out, and the collection's checkpoint path.
+# fields that the preset version (`pipeline/presets/base.py`) leaves out, and the collection's checkpoint path.
 _UNVERSIONED = frozenset({"run_dir", "data_root", "name", "game", "games", "run_id", "vae_path", "model_path", "seed",
                           "num_workers", "cpus_per_worker", "use_gpu", "num_cpus", "figure_windows",
                           "action_sequences", "windows_of", "checkpoint_every", "log_every", "num_env_runners",

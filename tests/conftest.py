@@ -120,6 +120,8 @@ def tiny_trained(tiny_split_root, tmp_path_factory):
 # jobs, servers or browsers in subprocesses. A test touching neither is quick.
 _SLOW_FIXTURES = frozenset({"ray_local", "tiny_dataset", "tiny_split_root", "tiny_trained"})
 _SLOW_MODULES = frozenset({"test_job", "test_readme", "test_cli", "test_serve", "test_learning", "test_benchmarks"})
+_SLOW_TESTS = frozenset({"test_init_ray_starts_a_local_cluster_instead_of_joining_a_dead_one",  # Ray in a subprocess
+                         "test_compose_mlflow_command_serves_clients_that_use_the_service_name"})  # an MLflow server
 
 
 def pytest_configure(config):
@@ -130,5 +132,6 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if module not in _SLOW_MODULES and not _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if (module not in _SLOW_MODULES and item.originalname not in _SLOW_TESTS
+                and not _SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.quick)

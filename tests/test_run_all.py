@@ -61,7 +61,7 @@ def test_set_replaces_single_preset_settings_and_names_bad_ones():
                                       "collect.agent.train_steps=8000", "evaluate.name=eval-c16",
                                       "dit.bf16=false"))
     assert p.vae["latent_channels"] == 16 and base.vae["latent_channels"] == 8  # the preset is not mutated
-    assert p.vae["steps"] == base.vae["steps"] and "latent_channels" not in base.dit  # only the named field
+    assert p.vae["steps"] == base.vae["steps"] and p.dit == {**base.dit, "horizon_choices": [1, 4], "bf16": False}
     assert config_from_dict(TrainDiTConfig, p.dit).horizon_choices == (1, 4) and p.dit["bf16"] is False
     assert p.collect["agent"]["train_steps"] == 8000
     assert p.collect["agent"]["learner_device"] == base.collect["agent"]["learner_device"]

@@ -33,28 +33,35 @@ def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int
                  episodes: Collection[str] | None = None):
     """Ray Dataset of windows (`frames` uint8 (L, 210, 160, 3), `actions` int64 (L,)) of one split
     of one game (every game when `game` is empty); of the given episodes alone when `episodes` is
-    set: their rows are kept before the shuffle that gathers episodes, so the others cost a read only."""
+    set: only the files holding rows of that split, game and episodes are read."""
     import ray
-    from ray.data.expressions import col
 
     files = parquet_files(data_root)
-    if episodes is not None:
-        # Only the files holding those episodes are read, and the episodes are picked after the
-        # shuffle that gathers them: with an `is_in` filter before it, a 28-file collection failed
-        # in Ray Data's hash shuffle ("Schema at index 1 was different": a block without columns
-        # beside full ones), which a CPU-sized collection did not show.
-        wanted = set(episodes)
-        files = [f for f in files if wanted & set(pq.read_table(f, columns=[S.EPISODE_ID])[S.EPISODE_ID].to_pylist())]
-        if not files:
-            raise ValueError(f"none of the {len(wanted)} episodes asked for is in {data_root}")
-    rows = ray.data.read_parquet(files, partitioning=None)  # as workers.clips.read_episodes
-    if game:
-        rows = rows.filter(expr=col(S.GAME) == game)
+    # Files are picked by their small columns; rows of other splits, games or episodes in the files
+    # kept are dropped after the shuffle that gathers episodes (`window_dataset`), never by a filter
+    # before it: such a filter can hand Ray Data's hash shuffle an empty block without columns
+    # beside full ones ("Schema at index i was different"), which a 120k-step collection on 16
+    # cores hit and CPU-sized collections did not.
+    wanted = set(episodes) if episodes is not None else None
+    keep = []
+    for f in files:
+        t = pq.read_table(f, columns=[S.EPISODE_ID, S.SPLIT, S.GAME])
+        if split is not None and split not in set(t[S.SPLIT].to_pylist()):
+            continue
+        if game and game not in set(t[S.GAME].to_pylist()):
+            continue
+        if wanted is not None and not wanted & set(t[S.EPISODE_ID].to_pylist()):
+            continue
+        keep.append(f)
+    if not keep and wanted is not None:
+        raise ValueError(f"none of the {len(wanted)} episodes asked for is in {data_root}")
+    keep = keep or files  # no row of that split or game: an empty dataset, as the callers expect
+    rows = ray.data.read_parquet(keep, partitioning=None)  # as workers.clips.read_episodes
     # One shuffle partition per file, as window_dataset does for a path: Ray's default of 200
     # partitions costs minutes of scheduling on a small machine.
-    partitions = max(1, min(200, len(files)))
+    partitions = max(1, min(200, len(keep)))
     return window_dataset(rows, length=length, stride=stride, split=split, num_partitions=partitions,
-                          episodes=episodes)
+                          episodes=episodes, game=game or None)
 
 
 def spread_window_dataset(data_root: str, game: str, split: str, length: int, stride: int, n: int | None,

@@ -46,7 +46,7 @@ def section_configs() -> dict[str, type]:
 
 def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
     """The preset with `section.field=value` settings replaced (`--set`): section is collect,
-    collect.agent, vae, dit or evaluate; value is JSON (`16`, `[1, 2]`, `true`), else a string.
+    collect.agent, vae, dit, evaluate or imagine; value is JSON (`16`, `[1, 2]`, `true`), else a string.
     An unknown section or field fails here, naming it, before anything runs."""
     sections = section_configs()
     parts = {name: dict(getattr(preset, name)) for name in ("collect", "vae", "dit", "evaluate", "imagine")}
