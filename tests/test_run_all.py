@@ -23,17 +23,33 @@ from workers.world_model import WorldModel
 from models.vae import VAE_models
 
 
+def _lands_as_given(cfg, fields: dict) -> None:
+    """Every setting a preset names reaches the stage's config unchanged (lists and tuples alike)."""
+    def norm(v):
+        return [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    for k, v in fields.items():
+        assert norm(getattr(cfg, k)) == norm(v), (type(cfg).__name__, k, getattr(cfg, k), v)
+
+
 @pytest.mark.parametrize("name", sorted(run_all.PRESETS))
 def test_every_preset_builds_valid_stage_configs(name):
+    from pipeline.imagine import ImagineConfig
+
     p = run_all.PRESETS[name]()
     c = dict(p.collect)
-    CollectConfig(games=p.games, agent=AgentConfig(**c.pop("agent", {})), **c)
-    config_from_dict(TrainVAEConfig, p.vae)
+    agent = c.pop("agent", {})
+    collect = CollectConfig(games=p.games, agent=AgentConfig(**agent), **c)
+    _lands_as_given(collect, c)
+    _lands_as_given(collect.agent, agent)
+    _lands_as_given(config_from_dict(TrainVAEConfig, p.vae), p.vae)
     dit = config_from_dict(TrainDiTConfig, p.dit)
-    build_dit(dit, 8)
-    config_from_dict(EvalConfig, p.evaluate)
+    _lands_as_given(dit, p.dit)
+    assert sum(x.numel() for x in build_dit(dit, 8).parameters()) > 0
+    _lands_as_given(config_from_dict(EvalConfig, p.evaluate), p.evaluate)
+    _lands_as_given(config_from_dict(ImagineConfig, p.imagine), p.imagine)
     for space, fields in p.sweeps:
-        config_from_dict(sweep.SweepConfig, {**fields, "space": space})
+        _lands_as_given(config_from_dict(sweep.SweepConfig, {**fields, "space": space}), fields)
 
 
 def test_completed_stage_is_reused_and_a_failing_stage_is_named(tmp_path):
