@@ -44,9 +44,9 @@ from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.stdit import STDiT_models
 from models.vae import VAE_models, VideoVAE
 from workers.train_common import (
-    EMA, JsonlLog, autocast, infinite_batches, make_optimizer, make_scheduler, optimizer_step, pixels_to_model,
-    skip_counter,
+    EMA, JsonlLog, autocast, infinite_batches, make_optimizer, make_scheduler, optimizer_step, skip_counter,
 )
+from models.pixels import pixels_to_model
 from workers.clips import split_sample
 from workers.train_dit import TrainDiTConfig, build_dit
 from workers.world_model import load_vae

@@ -50,8 +50,8 @@ from pipeline import cli
 from pipeline.cluster import ensure_ray
 from pipeline.tracking import Tracker
 from workers.data import frame_dataset, spread_window_dataset, training_data_input, training_dataset
-from workers.train_common import (NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, pixels_to_model,
-                                  train_dir)
+from models.pixels import pixels_to_model
+from workers.train_common import NONFINITE_EVENT, NonFiniteLossError, TrainSettings, metrics_path, train_dir
 from workers.train_dit import TrainDiTConfig, build_dit, snapshot_name, snapshot_path
 from workers.train_dit import train_loop_per_worker as dit_loop
 from workers.train_vae import TrainVAEConfig, build_vae

@@ -20,8 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from models.config import config_from_dict  # noqa: F401  (the stages' config builder)
-from models.pixels import model_to_pixels, pixels_to_model  # noqa: F401  (training's model space)
 
 if TYPE_CHECKING:
     from workers.train_loop import RunClock
