@@ -301,15 +301,17 @@ def parse_job(cls: type, argv: Sequence[str] | None = None, *, description: str 
 
 
 def parse_command(commands: dict[str, type], argv: Sequence[str] | None = None, *,
-                  description: str | None = None) -> tuple[str, Any, str | None]:
-    """An entry point with one sub-command per job config (`train.py vae ...`): the command given,
-    its config and the MLflow tracking URI."""
+                  description: str | None = None, tracking: bool = True) -> tuple[str, Any, str | None]:
+    """An entry point with one sub-command per config (`train.py vae ...`): the command given, its
+    config and the MLflow tracking URI (`--tracking-uri`, when `tracking`; else None)."""
     parser = ConfigParser(description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(commands) + "}")
     parsers = {}
     for name, cls in commands.items():
         parsers[name] = sub.add_parser(name, help=_summary(cls), description=_summary(cls))
         add_config(parsers[name], cls)
-        add_config(parsers[name], Tracking)
+        if tracking:
+            add_config(parsers[name], Tracking)
     args = parser.parse_args(argv)
-    return args.command, _build(parsers[args.command], commands[args.command], args), args.tracking_uri
+    return (args.command, _build(parsers[args.command], commands[args.command], args),
+            getattr(args, "tracking_uri", None))

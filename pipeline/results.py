@@ -30,13 +30,13 @@ interval; rows of fewer than 3 seeds are shown but not reported.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -672,40 +672,64 @@ def build_ablations(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, pre
     return built
 
 
+@dataclass(frozen=True)
+class TablesCommand:
+    """Build Table 2 and the action-fidelity and imagination tables from the recorded runs."""
+
+    runs: str = str(DEFAULT_RUNS)
+    """Folder of recorded runs (<run-id>/run.json)."""
+    run: tuple[str, ...] = ()
+    """Pool only these run folders; empty = every run under --runs."""
+    out: str = str(DEFAULT_OUT)
+    """Where the tables go."""
+    preset: str = "gpu"
+    """Preset whose current version is pooled."""
+    n_boot: int = 2000
+    """Bootstrap resamples."""
+
+
+@dataclass(frozen=True)
+class AblationsCommand:
+    """Build Tables 3 and 4 from the recorded sweep trials."""
+
+    runs: str = str(DEFAULT_RUNS)
+    """Folder of recorded runs and trials."""
+    run: tuple[str, ...] = ()
+    """Pool only these trial folders; empty = every trial under --runs."""
+    out: str = str(DEFAULT_OUT)
+    """Where the tables go."""
+    preset: str = "gpu"
+    """Preset whose current sweep versions are pooled."""
+    sweep_version: tuple[str, ...] = ()
+    """Pool these sweep versions instead of the preset's current ones."""
+    n_boot: int = 2000
+    """Bootstrap resamples."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="verb", required=True)
-    t = sub.add_parser("tables", help="build docs/results/current/ from the recorded runs")
-    t.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="folder of recorded runs (<run-id>/run.json)")
-    t.add_argument("--run", type=Path, nargs="*", default=[], help="pool only these run folders")
-    t.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the tables go")
-    t.add_argument("--preset", default="gpu", help="preset whose current version is pooled")
-    t.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
-    b = sub.add_parser("ablations", help="build Tables 3 and 4 (docs/results/current/) from the recorded sweep trials")
-    b.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="folder of recorded runs and trials")
-    b.add_argument("--run", type=Path, nargs="*", default=[], help="pool only these trial folders")
-    b.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the tables go")
-    b.add_argument("--preset", default="gpu", help="preset whose current sweep versions are pooled")
-    b.add_argument("--sweep-version", nargs="*", default=[], help="pool these sweep versions instead")
-    b.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
-    a = p.parse_args(argv)
+    from pipeline.cli import parse_command
+
+    verb, a, _ = parse_command({"tables": TablesCommand, "ablations": AblationsCommand}, argv,
+                               description=__doc__, tracking=False)
     command = "python -m pipeline.results " + " ".join(argv if argv is not None else sys.argv[1:])
+    out, runs = Path(a.out), Path(a.runs)
+    chosen = [Path(r) for r in a.run] or None
     try:
-        if a.verb == "ablations":
-            tables = build_ablations(a.runs, a.out, a.preset, a.run or None, a.sweep_version or None,
+        if verb == "ablations":
+            tables = build_ablations(runs, out, a.preset, chosen, list(a.sweep_version) or None,
                                      n_boot=a.n_boot, command=command)
         else:
-            df = build_tables(a.runs, a.out, a.preset, a.run or None, n_boot=a.n_boot, command=command)
+            df = build_tables(runs, out, a.preset, chosen, n_boot=a.n_boot, command=command)
     except ResultsError as exc:
         print(f"[results] {exc}", file=sys.stderr)
         return 2
-    if a.verb == "ablations":
+    if verb == "ablations":
         for table, df in tables.items():
             print(markdown_ablation(df, table))
-        print(f"[results] wrote {', '.join(f'{a.out}/{t}.csv' for t in tables)} (+ .md, .meta.json)")
+        print(f"[results] wrote {', '.join(f'{out}/{t}.csv' for t in tables)} (+ .md, .meta.json)")
         return 0
     print(markdown_table2(df))
-    print(f"[results] wrote {a.out}/table2.csv, table2.md, table2.meta.json")
+    print(f"[results] wrote {out}/table2.csv, table2.md, table2.meta.json")
     return 0
 
 

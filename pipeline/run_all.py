@@ -14,6 +14,11 @@ ran with); a rerun reuses completed stages unless `--force` names them (or `all`
 stops the job with a message naming it, and the stages before it stay reusable.
 `--out` must be absolute under `ray job submit`, whose working directory is a temporary copy; the
 default is `<cwd>/runs/<preset>` resolved before anything runs.
+
+`--bench generate env` also measures each seed's world model once it is trained (and imagined):
+generation frames/s (`benchmarks/bench_generate.py`) and the imagination env's steps/s
+(`benchmarks/bench_env.py`), on the resources its evaluation had; tables in `<out>/bench/`, logged
+to MLflow under `bench-<game>[-seed<N>]`.
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ from workers.rollout import AgentConfig
 from workers.train_dit import TrainDiTConfig
 from workers.train_vae import TrainVAEConfig
 
-STAGES = ("collect", "vae", "dit", "evaluate", "imagine", "sweep")
+STAGES = ("collect", "vae", "dit", "evaluate", "imagine", "bench", "sweep")
+BENCHMARKS = ("generate", "env")
+"""What `--bench` can run after each seed: world-model generation speed, imagination env speed."""
 
 
 # The presets, their `--set` overrides, training seeds and versions (pipeline/presets/); `gpu`,
@@ -101,13 +108,15 @@ def seed_stage(stage: str, seed: int | None) -> str:
 
 def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), stages: tuple[str, ...] = STAGES,
          tracking_uri: str | None = None, games: tuple[str, ...] = (),
-         sets: tuple[str, ...] = (), seed: int | tuple[int, ...] | None = None) -> dict[str, dict[str, Any]]:
+         sets: tuple[str, ...] = (), seed: int | tuple[int, ...] | None = None,
+         bench: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Run the stages of a preset; `games` replaces the preset's games (the DiT trains on the first),
     `sets` replaces single settings (`with_overrides`) and `seed` the training seeds (`with_seed`).
     Several seeds share one collection and one VAE (trained with the first seed, or reused from the
     --out folder whatever its seed): each seed trains and evaluates its own DiT, and its record names
     the VAE's seed. The evaluation's scores and settings are recorded under `<out>/results/<run-id>/`
-    (`pipeline/results.py` pools such records into the results tables)."""
+    (`pipeline/results.py` pools such records into the results tables). `bench` names the
+    benchmarks (`BENCHMARKS`) that the bench stage runs on each seed's world model."""
     seeds: tuple[int | None, ...] = (seed,) if seed is None or isinstance(seed, int) else tuple(seed)
     if not seeds or len(set(seeds)) != len(seeds):
         raise SystemExit(f"--seed {list(seeds)}: give distinct training seeds")
@@ -116,6 +125,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     unknown = (set(force) - {"all"} | set(stages)) - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
+    if set(bench) - set(BENCHMARKS):
+        raise SystemExit(f"--bench: unknown {sorted(set(bench) - set(BENCHMARKS))}; choose from {list(BENCHMARKS)}")
     preset = with_overrides(PRESETS[preset_name](), sets)
     if seeds[0] is not None:
         preset = with_seed(preset, seeds[0])  # the VAE's seed; each DiT gets its own below
@@ -197,6 +208,27 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
                 {"imagine_version": imagine_version(p), "settings": dataclasses.asdict(cfg)}, indent=1, default=list))
         return {"out_dir": str(imag_dir), "table": tables["imagination"].to_dict(orient="records")}
 
+    def do_bench(p: Preset, s: int | None) -> dict[str, Any]:
+        name = f"bench-{game}" + (f"-seed{s}" if s is not None else "")
+        model_path = results[seed_stage("dit", s)]["model_path"]
+        gpu = bool(p.evaluate.get("use_gpu", False))
+        task = ray.remote(run_benchmark).options(num_cpus=p.evaluate.get("num_cpus", 1), num_gpus=1 if gpu else 0)
+        files: dict[str, str] = {}
+        import pandas as pd
+
+        from pipeline.tracking import Tracker
+
+        with Tracker(str(out_dir), name, tracking_uri=tracking_uri, tags={"job": "bench"}) as tracker:
+            # which benchmarks ran is not a param: a forced rerun may measure another set in the same run
+            tracker.log_params({"model_path": model_path, "use_gpu": gpu})
+            for b in bench:
+                csv = out_dir / "bench" / (f"{b}-{game}" + (f"-seed{s}" if s is not None else "") + ".csv")
+                rows = ray.get(task.remote(b, model_path, data_root, game, str(csv), gpu))
+                tracker.log_table(pd.DataFrame(rows), f"bench/{b}.json")
+                tracker.log_artifact(csv, "bench")
+                files[b] = str(csv)
+        return {"files": files}
+
     def do_sweep() -> dict[str, Any]:
         tables = {}
         for space, fields in preset.sweeps:
@@ -216,6 +248,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         plan += [("dit", seed_stage("dit", s), lambda p=p, s=s: do_dit(p, s), p.dit),
                  ("evaluate", seed_stage("evaluate", s), lambda p=p, s=s: do_evaluate(p, s), p.evaluate),
                  ("imagine", seed_stage("imagine", s), lambda p=p, s=s: do_imagine(p, s), p.imagine)]
+        if bench:
+            plan.append(("bench", seed_stage("bench", s), lambda p=p, s=s: do_bench(p, s), {"bench": list(bench)}))
     plan.append(("sweep", "sweep", do_sweep, preset.sweeps))
     for stage, marker_name, fn, settings in plan:
         if stage not in stages:
@@ -228,6 +262,33 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
           f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///' + str(out_dir / 'mlflow.db')}",
           flush=True)
     return results
+
+
+def run_benchmark(name: str, model_path: str, data_root: str, game: str, out: str, gpu: bool) -> list[dict[str, Any]]:
+    """One benchmark of `BENCHMARKS` on a trained world model, in the process it is called in (the
+    bench stage runs it as a Ray task where the evaluation ran); writes its table to `out` and
+    returns the rows. On a GPU batches 1, 64 and 256, on CPU small ones (enough to check the model
+    runs); eager generation only: compiling each batch size for CUDA graphs takes minutes
+    (`python -m benchmarks.bench_generate --compile eager cudagraphs` measures it)."""
+    import benchmarks.bench_env as bench_env
+    import benchmarks.bench_generate as bench_generate
+
+    meta = json.loads((Path(model_path) / "world_model.json").read_text())
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    batches = (1, 64, 256) if gpu else (1, 4)
+    device = "cuda" if gpu else "cpu"
+    if name == "generate":
+        cfg = bench_generate.BenchGenerateConfig(
+            world_model=model_path, batch_sizes=batches, sample_steps=(meta["sample_steps"],),
+            compile=("eager",), warmup=2 if gpu else 1,
+            iters=10 if gpu else 2, device=device, out=out)
+        return bench_generate.main(cfg)
+    repeats = tuple(sorted({1, max(meta.get("trained_horizons") or [meta["horizon"]])}))
+    heads = ("on", "off") if (Path(model_path) / "heads").is_dir() else ("off",)
+    cfg = bench_env.BenchEnvConfig(world_model=model_path, data_root=data_root, game=game, batch_sizes=batches,
+                                   action_repeats=repeats, heads=heads, steps=20 if gpu else 2, device=device,
+                                   out=out)
+    return bench_env.main(cfg)
 
 
 @dataclass(frozen=True)
@@ -255,6 +316,9 @@ class JobArgs:
     """Training seed(s) of the DiT (and the evaluation's noise); the VAE takes the first, the
     collection keeps the preset's seed. Several seeds share the collection and the VAE, each
     training, evaluating and recording its own DiT"""
+    bench: tuple[str, ...] = dataclasses.field(default=(), metadata={"metavar": "{" + ",".join(BENCHMARKS) + "}"})
+    """Benchmarks to run on each seed's world model after its evaluation and imagination
+    (generate: frames/s; env: imagined steps/s), where the evaluation ran; tables in <out>/bench/"""
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -266,7 +330,7 @@ if __name__ == "__main__":
     a = _parse()
     try:
         main(a.preset, a.out, tuple(a.force), tuple(a.stages), a.tracking_uri, tuple(a.games), tuple(a.sets),
-             tuple(a.seed) if a.seed else None)
+             tuple(a.seed) if a.seed else None, tuple(a.bench))
     except StageFailed as exc:
         print(f"[run_all] ERROR: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -30,8 +30,8 @@ STAGES = [
     ("pipeline.run_all", [], "--seed", "Training seed(s) of the DiT (and the evaluation's noise)"),
     ("pipeline.imagine", [], "--eval-episodes", "Real games per agent."),
     ("pipeline.serve", [], "--idle-s", "A session unused this long is dropped."),
-    # results' parser is argparse's own: its flags' help, not field docstrings
-    ("pipeline.results", ["tables"], "--preset", "preset whose current version is pooled"),
+    ("pipeline.results", ["tables"], "--preset", "Preset whose current version is pooled."),
+    ("pipeline.results", ["ablations"], "--sweep-version", "Pool these sweep versions instead"),
 ]
 BENCHMARKS = [
     ("benchmarks.bench_collect", "--games", "ALE games recorded one after the other."),
@@ -44,6 +44,7 @@ BENCHMARKS = [
     ("benchmarks.play_latency", "--run", "What to serve (pipeline/serve.py --run)"),
     ("benchmarks.probe_copy_last", "--games", "ALE games (short names or ALE/<Game>-v5 ids)."),
     ("benchmarks.probe_vae_grid", "--game", "ALE game (short name or ALE/<Game>-v5 id)."),
+    ("benchmarks.vae_floor", "--splits", "Splits scored: training windows beside held-out ones"),
 ]
 
 

@@ -291,3 +291,33 @@ def test_several_seeds_share_the_collection_and_vae_and_record_their_own_dit(tmp
     assert run_all._parse(["--seed", "0", "1", "2"]).seed == [0, 1, 2]
     with pytest.raises(SystemExit, match="distinct"):
         run_all.main("smoke", str(tmp_path), stages=stages, seed=(1, 1))
+
+
+def test_bench_stage_measures_each_seeds_trained_world_model(tiny_trained, tiny_split_root, tmp_path):
+    """`--bench generate env` after a seed's DiT: both benchmarks run as Ray tasks on the trained
+    model and the run's data, their tables land in <out>/bench/ and in the stage's marker; a rerun
+    reuses the stage, `--force bench` measures again, and an unknown benchmark is named."""
+    _, model_path, _ = tiny_trained
+    (tmp_path / "data").symlink_to(tiny_split_root)
+    marker = tmp_path / "stages" / "dit-seed4.json"
+    marker.parent.mkdir()
+    marker.write_text(json.dumps({"model_path": str(model_path)}))
+    out = run_all.main("smoke", str(tmp_path), stages=("bench",), games=("Breakout",), seed=(4,),
+                       bench=("generate", "env"))
+    files = out["bench-seed4"]["files"]
+    assert set(files) == {"generate", "env"}
+    gen = pd.read_csv(files["generate"])
+    assert sorted(gen.batch) == [1, 4] and (gen.frames_per_s > 0).all()
+    assert set(gen.sample_steps) == {json.loads((Path(model_path) / "world_model.json").read_text())["sample_steps"]}
+    env = pd.read_csv(files["env"])
+    assert set(env.heads) == {"off"}  # the model has no heads before the imagine stage
+    assert set(env["T"]) == {1, 2} and (env.steps_per_s > 0).all()  # T = 1 and the longest trained length
+    assert Path(files["env"]).parent == tmp_path / "bench"
+    first = (tmp_path / "stages" / "bench-seed4.json").read_text()
+    run_all.main("smoke", str(tmp_path), stages=("bench",), games=("Breakout",), seed=(4,), bench=("generate",))
+    assert (tmp_path / "stages" / "bench-seed4.json").read_text() == first  # reused
+    again = run_all.main("smoke", str(tmp_path), stages=("bench",), games=("Breakout",), seed=(4,),
+                         bench=("generate",), force=("bench",))
+    assert set(again["bench-seed4"]["files"]) == {"generate"}
+    with pytest.raises(SystemExit, match="unknown.*'speed'"):
+        run_all.main("smoke", str(tmp_path), stages=("bench",), bench=("speed",))

@@ -1,10 +1,9 @@
-"""scripts/vae_floor.py: the VAE's reconstruction error by split and by the way the VAE is run,
+"""benchmarks/vae_floor.py: the VAE's reconstruction error by split and by the way the VAE is run,
 on a real collected dataset (Parquet through Ray Data) and real (tiny, untrained) VAE weights laid
 out as a pipeline run leaves them."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
+from benchmarks import vae_floor
 from models.vae import VAE_models
 from workers.clips import read_windows_numpy
 from models.pixels import model_to_pixels, pixels_to_model
 from workers.world_model import save_vae
-
-SCRIPTS = Path(__file__).parents[1] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def _run_dir(tmp_path: Path, data_root: str, with_checkpoint: bool) -> tuple[Path, torch.nn.Module]:
     """A run as the pipeline leaves it: data/, models/vae (the exported EMA weights) and, when
@@ -47,24 +37,23 @@ def _run_dir(tmp_path: Path, data_root: str, with_checkpoint: bool) -> tuple[Pat
     return run, ema
 
 
-def test_vae_floor_scores_each_split_and_weights_against_the_true_frames(tiny_dataset, tmp_path):
-    mod = _load("vae_floor")
-    run, ema = _run_dir(tmp_path, tiny_dataset.root, with_checkpoint=True)
+def test_vae_floor_scores_each_split_and_weights_against_the_true_frames(tiny_split_root, tmp_path):
+    run, ema = _run_dir(tmp_path, tiny_split_root, with_checkpoint=True)
     out = tmp_path / "floor.csv"
-    df = mod.main(["--run-dir", str(run), "--windows", "3", "--length", "4", "--stride", "8", "--device", "cpu",
+    df = vae_floor.main(["--run-dir", str(run), "--windows", "3", "--length", "4", "--stride", "8", "--device", "cpu",
                    "--out", str(out)])
     assert out.exists() and len(pd.read_csv(out)) == len(df)
-    # CPU: fp32 only; 3 weights x 2 latents per split
-    assert sorted(df.split.unique()) == ["test", "train"] and len(df) == 2 * 3 * 2
+    # CPU: fp32 only; 3 weights x 2 latents per split, training and val windows (never test) by default
+    assert sorted(df.split.unique()) == ["train", "val"] and len(df) == 2 * 3 * 2
     assert set(df.precision) == {"fp32"} and set(df.latent) == {"mean", "sample"}
     row = {(r.split, r.weights, r.latent): r for r in df.itertuples()}
-    for split in ("train", "test"):
+    for split in ("train", "val"):
         # the checkpoint's EMA is the exported model: the same numbers; its raw weights differ
         exp, ck = row[(split, "exported (EMA)", "mean")], row[(split, "last checkpoint, EMA (step 30)", "mean")]
         assert ck.mse_0_255 == pytest.approx(exp.mse_0_255, rel=1e-6)
         assert row[(split, "last checkpoint, raw (step 30)", "mean")].mse_0_255 != pytest.approx(exp.mse_0_255, rel=1e-3)
         # independently: the exported VAE's posterior mean, decoded, against the split's frames
-        w = read_windows_numpy(tiny_dataset.root, 4, 8, split, max_windows=3)
+        w = read_windows_numpy(tiny_split_root, 4, 8, split, max_windows=3)
         frames = torch.from_numpy(w["frames"])
         with torch.no_grad():
             mean, _ = ema.encode(pixels_to_model(frames))
@@ -76,8 +65,14 @@ def test_vae_floor_scores_each_split_and_weights_against_the_true_frames(tiny_da
         assert exp.train_loss_scale == pytest.approx(want_l2, rel=1e-4)
 
 
-def test_vae_floor_without_checkpoints_scores_the_exported_vae_alone(tiny_dataset, tmp_path):
-    mod = _load("vae_floor")
+def test_vae_floor_without_checkpoints_scores_the_exported_vae_alone(tiny_split_root, tmp_path):
+    run, _ = _run_dir(tmp_path, tiny_split_root, with_checkpoint=False)
+    df = vae_floor.main(["--run-dir", str(run), "--windows", "2", "--device", "cpu", "--splits", "test"])
+    assert set(df.weights) == {"exported (EMA)"} and len(df) == 2 and set(df.split) == {"test"}
+
+
+def test_vae_floor_names_a_split_without_windows(tiny_dataset, tmp_path):
+    """Two-split data has no val windows: the error says which split and where."""
     run, _ = _run_dir(tmp_path, tiny_dataset.root, with_checkpoint=False)
-    df = mod.main(["--run-dir", str(run), "--windows", "2", "--device", "cpu"])
-    assert set(df.weights) == {"exported (EMA)"} and len(df) == 2 * 2
+    with pytest.raises(SystemExit, match="no val windows"):
+        vae_floor.main(["--run-dir", str(run), "--windows", "2", "--device", "cpu", "--splits", "val"])

@@ -10,23 +10,42 @@ from a difference between training and evaluation:
 MSE on 0-255 pixel values of the uint8 output (as the evaluation scores it) and the training loss's
 L2 on the [-1, 1] scale x 127.5^2 (as `train/recon` is logged), per split. One table, and a CSV:
 
-    python scripts/vae_floor.py --run-dir /tmp/gpurun/Breakout --windows 64 --device cuda --out floor.csv
+    python -m benchmarks.vae_floor --run-dir runs/gpu --windows 64 --device cuda --out floor.csv
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workers.clips import read_windows_numpy  # noqa: E402
-from workers.train_common import train_dir  # noqa: E402
-from workers.train_vae import mean_reconstruction_error  # noqa: E402
-from workers.world_model import load_vae  # noqa: E402
+from pipeline.cli import parse_config
+from workers.clips import read_windows_numpy
+from workers.train_common import train_dir
+from workers.train_vae import mean_reconstruction_error
+from workers.world_model import load_vae
+
+
+@dataclass(frozen=True)
+class VaeFloorConfig:
+    run_dir: str
+    """A pipeline run of one game (data/, models/vae, train/vae/checkpoint_*)."""
+    windows: int = 64
+    """Windows per split, spread over its episodes."""
+    length: int = 4
+    """Frames per window."""
+    stride: int = 8
+    """Steps between window starts."""
+    batch: int = 16
+    """Windows per VAE call."""
+    device: str = "auto"
+    """cuda when present, else cpu (auto), or a torch device."""
+    splits: tuple[str, ...] = ("train", "val")
+    """Splits scored: training windows beside held-out ones (val: test is for a run's final evaluation)."""
+    out: str = ""
+    """CSV of the table; empty = printed only."""
 
 
 def last_checkpoint_state(run_dir: Path, name: str = "vae") -> dict | None:
@@ -45,33 +64,26 @@ def floor(vae, frames: np.ndarray, device: str, bf16: bool, sample: bool, batch:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True, help="a pipeline run of one game (data/, models/vae, train/vae/checkpoint_*)")
-    p.add_argument("--windows", type=int, default=64, help="windows per split, spread over its episodes")
-    p.add_argument("--length", type=int, default=4, help="frames per window")
-    p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="", help="CSV of the table")
-    a = p.parse_args(argv)
+    a = parse_config(VaeFloorConfig, argv, description=__doc__)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     run = Path(a.run_dir)
-    exported = load_vae(run / "models" / "vae", a.device).eval()
+    exported = load_vae(run / "models" / "vae", device).eval()
     variants = [("exported (EMA)", exported)]
     state = last_checkpoint_state(run)
     if state is not None:
         for key, label in (("model", "last checkpoint, raw"), ("ema", "last checkpoint, EMA")):
-            m = load_vae(run / "models" / "vae", a.device).eval()
+            m = load_vae(run / "models" / "vae", device).eval()
             m.load_state_dict(state[key])
             variants.append((f"{label} (step {state['step']})", m))
     rows = []
-    for split in ("train", "test"):
+    for split in a.splits:
         w = read_windows_numpy(str(run / "data"), a.length, a.stride, split, max_windows=a.windows)
         if len(w["frames"]) == 0:
             raise SystemExit(f"vae_floor: no {split} windows of {a.length} frames under {run / 'data'}")
         for name, vae in variants:
-            for bf16 in ((False, True) if a.device.startswith("cuda") else (False,)):
+            for bf16 in ((False, True) if device.startswith("cuda") else (False,)):
                 for sample in (False, True):
-                    r = floor(vae, w["frames"], a.device, bf16, sample, a.batch)
+                    r = floor(vae, w["frames"], device, bf16, sample, a.batch)
                     rows.append({"split": split, "windows": len(w["frames"]), "weights": name,
                                  "precision": "bf16" if bf16 else "fp32", "latent": "sample" if sample else "mean", **r})
     df = pd.DataFrame(rows)
