@@ -127,6 +127,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
     if set(bench) - set(BENCHMARKS):
         raise SystemExit(f"--bench: unknown {sorted(set(bench) - set(BENCHMARKS))}; choose from {list(BENCHMARKS)}")
+    if tuple(stages) == ("bench",) and not bench:
+        raise SystemExit(f"--stages bench measures what --bench names: give --bench {' '.join(BENCHMARKS)}")
     preset = with_overrides(PRESETS[preset_name](), sets)
     if seeds[0] is not None:
         preset = with_seed(preset, seeds[0])  # the VAE's seed; each DiT gets its own below
@@ -210,6 +212,9 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
 
     def do_bench(p: Preset, s: int | None) -> dict[str, Any]:
         name = f"bench-{game}" + (f"-seed{s}" if s is not None else "")
+        if seed_stage("dit", s) not in results:
+            raise RuntimeError(f"no trained DiT to measure: the {seed_stage('dit', s)} stage has not completed "
+                               f"in {out_dir} (no {_marker(out_dir, seed_stage('dit', s))})")
         model_path = results[seed_stage("dit", s)]["model_path"]
         gpu = bool(p.evaluate.get("use_gpu", False))
         task = ray.remote(run_benchmark).options(num_cpus=p.evaluate.get("num_cpus", 1), num_gpus=1 if gpu else 0)
@@ -219,8 +224,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         from pipeline.tracking import Tracker
 
         with Tracker(str(out_dir), name, tracking_uri=tracking_uri, tags={"job": "bench"}) as tracker:
-            # which benchmarks ran is not a param: a forced rerun may measure another set in the same run
-            tracker.log_params({"model_path": model_path, "use_gpu": gpu})
+            # tags, not params: a rerun may measure another set, or on other resources, in the same run
+            tracker.set_tags({"model_path": model_path, "use_gpu": str(gpu), "benchmarks": ",".join(bench)})
             for b in bench:
                 csv = out_dir / "bench" / (f"{b}-{game}" + (f"-seed{s}" if s is not None else "") + ".csv")
                 rows = ray.get(task.remote(b, model_path, data_root, game, str(csv), gpu))
@@ -257,7 +262,14 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
             if marker.exists():
                 results[marker_name] = json.loads(marker.read_text())
             continue
-        results[marker_name] = _run_stage(out_dir, marker_name, force_set, fn, settings, force_as=stage)
+        again = set()
+        if stage == "bench" and _marker(out_dir, marker_name).exists():
+            done = json.loads(_marker(out_dir, marker_name).read_text()).get("settings") or {}
+            if not set(bench) <= set(done.get("bench", ())):  # asked for a benchmark the last run did not make
+                print(f"[run_all] {marker_name}: measuring again, for {sorted(set(bench) - set(done.get('bench', ())))}",
+                      flush=True)
+                again = {stage}
+        results[marker_name] = _run_stage(out_dir, marker_name, force_set | again, fn, settings, force_as=stage)
     print(f"[run_all] finished; outputs under {out_dir}; MLflow store: "
           f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///' + str(out_dir / 'mlflow.db')}",
           flush=True)

@@ -294,30 +294,47 @@ def test_several_seeds_share_the_collection_and_vae_and_record_their_own_dit(tmp
 
 
 def test_bench_stage_measures_each_seeds_trained_world_model(tiny_trained, tiny_split_root, tmp_path):
-    """`--bench generate env` after a seed's DiT: both benchmarks run as Ray tasks on the trained
-    model and the run's data, their tables land in <out>/bench/ and in the stage's marker; a rerun
-    reuses the stage, `--force bench` measures again, and an unknown benchmark is named."""
+    """`--bench generate env` after a seed's DiT: both benchmarks run on the trained model and the
+    run's data, their tables land in <out>/bench/, in the stage's marker and in MLflow; a rerun
+    reuses the stage unless it asks for a benchmark the marker lacks or `--force bench`; a missing
+    DiT, an unknown benchmark and `--stages bench` alone are named."""
+    import mlflow
+
     _, model_path, _ = tiny_trained
     (tmp_path / "data").symlink_to(tiny_split_root)
     marker = tmp_path / "stages" / "dit-seed4.json"
     marker.parent.mkdir()
     marker.write_text(json.dumps({"model_path": str(model_path)}))
+    run_all.main("smoke", str(tmp_path), stages=("bench",), games=("Breakout",), seed=(4,), bench=("generate",))
     out = run_all.main("smoke", str(tmp_path), stages=("bench",), games=("Breakout",), seed=(4,),
-                       bench=("generate", "env"))
-    files = out["bench-seed4"]["files"]
-    assert set(files) == {"generate", "env"}
+                       bench=("generate", "env"))  # env was not measured: the stage runs again
+    recorded = json.loads((tmp_path / "stages" / "bench-seed4.json").read_text())
+    files = recorded["files"]
+    assert out["bench-seed4"]["files"] == files and set(files) == {"generate", "env"}
+    assert recorded["settings"] == {"bench": ["generate", "env"]}
+    assert {Path(f).parent for f in files.values()} == {tmp_path / "bench"}
     gen = pd.read_csv(files["generate"])
     assert sorted(gen.batch) == [1, 4] and (gen.frames_per_s > 0).all()
     assert set(gen.sample_steps) == {json.loads((Path(model_path) / "world_model.json").read_text())["sample_steps"]}
     env = pd.read_csv(files["env"])
     assert set(env.heads) == {"off"}  # the model has no heads before the imagine stage
     assert set(env["T"]) == {1, 2} and (env.steps_per_s > 0).all()  # T = 1 and the longest trained length
-    assert Path(files["env"]).parent == tmp_path / "bench"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("atari-world-model").experiment_id],
+                              filter_string="tags.mlflow.runName = 'bench-Breakout-seed4'")
+    assert len(runs) == 1 and runs[0].data.tags["benchmarks"] == "generate,env"
+    logged = {a.path for a in client.list_artifacts(runs[0].info.run_id, "bench")}
+    assert {"bench/generate-Breakout-seed4.csv", "bench/env-Breakout-seed4.csv", "bench/env.json"} <= logged
+
     first = (tmp_path / "stages" / "bench-seed4.json").read_text()
     run_all.main("smoke", str(tmp_path), stages=("bench",), games=("Breakout",), seed=(4,), bench=("generate",))
-    assert (tmp_path / "stages" / "bench-seed4.json").read_text() == first  # reused
+    assert (tmp_path / "stages" / "bench-seed4.json").read_text() == first  # covered: reused
     again = run_all.main("smoke", str(tmp_path), stages=("bench",), games=("Breakout",), seed=(4,),
                          bench=("generate",), force=("bench",))
     assert set(again["bench-seed4"]["files"]) == {"generate"}
+    with pytest.raises(run_all.StageFailed, match="no trained DiT.*dit-seed9"):
+        run_all.main("smoke", str(tmp_path), stages=("bench",), games=("Breakout",), seed=(9,), bench=("generate",))
     with pytest.raises(SystemExit, match="unknown.*'speed'"):
         run_all.main("smoke", str(tmp_path), stages=("bench",), bench=("speed",))
+    with pytest.raises(SystemExit, match="--stages bench measures what --bench names"):
+        run_all.main("smoke", str(tmp_path), stages=("bench",))

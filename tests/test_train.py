@@ -305,12 +305,16 @@ class _LocalSession:
 
 
 class _Shard:
-    """A "stream" shard of two batches an epoch, in a fixed order."""
+    """A "stream" shard of two batches an epoch, in a fixed order; records the shuffle seed each
+    epoch asked for."""
 
     def __init__(self, frames: torch.Tensor):
         self.frames = frames
+        self.seeds: list[int] = []
 
-    def iter_torch_batches(self, batch_size: int, drop_last: bool):
+    def iter_torch_batches(self, batch_size: int, drop_last: bool, local_shuffle_buffer_size: int = 0,
+                           local_shuffle_seed: int | None = None):
+        self.seeds.append(local_shuffle_seed)
         for i in range(0, len(self.frames) - batch_size + 1, batch_size):
             yield {"frames": self.frames[i:i + batch_size]}
 
@@ -379,4 +383,30 @@ def test_loop_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
     torch.testing.assert_close(b["optimizer"], a["optimizer"], rtol=0, atol=0)
     assert b["scheduler"]["last_epoch"] == a["scheduler"]["last_epoch"] == 6
+    # every epoch of the stream is shuffled by a seed of its own, and the resumed attempt's differ
+    # from the first attempt's (it does not replay the batches it began with)
+    assert len(set(whole.shard.seeds)) == len(whole.shard.seeds) >= 3 and None not in whole.shard.seeds
+    assert cut.shard.seeds[:2] == whole.shard.seeds[:2] and not set(cut.shard.seeds[2:]) & set(whole.shard.seeds)
     assert b["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 7 / 10)  # warmup still running
+
+
+def test_stream_batches_are_shuffled_within_each_epoch_by_their_seed(ray_local):
+    """The "stream" loader on a real Ray Dataset that arrives in order (as windows arrive episode by
+    episode): a batch is not a run of neighbours, each epoch holds every row once, epochs differ,
+    and the same seed gives the same order."""
+    import ray
+
+    from workers.train_common import infinite_batches
+
+    ds = ray.data.range(256, override_num_blocks=4)
+
+    def epochs(seed, n=2):
+        it = infinite_batches(ds, 32, ("id",), shuffle_seed=seed)
+        return [torch.cat([next(it)["id"] for _ in range(8)]).tolist() for _ in range(n)]
+
+    first, second = epochs(7)
+    assert sorted(first) == sorted(second) == list(range(256))
+    assert first != list(range(256)) and first != second
+    assert epochs(7, 1)[0] == first and epochs(8, 1)[0] != first
+    unshuffled = next(infinite_batches(ds, 32, ("id",)))["id"].tolist()
+    assert unshuffled == list(range(32))  # what the loader read before: neighbours

@@ -88,8 +88,8 @@ class TrainSettings:
     """How a worker gets its training windows. "device": it reads its shard of frames once through
     Ray Data into its device's memory and draws random windows there (workers/frame_store.py; no
     per-step host work, no epoch-boundary reshuffle); "stream": Ray Data cuts the windows
-    (workers/clips.py:window_dataset) and streams them epoch after epoch, for data that does not
-    fit in the workers' memory."""
+    (workers/clips.py:window_dataset) and streams them epoch after epoch through a seeded shuffle
+    buffer of 8 batches, for data that does not fit in the workers' memory."""
     max_store_gib: float = 48.0
     """"device" loader: the most frame bytes one worker may hold (it fails naming this setting)."""
     train_episodes: float = 1.0
@@ -233,14 +233,22 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def infinite_batches(shard, batch_size: int, columns: tuple[str, ...]) -> Iterator[dict[str, Tensor]]:
+def infinite_batches(shard, batch_size: int, columns: tuple[str, ...],
+                     shuffle_seed: int | None = None) -> Iterator[dict[str, Tensor]]:
     """Epoch after epoch of a Ray Data shard, as tensors. drop_last keeps every rank on the same
     number of steps per epoch (the shards are split equally), so no rank waits in an all-reduce
-    while another starts a new epoch."""
+    while another starts a new epoch.
+
+    With `shuffle_seed`, each epoch's windows pass through a local shuffle buffer of 8 batches,
+    seeded by `shuffle_seed` and the epoch: the shard arrives episode by episode (the shuffle that
+    cuts windows groups them so), and without it a batch would hold neighbouring windows of one
+    or two episodes."""
     epoch = 0
     while True:
         n = 0
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+        shuffle = {} if shuffle_seed is None else {"local_shuffle_buffer_size": 8 * batch_size,
+                                                   "local_shuffle_seed": (shuffle_seed * 1_000_003 + epoch) % 2**31}
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, **shuffle):
             n += 1
             yield {c: batch[c] for c in columns}
         if n == 0:

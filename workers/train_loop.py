@@ -224,9 +224,14 @@ def store_windows(store, cfg: TrainSettings, device: torch.device, rank: int) ->
 
 
 def stream_windows(shard, cfg: TrainSettings, device: torch.device, columns: tuple[str, ...],
-                   clip_length: int) -> Windows:
-    """The shard's windows epoch after epoch (their first `length` frames)."""
-    batches = infinite_batches(shard, cfg.batch_size, columns)
+                   clip_length: int, rank: int = 0, start_step: int = 0) -> Windows:
+    """The shard's windows epoch after epoch (their first `length` frames), shuffled within each
+    epoch by a seed of the run's seed, the rank and the step it starts from: a resumed run does not
+    replay the batches its first attempt began with (nor, as Ray Data streams blocks in the order
+    they finish, the uninterrupted run's order: the "device" loader's draws are the reproducible
+    ones)."""
+    batches = infinite_batches(shard, cfg.batch_size, columns,
+                               shuffle_seed=(cfg.seed * 1009 + rank) * 1_000_003 + start_step)
 
     def windows(step: int, length: int) -> tuple[Tensor, Tensor | None]:
         batch = next(batches)
@@ -271,7 +276,8 @@ class TrainLoop:
             component.prepare_store(self, store)
             self.windows = store_windows(store, cfg, self.device, self.rank)
         else:
-            self.windows = stream_windows(shard, cfg, self.device, component.columns, component.clip_length)
+            self.windows = stream_windows(shard, cfg, self.device, component.columns, component.clip_length,
+                                          self.rank, self.step)
         component.start(self)
 
     def restore(self) -> int:
