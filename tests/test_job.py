@@ -179,7 +179,9 @@ def ray_head(tmp_path):
     agent to submit job". A head whose raylet dies while starting (CI saw one crash in its
     NodeManager's constructor once) is started again, at most three times, on fresh ports; the
     failures' logs are kept under tmp_path."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # No drain on SIGTERM: `ray start --block` would otherwise ask the GCS, which the same signal to
+    # the process group is stopping, to drain the node, and wait out its 30 s timeout at teardown.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     errors = []
     for attempt in range(3):
         try:
