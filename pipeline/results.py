@@ -677,7 +677,7 @@ class TablesCommand:
     """Build Table 2 and the action-fidelity and imagination tables from the recorded runs."""
 
     runs: str = str(DEFAULT_RUNS)
-    """Folder of recorded runs (<run-id>/run.json)."""
+    """Folder of recorded runs and sweep trials (<run-id>/run.json)."""
     run: tuple[str, ...] = ()
     """Pool only these run folders; empty = every run under --runs."""
     out: str = str(DEFAULT_OUT)
@@ -689,21 +689,11 @@ class TablesCommand:
 
 
 @dataclass(frozen=True)
-class AblationsCommand:
-    """Build Tables 3 and 4 from the recorded sweep trials."""
+class AblationsCommand(TablesCommand):
+    """Build Tables 3 and 4 from the recorded sweep trials of the preset's current sweep versions."""
 
-    runs: str = str(DEFAULT_RUNS)
-    """Folder of recorded runs and trials."""
-    run: tuple[str, ...] = ()
-    """Pool only these trial folders; empty = every trial under --runs."""
-    out: str = str(DEFAULT_OUT)
-    """Where the tables go."""
-    preset: str = "gpu"
-    """Preset whose current sweep versions are pooled."""
     sweep_version: tuple[str, ...] = ()
     """Pool these sweep versions instead of the preset's current ones."""
-    n_boot: int = 2000
-    """Bootstrap resamples."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,7 +211,7 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         return {"out_dir": str(imag_dir), "table": tables["imagination"].to_dict(orient="records")}
 
     def do_bench(p: Preset, s: int | None) -> dict[str, Any]:
-        name = f"bench-{game}" + (f"-seed{s}" if s is not None else "")
+        of = f"{game}" + (f"-seed{s}" if s is not None else "")  # the world model's game and seed
         if seed_stage("dit", s) not in results:
             raise RuntimeError(f"no trained DiT to measure: the {seed_stage('dit', s)} stage has not completed "
                                f"in {out_dir} (no {_marker(out_dir, seed_stage('dit', s))})")
@@ -223,11 +223,11 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
 
         from pipeline.tracking import Tracker
 
-        with Tracker(str(out_dir), name, tracking_uri=tracking_uri, tags={"job": "bench"}) as tracker:
+        with Tracker(str(out_dir), f"bench-{of}", tracking_uri=tracking_uri, tags={"job": "bench"}) as tracker:
             # tags, not params: a rerun may measure another set, or on other resources, in the same run
             tracker.set_tags({"model_path": model_path, "use_gpu": str(gpu), "benchmarks": ",".join(bench)})
             for b in bench:
-                csv = out_dir / "bench" / (f"{b}-{game}" + (f"-seed{s}" if s is not None else "") + ".csv")
+                csv = out_dir / "bench" / f"{b}-{of}.csv"
                 rows = ray.get(task.remote(b, model_path, data_root, game, str(csv), gpu))
                 tracker.log_table(pd.DataFrame(rows), f"bench/{b}.json")
                 tracker.log_artifact(csv, "bench")
@@ -264,10 +264,10 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
             continue
         again = set()
         if stage == "bench" and _marker(out_dir, marker_name).exists():
-            done = json.loads(_marker(out_dir, marker_name).read_text()).get("settings") or {}
-            if not set(bench) <= set(done.get("bench", ())):  # asked for a benchmark the last run did not make
-                print(f"[run_all] {marker_name}: measuring again, for {sorted(set(bench) - set(done.get('bench', ())))}",
-                      flush=True)
+            missing = set(bench) - set((json.loads(_marker(out_dir, marker_name).read_text()).get("settings") or {})
+                                       .get("bench", ()))
+            if missing:  # asked for a benchmark the last run did not make
+                print(f"[run_all] {marker_name}: measuring again, for {sorted(missing)}", flush=True)
                 again = {stage}
         results[marker_name] = _run_stage(out_dir, marker_name, force_set | again, fn, settings, force_as=stage)
     print(f"[run_all] finished; outputs under {out_dir}; MLflow store: "
