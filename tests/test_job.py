@@ -181,7 +181,10 @@ def ray_head(tmp_path):
     failures' logs are kept under tmp_path."""
     # No drain on SIGTERM: `ray start --block` would otherwise ask the GCS, which the same signal to
     # the process group is stopping, to drain the node, and wait out its 30 s timeout at teardown.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    # The job's `python` is the test's own (its venv first on PATH), also when pytest runs as
+    # `.venv/bin/python -m pytest` from a shell that did not activate the venv.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     errors = []
     for attempt in range(3):
         try:
