@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,25 @@ def code_copy(tmp_path_factory) -> Path:
 def _help(argv: list[str]) -> subprocess.CompletedProcess:
     # The repository root as working directory: another copy of the packages beside the one run.
     env = {**os.environ, "COLUMNS": "400"}  # no wrapping: a docstring reads as one line
-    res = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    return subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def helps(code_copy) -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """Every `--help` this module checks, keyed ("path" | "module", module, *args), run 4 at a time:
+    each is a Python start that imports torch and Ray, seconds of one core apiece."""
+    argvs = {("path", m, *a): [str(code_copy / (m.replace(".", "/") + ".py")), *a] for m, a, *_ in STAGES}
+    argvs |= {("module", m, *a): ["-m", m, *a] for m, a, *_ in STAGES}
+    argvs |= {("module", m): ["-m", m] for m, *_ in BENCHMARKS}
+    with ThreadPoolExecutor(4) as pool:
+        futures = {key: pool.submit(_help, argv) for key, argv in argvs.items()}
+    return {key: f.result() for key, f in futures.items()}
+
+
+def _stdout(res: subprocess.CompletedProcess) -> str:
     assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    return res.stdout
 
 
 def _assert_documents(out: str, flag: str, doc: str) -> None:
@@ -83,27 +99,26 @@ def _assert_documents(out: str, flag: str, doc: str) -> None:
 
 
 @pytest.mark.parametrize("module, args, flag, doc", STAGES, ids=[" ".join([m, *a]) for m, a, *_ in STAGES])
-def test_stage_help_by_path_imports_its_own_copy(code_copy, module, args, flag, doc):
+def test_stage_help_by_path_imports_its_own_copy(helps, code_copy, module, args, flag, doc):
     """`python <copy>/pipeline/x.py --help`, run from another checkout, with the package also
     installed from elsewhere: the help has the field docstrings, and every package it imported is
     the copy's."""
-    script = code_copy / (module.replace(".", "/") + ".py")
-    res = _help([str(script), *args])
-    _assert_documents(res.stdout, flag, doc)
-    found = origins(res.stdout)
-    assert "pipeline" in found, f"no package of the copy was imported:\n{res.stdout[:2000]}"
+    out = _stdout(helps[("path", module, *args)])
+    _assert_documents(out, flag, doc)
+    found = origins(out)
+    assert "pipeline" in found, f"no package of the copy was imported:\n{out[:2000]}"
     strays = {pkg: path for pkg, path in found.items() if not path.is_relative_to(code_copy)}
     assert not strays, strays
 
 
 @pytest.mark.parametrize("module, args, flag, doc", STAGES, ids=[" ".join([m, *a]) for m, a, *_ in STAGES])
-def test_stage_help_as_module(module, args, flag, doc):
-    _assert_documents(_help(["-m", module, *args]).stdout, flag, doc)
+def test_stage_help_as_module(helps, module, args, flag, doc):
+    _assert_documents(_stdout(helps[("module", module, *args)]), flag, doc)
 
 
 @pytest.mark.parametrize("module, flag, doc", BENCHMARKS, ids=[m for m, *_ in BENCHMARKS])
-def test_benchmark_help_as_module(module, flag, doc):
-    _assert_documents(_help(["-m", module]).stdout, flag, doc)
+def test_benchmark_help_as_module(helps, module, flag, doc):
+    _assert_documents(_stdout(helps[("module", module)]), flag, doc)
 
 
 def test_collect_parser_keeps_agent_and_collection_seeds_apart():

@@ -9,7 +9,8 @@ the way the actions say from identical condition frames.
 Recipe (as the pipeline does it, at toy scale): train the VAE, freeze it, encode the clips,
 normalise the latents by their std, train the ST-DiT with the rectified-flow loss on the future
 latents only, sample with the Euler sampler from the real condition latents, decode.
-Everything is seeded and runs single-threaded so the numbers are reproducible.
+Everything is seeded and runs on a fixed 2 threads, so the numbers are reproducible run to run (a
+fixed thread count splits each reduction the same way); 2 threads train it in ~2/3 of 1 thread's time.
 
 What made it learn (each measured on this game, 1000 steps, held-out MSE vs copy-last's 1836):
 the training timesteps. With logit-normal mean 0 the model's x0 estimate from pure noise was no
@@ -91,7 +92,7 @@ def future_actions(actions: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def world_model():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reproducible reductions, and polite on a shared CI box
+    torch.set_num_threads(2)  # a fixed count: reproducible reductions
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     frames, actions = random_clips(3000, gen)
