@@ -8,8 +8,8 @@ from pipeline.presets.base import Preset
 def preset() -> Preset:
     """Minutes on 2 CPU cores: a one-iteration PPO agent, a few hundred steps, tiny models."""
     cpu = {"cpus_per_worker": 0.5}
-    dit = {**cpu, "steps": 30, "batch_size": 4, "warmup_steps": 5,
-           "checkpoint_every": 15, "log_every": 5, "horizon_choices": (1, 2, 4), "sample_steps": 4}
+    dit = {**cpu, "steps": 16, "batch_size": 4, "warmup_steps": 4,
+           "checkpoint_every": 8, "log_every": 4, "horizon_choices": (1, 2, 4), "sample_steps": 4}
     return Preset(
         games=("Breakout", "Pong"),
         collect={"steps_per_game": 600, "steps_per_round": 300,
@@ -25,7 +25,7 @@ def preset() -> Preset:
                  "num_envs_per_env_runner": 4, "cpus_per_env_runner": 0.5,
                  "eval_max_steps": 150, "num_cpus": 0.5},
         sweeps=(("table3", {"seeds": (0,), "overrides": {"horizon": [2], "game": "Breakout"},
-                            "dit": {**dit, "steps": 12, "checkpoint_every": 12, "horizon_choices": ()},
+                            "dit": {**dit, "steps": 6, "checkpoint_every": 6, "horizon_choices": ()},
                             "eval_max_windows": 4, "eval_lpips": False, "eval_idm_steps": 20,
                             "eval_idm_max_pairs": 256}),),
     )
