@@ -75,15 +75,19 @@ def _marker(out: Path, stage: str) -> Path:
 
 
 def _run_stage(out: Path, stage: str, force: set[str], fn: Callable[[], dict[str, Any]],
-               settings: Any = None, force_as: str | None = None) -> dict[str, Any]:
+               settings: Any = None, force_as: str | None = None,
+               lacks: Callable[[dict[str, Any]], list[str]] | None = None) -> dict[str, Any]:
     """Runs `fn` unless the stage completed before (and is not forced: `force` holds stage names,
-    `force_as` the name a per-seed stage answers to); records its outputs and the preset settings
-    it ran with."""
+    `force_as` the name a per-seed stage answers to; nor does its record lack what is asked:
+    `lacks(record)` names what it misses); records its outputs and the preset settings it ran with."""
     marker = _marker(out, stage)
     if marker.exists() and (force_as or stage) not in force:
         done = json.loads(marker.read_text())
-        print(f"[run_all] {stage}: reusing the completed stage ({marker})", flush=True)
-        return done
+        missing = lacks(done) if lacks else []
+        if not missing:
+            print(f"[run_all] {stage}: reusing the completed stage ({marker})", flush=True)
+            return done
+        print(f"[run_all] {stage}: running again, for {missing}", flush=True)
     print(f"[run_all] {stage}: starting", flush=True)
     t0 = time.time()
     try:
@@ -246,6 +250,10 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
             print(f"[run_all] sweep {space}: {len(table)} rows", flush=True)
         return {"tables": tables}
 
+    def bench_lacks(done: dict[str, Any]) -> list[str]:
+        """The benchmarks asked for that a completed bench stage did not measure."""
+        return sorted(set(bench) - set((done.get("settings") or {}).get("bench", ())))
+
     plan: list[tuple[str, str, Callable[[], dict[str, Any]], Any]] = [
         ("collect", "collect", do_collect, preset.collect), ("vae", "vae", do_vae, preset.vae)]
     for s in seeds:
@@ -262,14 +270,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
             if marker.exists():
                 results[marker_name] = json.loads(marker.read_text())
             continue
-        again = set()
-        if stage == "bench" and _marker(out_dir, marker_name).exists():
-            missing = set(bench) - set((json.loads(_marker(out_dir, marker_name).read_text()).get("settings") or {})
-                                       .get("bench", ()))
-            if missing:  # asked for a benchmark the last run did not make
-                print(f"[run_all] {marker_name}: measuring again, for {sorted(missing)}", flush=True)
-                again = {stage}
-        results[marker_name] = _run_stage(out_dir, marker_name, force_set | again, fn, settings, force_as=stage)
+        results[marker_name] = _run_stage(out_dir, marker_name, force_set, fn, settings, force_as=stage,
+                                          lacks=bench_lacks if stage == "bench" else None)
     print(f"[run_all] finished; outputs under {out_dir}; MLflow store: "
           f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///' + str(out_dir / 'mlflow.db')}",
           flush=True)
