@@ -375,7 +375,9 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
             "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "runs": [{**{k: m.get(k) for k in ("run_id", "game", "seed", "commit", "command", "gpu", "date")},
                       "vae_seed": (m.get("settings") or {}).get("vae", {}).get("seed")} for m, _ in pooled],
-            "shared": "seeds recorded by one job share its collection and its VAE (vae_seed); each trains its own DiT",
+            "shared": "seeds recorded by one job share its collection and its VAE (vae_seed); each trains its own DiT. "
+                      "Runs whose windows come from the same episode positions (a rerun of the same collection "
+                      "settings; workers.schema.episode_position) share one episode resample",
             "not_pooled": left,
             "paper": "the paper's cells (method 'paper (other data)') were measured on data and at a resolution "
                      "it does not state; ALE's DemonAttack frames change 24-113x more than its model error"}

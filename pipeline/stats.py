@@ -3,10 +3,14 @@
 Windows of one episode are correlated (they overlap, and share a game's state), so a bootstrap that
 resamples windows alone understates the spread. `EpisodeBootstrap` resamples *episodes* with
 replacement, and every window of a drawn episode comes with it. Several training seeds are pooled:
-each seed's mean is taken on the same resampled episodes when the seeds share a collection (their
-evaluations read the same episodes), and on its own collection's resample otherwise (a stratified
-bootstrap, one stratum per collection). A statistic of several methods (a difference, a ratio of
-means) is computed on the same draws, so it is paired.
+each seed's mean is taken on the same resampled episodes when the seeds' evaluations read the same
+episodes, and on its own collection's resample otherwise (a stratified bootstrap, one stratum per
+collection). Episodes are told apart by their position in the collection
+(`workers.schema.episode_position`), not by their whole id: a separate job that collects with the
+same settings records the same games at the same positions under ids that differ after "~", and
+resampling those copies independently would count the held-out games twice and narrow the interval
+by about the square root of the number of such jobs. A statistic of several methods (a difference, a
+ratio of means) is computed on the same draws, so it is paired.
 
 Within one evaluation every method is scored on the same windows, row by row. Scores of two
 separate evaluations are lined up by window key (episode_id, start_step), never by row order:
@@ -18,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from workers.schema import episode_position
 
 CI_LEVEL = 0.95
 N_BOOT = 2000
@@ -55,7 +61,9 @@ class EpisodeBootstrap:
     """Episode resamples for S runs (seeds), each scored on windows of held-out episodes.
 
     `episode_ids[r]` is the episode of each of run r's windows. Runs whose windows come from the same
-    set of episodes share one collection and hence one resample of it."""
+    set of episode positions (`episode_position`) share one resample of them. (Where two collections
+    of the same settings recorded different games at a position, the shared resample keeps those
+    games together: an interval about as wide as independent draws would give, or wider.)"""
 
     def __init__(self, episode_ids: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0):
         if not episode_ids or any(len(e) == 0 for e in episode_ids):
@@ -64,7 +72,8 @@ class EpisodeBootstrap:
         draws: dict[tuple[str, ...], np.ndarray] = {}  # collection (its episodes) -> counts (B, E)
         self._runs = []  # per run: (window -> episode column, counts (B, E))
         for eids in episode_ids:
-            names, inverse = np.unique(np.asarray(eids).astype(str), return_inverse=True)
+            positions = np.array([episode_position(e) for e in np.asarray(eids).astype(str)])
+            names, inverse = np.unique(positions, return_inverse=True)
             key = tuple(names)
             if key not in draws:
                 # each resample draws E episodes with replacement: how often each one is drawn

@@ -91,6 +91,24 @@ def test_seeds_of_one_collection_share_the_resample():
     assert np.std(reps[:, 1] - reps[:, 0]) > 0.1
 
 
+def test_jobs_that_recollect_the_same_games_share_the_resample():
+    """Two jobs collecting with the same settings record the same games under ids that differ after
+    "~" (the process part): pooled, their evaluations resample those games together, so the interval
+    of a method scored the same in both is that of one job, not narrowed by counting the games twice."""
+    from pipeline.stats import EpisodeBootstrap
+
+    rng = np.random.default_rng(4)
+    eids, vals = _population(rng, 30)
+    pos = np.char.add("gpu.Breakout.s0.w1.", eids)
+    job_a, job_b = np.char.add(pos, "~101.aa11bb"), np.char.add(pos, "~202.cc33dd")
+    one, _ = EpisodeBootstrap([job_a], n_boot=800, seed=5).mean([vals])
+    both, reps = EpisodeBootstrap([job_a, job_b], n_boot=800, seed=5).mean([vals, vals])
+    assert (both.low, both.high) == pytest.approx((one.low, one.high))
+    # keyed by the whole id, the two jobs' games would be drawn apart: a narrower, wrong interval
+    apart, _ = EpisodeBootstrap([pos, np.char.add(pos, "x")], n_boot=800, seed=5).mean([vals, vals])
+    assert (apart.high - apart.low) < 0.85 * (one.high - one.low)
+
+
 def _scores(rng, n_eps: int = 12, per: int = 4, frames: int = 4, shift: float = 0.0):
     eids = np.repeat([f"g.e{i}~1.a" for i in range(n_eps)], per)
     starts = np.tile(np.arange(per) * 8, n_eps)

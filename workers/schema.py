@@ -159,13 +159,20 @@ EPISODE_ID_PROCESS_SEP = "~"
 settings; what precedes it does not (workers/atari.py)."""
 
 
+def episode_position(episode_id: str) -> str:
+    """A recorded game's place in its collection (run, game, seed, runner, env, game number): its id
+    up to `EPISODE_ID_PROCESS_SEP`, the same for the game at that place in every collection of the
+    same settings. Ids without the separator are their own position."""
+    return str(episode_id).split(EPISODE_ID_PROCESS_SEP, 1)[0]
+
+
 def split_of(episode_id: str, test_fraction: float, val_fraction: float = 0.0) -> str:
     """Deterministic train/val/test assignment of an episode: a hash of its id up to the process
     part (`EPISODE_ID_PROCESS_SEP`), so that a rerun of the same collection settings holds out the
     games at the same positions (runner, env, game number), whichever processes recorded them.
     The hash's lowest `test_fraction` of the range is `test`, the next `val_fraction` is `val`:
     adding a val split leaves every test episode where it was and takes val out of train."""
-    key = episode_id.split(EPISODE_ID_PROCESS_SEP, 1)[0]
+    key = episode_position(episode_id)
     h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little") % 1_000_000
     test_end = round(test_fraction * 1_000_000)
     if h < test_end:
