@@ -58,8 +58,13 @@ def test_window_keys_of_a_split_match_the_cut_windows_and_spread_reaches_every_e
     _write_episodes(tmp_path / "episodes" / "game=Pong", {"short": 5, "exact": 8, "b": 21, "c": 40}, split="test")
     _write_episodes(tmp_path / "other" / "game=Pong", {"t": 30}, split="train")
     keys = window_keys_of_split(str(tmp_path), 8, 4, split="test", game="Pong")
-    cut = read_windows_numpy(str(tmp_path), 8, 4, split="test")
-    assert keys == list(zip(cut["episode_id"], cut["start_step"].tolist()))
+    cut = sorted((str(r["episode_id"]), int(r["start_step"])) for r in
+                 window_dataset(str(tmp_path), 8, 4, split="test").select_columns(["episode_id", "start_step"]).take_all())
+    assert keys == cut
+    # read_windows_numpy cuts those windows from the keys, without Ray Data's shuffle: the same frames
+    every = read_windows_numpy(str(tmp_path), 8, 4, split="test")
+    assert keys == list(zip(every["episode_id"], every["start_step"].tolist()))
+    assert np.array_equal(every["frames"][:, :, 0, 0, 0], every["start_step"][:, None] + np.arange(8))
     assert keys[:5] == [("b", 0), ("b", 4), ("b", 8), ("b", 12), ("c", 0)] and keys[-1] == ("exact", 0)
     assert window_keys_of_split(str(tmp_path), 8, 4, split="train") == [("t", s) for s in range(0, 23, 4)]
     assert window_keys_of_split(str(tmp_path), 8, 4, split="test", game="Breakout") == []

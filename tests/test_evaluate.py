@@ -234,13 +234,13 @@ def test_vae_logs_its_heldout_floor_as_the_evaluation_scores_it(trained, data_ro
     assert run.data.tags["vae/exported_step"] == str(chosen["step"])
 
 
-def test_spread_windows_cut_only_their_episodes(data_root, monkeypatch):
+def test_spread_windows_cut_only_their_episodes(data_root):
     """clip_dataset(episodes=...) keeps those episodes' rows before they are cut into windows: the
     windows are the whole split's windows of those episodes, frame for frame, and no other's;
-    spread_window_dataset cuts only the episodes of the windows it chose."""
-    import workers.data as data_module
-    from workers.data import clip_dataset, spread_window_dataset
-    from workers.clips import spread_indices, window_keys_of_split
+    spread_window_dataset cuts exactly the windows it chose, the same frames, without a shuffle."""
+    from workers import schema as S
+    from workers.clips import cut_windows, parquet_files, spread_indices, window_keys_of_split
+    from workers.data import chosen_window_dataset, clip_dataset, spread_window_dataset
 
     every = {(r["episode_id"], int(r["start_step"])): r for r in clip_dataset(data_root, "", "train", 4, 8).take_all()}
     eids = sorted({e for e, _ in every})
@@ -252,15 +252,23 @@ def test_spread_windows_cut_only_their_episodes(data_root, monkeypatch):
         np.testing.assert_array_equal(r["actions"], every[(r["episode_id"], int(r["start_step"]))]["actions"])
     keys = window_keys_of_split(data_root, 4, 8, split="train")
     assert sorted(every) == keys
-    asked = []  # the episodes spread_window_dataset has clip_dataset cut (the real one runs)
-    monkeypatch.setattr(data_module, "clip_dataset",
-                        lambda *a, **kw: asked.append(kw.get("episodes")) or clip_dataset(*a, **kw))
     ds, n = spread_window_dataset(data_root, "", "train", 4, 8, 3)
+    plan = repr(ds)  # the logical plan, before it runs
     got = {(r["episode_id"], int(r["start_step"])): r for r in ds.take_all()}
     assert n == 3 and sorted(got) == [keys[i] for i in spread_indices(len(keys), 3)]
-    assert asked == [{e for e, _ in got}]
     for k, r in got.items():
         np.testing.assert_array_equal(r["frames"], every[k]["frames"])
+        np.testing.assert_array_equal(r["actions"], every[k]["actions"])
+    # the chosen windows are cut by read tasks, one per few episodes: no shuffle gathers the rows
+    assert "_cut_task" in plan and "Repartition" not in plan and "_windows_of_episode" not in plan, plan
+    # a task cuts only its episodes' chosen windows, and names a start that is no window
+    files = parquet_files(data_root)
+    cut = [b for b in cut_windows(files, {eids[0]: [0]}, 4, 8)]
+    assert [(str(e), int(s)) for b in cut for e, s in zip(b["episode_id"], b["start_step"])] == [(eids[0], 0)]
+    with pytest.raises(S.DatasetError, match=f"episode {eids[0]}: no window of 4 steps every 8 starts at step"):
+        list(cut_windows(files, {eids[0]: [3]}, 4, 8))
+    with pytest.raises(ValueError, match="1 of the 1 episodes asked for are not in"):
+        chosen_window_dataset(data_root, {("no-such-episode", 0)}, 4, 8)
     with pytest.raises(ValueError, match="none of the 1 episodes asked for"):
         clip_dataset(data_root, "", "train", 4, 8, episodes={"no-such-episode"})
 

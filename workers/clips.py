@@ -203,19 +203,60 @@ def window_keys_of_split(path: str, length: int, stride: int, split: str | None 
     return [(str(e), int(s)) for e, n in zip(names, counts) for s in range(0, int(n) - length + 1, stride)]
 
 
+def cut_windows(files: list[str], starts: dict[str, list[int]], length: int, stride: int,
+                split: str | None = None, game: str | None = None) -> Iterator[dict]:
+    """The windows of `length` every `stride` steps that start at `starts[episode]`, for each
+    episode named, read straight from `files` (those holding its rows) with pyarrow: no Ray and
+    no shuffle, for a few chosen windows (held-out scoring, figures). Batches as
+    `_windows_of_episode` gives them, episode by episode in id order; an episode of another split
+    or game than the one given gives none. A start that is not a window of its episode is an error."""
+    if not starts:
+        return
+    want = pa.array(sorted(starts), pa.string())
+    parts = []
+    for f in files:
+        t = pq.read_table(f, columns=[*_READ_COLUMNS, S.GAME], partitioning=None)
+        t = t.filter(pc.is_in(t[S.EPISODE_ID].cast(pa.string()), value_set=want))
+        if t.num_rows:
+            parts.append(t)
+    table = pa.concat_tables(parts, promote_options="permissive") if parts else None
+    for eid in sorted(starts):
+        rows = table.filter(pc.equal(table[S.EPISODE_ID].cast(pa.string()), eid)) if table is not None else None
+        if rows is None or rows.num_rows == 0:
+            raise S.DatasetError(f"episode {eid}: no rows in {len(files)} file(s) (first: {files[:1]})")
+        if (split is not None and str(rows[S.SPLIT][0].as_py()) != split) or (
+                game is not None and str(rows[S.GAME][0].as_py()) != game):
+            continue  # as window_dataset: no windows of another split or game
+        wanted = np.asarray(sorted({int(s) for s in starts[eid]}), np.int64)
+        found = []
+        for batch in _windows_of_episode(rows, length, stride):
+            keep = np.isin(batch["start_step"], wanted)
+            found.append(batch["start_step"][keep])
+            if keep.any():
+                yield {k: v[keep] for k, v in batch.items()}
+        lost = np.setdiff1d(wanted, np.concatenate(found) if found else np.zeros(0, np.int64))
+        if len(lost):
+            raise S.DatasetError(f"episode {eid}: no window of {length} steps every {stride} starts at step(s) "
+                                 f"{lost[:5].tolist()} ({rows.num_rows} rows)")
+
+
 def read_windows_numpy(path: str, length: int, stride: int, split: str | None = None,
                        max_windows: int | None = None) -> dict[str, np.ndarray]:
     """The windows of a (small, held-out) split as numpy arrays, sorted by (episode, start):
-    all of them, or `max_windows` spread evenly over them (`spread_indices`)."""
-    ds = window_dataset(path, length, stride, split)
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    all of them, or `max_windows` spread evenly over them (`spread_indices`). Chosen from the small
+    columns (`window_keys_of_split`); only the chosen windows are cut (`cut_windows`)."""
+    keys = window_keys_of_split(path, length, stride, split=split)
+    keys = [keys[i] for i in spread_indices(len(keys), max_windows)] if keys else []
+    starts: dict[str, list[int]] = {}
+    for e, s in keys:
+        starts.setdefault(e, []).append(s)
+    parts = list(cut_windows(parquet_files(path), starts, length, stride, split=split))
     if not parts:
         return {"frames": np.zeros((0, length, *S.FRAME_SHAPE), np.uint8),
                 "actions": np.zeros((0, length), np.int64),
                 "episode_id": np.zeros((0,), object), "start_step": np.zeros((0,), np.int64)}
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.lexsort((out["start_step"], out["episode_id"].astype(str)))
-    order = order[spread_indices(len(order), max_windows)]
     return {k: v[order] for k, v in out.items()}
 
 

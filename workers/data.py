@@ -3,6 +3,7 @@ description of a job's training data.
 
     clip_dataset(root, game, split, length, stride)        windows of one split (Ray Data, grouped by episode)
     spread_window_dataset(root, game, split, L, s, n)      n of them spread over the split, or given ones
+    chosen_window_dataset(root, keys, L, s)                 given windows, cut without a shuffle
     frame_dataset(root, game, split)                       the rows, for the "device" loader's FrameStore
     training_dataset(cfg, length, stride)                  what a training job's workers read
     training_data_input(root, game, share)                 the training rows described for MLflow
@@ -66,17 +67,60 @@ def clip_dataset(data_root: str, game: str, split: str, length: int, stride: int
 
 def spread_window_dataset(data_root: str, game: str, split: str, length: int, stride: int, n: int | None,
                           keys: set[tuple[str, int]] | None = None):
-    """`n` windows of a split (`clip_dataset`), spread evenly over its windows in (episode, start)
-    order so that every episode weighs in (all of them when n is None); or exactly the windows
-    `keys` ((episode_id, start_step) pairs) when given. Chosen from the small columns alone; only
-    the chosen windows' episodes are cut into windows (32 spread windows of Breakout's 361 training
-    episodes touch at most 32 of them). Returns the dataset and the number of windows chosen."""
+    """`n` windows of a split (those `clip_dataset` cuts), spread evenly over its windows in
+    (episode, start) order so that every episode weighs in (all of them when n is None); or exactly
+    the windows `keys` ((episode_id, start_step) pairs) when given. Chosen from the small columns
+    alone; only the chosen windows are cut (`chosen_window_dataset`: 32 spread windows of Breakout's
+    361 training episodes touch at most 32 of them). Returns the dataset and the number of windows
+    chosen."""
     if keys is None:
         every = window_keys_of_split(data_root, length, stride, split=split, game=game)
         keys = {every[i] for i in spread_indices(len(every), n)}
     chosen = frozenset(keys)
-    ds = clip_dataset(data_root, game, split, length, stride, episodes={e for e, _ in chosen} or None)
-    return ds.filter(lambda row: (str(row[S.EPISODE_ID]), int(row["start_step"])) in chosen), len(chosen)
+    if not chosen:  # an empty dataset with the windows' columns, as the callers expect
+        ds = clip_dataset(data_root, game, split, length, stride)
+        return ds.filter(lambda row: False), 0
+    return chosen_window_dataset(data_root, chosen, length, stride, split=split, game=game), len(chosen)
+
+
+def chosen_window_dataset(data_root: str, keys: Collection[tuple[str, int]], length: int, stride: int,
+                          split: str | None = None, game: str | None = None, episodes_per_task: int = 8):
+    """Ray Dataset of exactly the windows `keys` ((episode_id, start_step) pairs) without a shuffle:
+    the driver finds the files holding each episode's rows from the small columns, and each read
+    task cuts the windows of up to `episodes_per_task` episodes from those files
+    (`workers.clips.cut_windows`). A few hundred chosen windows (held-out scoring) touch a few
+    hundred episodes at most; gathering them by a hash shuffle of every row costs seconds of
+    scheduling even on a tiny collection. An episode not in the collection is an error."""
+    import ray
+
+    starts: dict[str, list[int]] = {}
+    for e, s in keys:
+        starts.setdefault(str(e), []).append(int(s))
+    files_of: dict[str, list[str]] = {}
+    for f in parquet_files(data_root):
+        ids = pq.read_table(f, columns=[S.EPISODE_ID], partitioning=None)[S.EPISODE_ID]
+        for e in set(pc.unique(ids).to_pylist()) & starts.keys():
+            files_of.setdefault(e, []).append(f)
+    missing = sorted(starts.keys() - files_of.keys())
+    if missing:
+        raise ValueError(f"{len(missing)} of the {len(starts)} episodes asked for are not in {data_root} "
+                         f"(e.g. {missing[:2]})")
+    eps = sorted(starts)
+    n_tasks = -(-len(eps) // max(1, episodes_per_task))
+    tasks = [{"task": json.dumps({"starts": {e: starts[e] for e in part},
+                                  "files": sorted({f for e in part for f in files_of[e]})})}
+             for part in (eps[i::n_tasks] for i in range(n_tasks))]
+    return ray.data.from_items(tasks).map_batches(
+        _cut_task, batch_size=1, fn_kwargs=dict(length=length, stride=stride, split=split, game=game or None))
+
+
+def _cut_task(batch: dict, length: int, stride: int, split: str | None, game: str | None):
+    """map_batches UDF of `chosen_window_dataset`: one task's episodes -> their chosen windows."""
+    from workers.clips import cut_windows
+
+    for task in batch["task"]:
+        t = json.loads(str(task))
+        yield from cut_windows(t["files"], t["starts"], length, stride, split=split, game=game)
 
 
 def frame_dataset(data_root: str, game: str, split: str):
