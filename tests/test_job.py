@@ -165,9 +165,10 @@ def _stop_head(proc: subprocess.Popen, temp_dir: Path | None) -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture()
-def ray_head(tmp_path):
-    """A real head node started like a user would, with token auth (Ray 2.60's default).
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real head node started like a user would, with token auth (Ray 2.60's default), shared by
+    this module's jobs: `(dashboard address, env, folder of its logs)`.
 
     `--block` keeps `ray start` in the foreground as the parent of the head's processes, so
     stopping its process group ends this cluster only (`ray stop` would end every Ray cluster on
@@ -178,7 +179,8 @@ def ray_head(tmp_path):
     agent's 52365, and a head whose agent cannot bind answers every submission with "No available
     agent to submit job". A head whose raylet dies while starting (CI saw one crash in its
     NodeManager's constructor once) is started again, at most three times, on fresh ports; the
-    failures' logs are kept under tmp_path."""
+    failures' logs are kept in its folder."""
+    tmp_path = tmp_path_factory.mktemp("ray_head")
     # No drain on SIGTERM: `ray start --block` would otherwise ask the GCS, which the same signal to
     # the process group is stopping, to drain the node, and wait out its 30 s timeout at teardown.
     # The job's `python` is the test's own (its venv first on PATH), also when pytest runs as
@@ -195,7 +197,7 @@ def ray_head(tmp_path):
             (tmp_path / f"ray_head.{attempt}.error").write_text(str(e))
     else:
         raise RuntimeError("the Ray head did not start in 3 attempts:\n" + "\n---\n".join(errors))
-    yield address, env
+    yield address, env, tmp_path
     _stop_head(proc, temp_dir)
 
 
@@ -318,11 +320,11 @@ def _check_results_tables(out: Path, tables: Path) -> None:
 
 @pytest.mark.timeout(3000)
 def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(tmp_path, mlflow_server, ray_head):
-    address, env = ray_head
+    address, env, head_dir = ray_head
     out = tmp_path / "run"
     res = _submit(address, env, out, mlflow_server, tmp_path / "job1.log")
     assert res.returncode == 0, (f"job failed:\n{(res.stdout + res.stderr)[-6000:]}\n"
-                                 f"head's dashboard agent:\n{_head_agent_log(tmp_path)}")
+                                 f"head's dashboard agent:\n{_head_agent_log(head_dir)}")
     assert "succeeded" in res.stdout, res.stdout[-3000:]
 
     _check_outputs(out, mlflow_server)
@@ -343,12 +345,12 @@ def test_a_submitted_script_imports_the_uploaded_copy(tmp_path, ray_head):
     from the checkout installed in this environment."""
     from test_cli import PACKAGES, copy_reporting_origin, origins
 
-    address, env = ray_head
+    address, env, head_dir = ray_head
     app = copy_reporting_origin(tmp_path / "app")
     res = _submit_job(address, env, app, ["python", "pipeline/run_all.py", "--help"], tmp_path / "job.log")
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     found = origins(res.stdout)
     assert set(found) == set(PACKAGES), res.stdout[-4000:]
-    # the head's temp folder (linked as tmp_path/ray*), whose session unpacks the uploads
-    heads = [link.resolve() for link in tmp_path.glob("ray*") if link.is_symlink()]
+    # the head's temp folder (linked as <its folder>/ray*), whose session unpacks the uploads
+    heads = [link.resolve() for link in head_dir.glob("ray*") if link.is_symlink()]
     assert all(any(path.is_relative_to(h) for h in heads) for path in found.values()), (found, heads)

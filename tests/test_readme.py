@@ -287,7 +287,8 @@ def test_readme_cluster_section_runs_as_written(tmp_path, namespace):
     script = tmp_path / "harness.sh"
     script.write_text(_harness(blocks, work, helper, logs))
     ray_tmp = _ray_tmp()
-    env = {**_clean_env(home, ray_tmp), "AWM_JOB_ARGS": "--stages collect --games Pong"}
+    # one game's collection with the random policy: the job's content is not what this test checks
+    env = {**_clean_env(home, ray_tmp), "AWM_JOB_ARGS": "--stages collect --games Pong --set collect.policy=random"}
     try:
         res = subprocess.run(namespace + ["bash", str(script)], env=env, cwd=work, timeout=840,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
