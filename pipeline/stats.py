@@ -3,9 +3,9 @@
 Windows of one episode are correlated (they overlap, and share a game's state), so a bootstrap that
 resamples windows alone understates the spread. `EpisodeBootstrap` resamples *episodes* with
 replacement, and every window of a drawn episode comes with it. Several training seeds are pooled:
-each seed's mean is taken on the same resampled episodes when the seeds' evaluations read the same
-episodes, and on its own collection's resample otherwise (a stratified bootstrap, one stratum per
-collection). Episodes are told apart by their position in the collection
+each seed's mean is taken on the same resampled episodes wherever the seeds' evaluations read the
+same episodes (runs that share any episode are drawn from one resample of all their episodes), and on
+its own collection's resample otherwise (a stratified bootstrap, one stratum per collection). Episodes are told apart by their position in the collection
 (`workers.schema.episode_position`), not by their whole id: a separate job that collects with the
 same settings records the same games at the same positions under ids that differ after "~", and
 resampling those copies independently would count the held-out games twice and narrow the interval
@@ -60,28 +60,48 @@ def align(keys_a: list[tuple[str, int]], keys_b: list[tuple[str, int]], what: st
 class EpisodeBootstrap:
     """Episode resamples for S runs (seeds), each scored on windows of held-out episodes.
 
-    `episode_ids[r]` is the episode of each of run r's windows. Runs whose windows come from the same
-    set of episode positions (`episode_position`) share one resample of them. (Where two collections
-    of the same settings recorded different games at a position, the shared resample keeps those
-    games together: an interval about as wide as independent draws would give, or wider.)"""
+    `episode_ids[r]` is the episode of each of run r's windows. Runs whose episode positions
+    (`episode_position`) overlap, even in part, form one group; each resample draws, with
+    replacement, as many positions as the group holds from the union of its positions, and every run
+    of the group reads its own positions' counts from that one draw. A game that several runs
+    scored is thus drawn once for all of them, never independently per run (which would narrow the
+    interval as if the runs had seen different games). Groups that share no position are drawn
+    independently: a stratified bootstrap, one stratum per collection. (Where two collections of
+    the same settings recorded different games at a position, the shared draw keeps those games
+    together: an interval about as wide as independent draws would give, or wider.) A run none of
+    whose positions a resample draws (possible only where its positions are a small part of its
+    group's) gives a NaN replicate there, and so a NaN interval, not a silent one."""
 
     def __init__(self, episode_ids: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0):
         if not episode_ids or any(len(e) == 0 for e in episode_ids):
             raise ValueError("EpisodeBootstrap: every run needs at least one window")
         rng = np.random.default_rng(seed)
-        draws: dict[tuple[str, ...], np.ndarray] = {}  # collection (its episodes) -> counts (B, E)
-        self._runs = []  # per run: (window -> episode column, counts (B, E))
-        for eids in episode_ids:
-            positions = np.array([episode_position(e) for e in np.asarray(eids).astype(str)])
-            names, inverse = np.unique(positions, return_inverse=True)
-            key = tuple(names)
-            if key not in draws:
-                # each resample draws E episodes with replacement: how often each one is drawn
-                draws[key] = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)),
-                                             size=n_boot).astype(np.float64)
-            self._runs.append((inverse, draws[key]))
-        self.episodes = [counts.shape[1] for _, counts in self._runs]
-        """Held-out episodes of each run."""
+        positions = [np.array([episode_position(e) for e in np.asarray(eids).astype(str)]) for eids in episode_ids]
+        sets = [set(p.tolist()) for p in positions]
+        group = list(range(len(sets)))  # union-find over runs that share a position
+
+        def root(i: int) -> int:
+            while group[i] != i:
+                group[i] = group[group[i]]
+                i = group[i]
+            return i
+
+        for i in range(len(sets)):
+            for j in range(i):
+                if sets[i] & sets[j]:
+                    group[root(i)] = root(j)
+        draws: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # group -> (its positions, counts (B, E))
+        for g in sorted({root(i) for i in range(len(sets))}):
+            names = np.array(sorted(set().union(*(sets[i] for i in range(len(sets)) if root(i) == g))))
+            # each resample draws E positions with replacement: how often each one is drawn
+            draws[g] = names, rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)),
+                                              size=n_boot).astype(np.float64)
+        self._runs = []  # per run: (window -> position column of its group, counts (B, E))
+        for i, pos in enumerate(positions):
+            names, counts = draws[root(i)]
+            self._runs.append((np.searchsorted(names, pos), counts))
+        self.episodes = [len(s) for s in sets]
+        """Held-out episodes (positions) of each run."""
 
     def run_means(self, values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """values[r]: one number per window of run r -> (each run's mean (S,), its bootstrap
@@ -97,7 +117,8 @@ class EpisodeBootstrap:
             sums = np.bincount(inverse, weights=v, minlength=E)
             ns = np.bincount(inverse, minlength=E).astype(np.float64)
             point.append(v.mean())
-            boot.append((counts @ sums) / (counts @ ns))
+            with np.errstate(invalid="ignore", divide="ignore"):  # no window of this run drawn: NaN
+                boot.append((counts @ sums) / (counts @ ns))
         return np.array(point), np.stack(boot, axis=1)
 
     def mean(self, values: list[np.ndarray]) -> tuple[Interval, np.ndarray]:

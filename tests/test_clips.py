@@ -65,6 +65,15 @@ def test_window_keys_of_a_split_match_the_cut_windows_and_spread_reaches_every_e
     every = read_windows_numpy(str(tmp_path), 8, 4, split="test")
     assert keys == list(zip(every["episode_id"], every["start_step"].tolist()))
     assert np.array_equal(every["frames"][:, :, 0, 0, 0], every["start_step"][:, None] + np.arange(8))
+    # in Ray Data, one read task per episode (episode "c" spans both files): the same windows
+    from workers.clips import cut_windows
+    from workers.data import chosen_window_dataset
+
+    rows = chosen_window_dataset(str(tmp_path), keys, 8, 4, split="test", game="Pong", episodes_per_task=1).take_all()
+    assert sorted((str(r["episode_id"]), int(r["start_step"])) for r in rows) == keys
+    assert all(np.array_equal(r["frames"][:, 0, 0, 0], r["start_step"] + np.arange(8)) for r in rows)
+    with pytest.raises(S.DatasetError, match="episode t: its split is 'train', not the 'test' asked for"):
+        list(cut_windows(parquet_files(str(tmp_path)), {"t": [0]}, 8, 4, split="test"))
     assert keys[:5] == [("b", 0), ("b", 4), ("b", 8), ("b", 12), ("c", 0)] and keys[-1] == ("exact", 0)
     assert window_keys_of_split(str(tmp_path), 8, 4, split="train") == [("t", s) for s in range(0, 23, 4)]
     assert window_keys_of_split(str(tmp_path), 8, 4, split="test", game="Breakout") == []

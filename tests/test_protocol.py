@@ -109,6 +109,25 @@ def test_jobs_that_recollect_the_same_games_share_the_resample():
     assert (apart.high - apart.low) < 0.85 * (one.high - one.low)
 
 
+def test_runs_that_share_some_games_draw_them_once():
+    """Runs whose held-out games overlap only in part (another window budget, a restarted runner)
+    still draw the shared games together: their replicate means move together, where runs with no
+    game in common are drawn independently."""
+    from pipeline.stats import EpisodeBootstrap
+
+    rng = np.random.default_rng(6)
+    effect = rng.normal(0, 3.0, size=60)  # one value per game, the same whichever run scored it
+    ids = np.array([f"gpu.Breakout.s0.w1.{i}~{100 + i}.ab" for i in range(60)])
+    a, b, c = np.arange(0, 30), np.arange(15, 45), np.arange(30, 60)  # a and b share 15 games
+    other = np.array([f"gpu.Breakout.s1.w1.{i}~{100 + i}.ab" for i in range(60)])  # c: another collection
+    boot = EpisodeBootstrap([ids[a], ids[b], other[c]], n_boot=2000, seed=7)
+    assert boot.episodes == [30, 30, 30]
+    _, reps = boot.run_means([effect[a], effect[b], effect[c]])
+    corr = np.corrcoef(reps.T)
+    assert corr[0, 1] > 0.3, corr  # drawn apart, as before, this was about 0
+    assert abs(corr[0, 2]) < 0.1 and not np.isnan(reps).any(), corr
+
+
 def _scores(rng, n_eps: int = 12, per: int = 4, frames: int = 4, shift: float = 0.0):
     eids = np.repeat([f"g.e{i}~1.a" for i in range(n_eps)], per)
     starts = np.tile(np.arange(per) * 8, n_eps)

@@ -208,8 +208,9 @@ def cut_windows(files: list[str], starts: dict[str, list[int]], length: int, str
     """The windows of `length` every `stride` steps that start at `starts[episode]`, for each
     episode named, read straight from `files` (those holding its rows) with pyarrow: no Ray and
     no shuffle, for a few chosen windows (held-out scoring, figures). Batches as
-    `_windows_of_episode` gives them, episode by episode in id order; an episode of another split
-    or game than the one given gives none. A start that is not a window of its episode is an error."""
+    `_windows_of_episode` gives them, episode by episode in id order. An episode of another split
+    or game than the one given, or a start that is not a window of its episode, is an error: no
+    chosen window is dropped."""
     if not starts:
         return
     want = pa.array(sorted(starts), pa.string())
@@ -224,9 +225,10 @@ def cut_windows(files: list[str], starts: dict[str, list[int]], length: int, str
         rows = table.filter(pc.equal(table[S.EPISODE_ID].cast(pa.string()), eid)) if table is not None else None
         if rows is None or rows.num_rows == 0:
             raise S.DatasetError(f"episode {eid}: no rows in {len(files)} file(s) (first: {files[:1]})")
-        if (split is not None and str(rows[S.SPLIT][0].as_py()) != split) or (
-                game is not None and str(rows[S.GAME][0].as_py()) != game):
-            continue  # as window_dataset: no windows of another split or game
+        for col, want in ((S.SPLIT, split), (S.GAME, game)):
+            got = str(rows[col][0].as_py())
+            if want is not None and got != want:
+                raise S.DatasetError(f"episode {eid}: its {col} is {got!r}, not the {want!r} asked for")
         wanted = np.asarray(sorted({int(s) for s in starts[eid]}), np.int64)
         found = []
         for batch in _windows_of_episode(rows, length, stride):
