@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Iterator
+from typing import Collection, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -242,17 +242,39 @@ def cut_windows(files: list[str], starts: dict[str, list[int]], length: int, str
                                  f"{lost[:5].tolist()} ({rows.num_rows} rows)")
 
 
+def episode_files(path: str, episodes: Collection[str]) -> dict[str, list[str]]:
+    """The files of a dataset root that hold rows of each of `episodes` (an episode may span
+    files), from the episode column alone. An episode in none of them is an error."""
+    wanted = {str(e) for e in episodes}
+    files_of: dict[str, list[str]] = {}
+    for f in parquet_files(path):
+        ids = pq.read_table(f, columns=[S.EPISODE_ID], partitioning=None)[S.EPISODE_ID]
+        for e in set(pc.unique(ids).to_pylist()) & wanted:
+            files_of.setdefault(e, []).append(f)
+    missing = sorted(wanted - files_of.keys())
+    if missing:
+        raise ValueError(f"{len(missing)} of the {len(wanted)} episodes asked for are not in {path} "
+                         f"(e.g. {missing[:2]})")
+    return files_of
+
+
+def starts_by_episode(keys: Collection[tuple[str, int]]) -> dict[str, list[int]]:
+    """(episode_id, start_step) window keys -> {episode_id: its starts}."""
+    starts: dict[str, list[int]] = {}
+    for e, s in keys:
+        starts.setdefault(str(e), []).append(int(s))
+    return starts
+
+
 def read_windows_numpy(path: str, length: int, stride: int, split: str | None = None,
                        max_windows: int | None = None) -> dict[str, np.ndarray]:
     """The windows of a (small, held-out) split as numpy arrays, sorted by (episode, start):
     all of them, or `max_windows` spread evenly over them (`spread_indices`). Chosen from the small
     columns (`window_keys_of_split`); only the chosen windows are cut (`cut_windows`)."""
     keys = window_keys_of_split(path, length, stride, split=split)
-    keys = [keys[i] for i in spread_indices(len(keys), max_windows)] if keys else []
-    starts: dict[str, list[int]] = {}
-    for e, s in keys:
-        starts.setdefault(e, []).append(s)
-    parts = list(cut_windows(parquet_files(path), starts, length, stride, split=split))
+    starts = starts_by_episode([keys[i] for i in spread_indices(len(keys), max_windows)] if keys else [])
+    files = sorted({f for fs in episode_files(path, starts).values() for f in fs})
+    parts = list(cut_windows(files, starts, length, stride, split=split))
     if not parts:
         return {"frames": np.zeros((0, length, *S.FRAME_SHAPE), np.uint8),
                 "actions": np.zeros((0, length), np.int64),

@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workers import schema as S
-from workers.clips import (episode_share_mask, keep_episode_share, parquet_files, read_episodes, spread_indices,
-                           window_dataset, window_keys_of_split)
+from workers.clips import (episode_files, episode_share_mask, keep_episode_share, parquet_files, read_episodes,
+                           spread_indices, starts_by_episode, window_dataset, window_keys_of_split)
 from workers.frame_store import STORE_COLUMNS
 
 
@@ -93,18 +93,8 @@ def chosen_window_dataset(data_root: str, keys: Collection[tuple[str, int]], len
     scheduling even on a tiny collection. An episode not in the collection is an error."""
     import ray
 
-    starts: dict[str, list[int]] = {}
-    for e, s in keys:
-        starts.setdefault(str(e), []).append(int(s))
-    files_of: dict[str, list[str]] = {}
-    for f in parquet_files(data_root):
-        ids = pq.read_table(f, columns=[S.EPISODE_ID], partitioning=None)[S.EPISODE_ID]
-        for e in set(pc.unique(ids).to_pylist()) & starts.keys():
-            files_of.setdefault(e, []).append(f)
-    missing = sorted(starts.keys() - files_of.keys())
-    if missing:
-        raise ValueError(f"{len(missing)} of the {len(starts)} episodes asked for are not in {data_root} "
-                         f"(e.g. {missing[:2]})")
+    starts = starts_by_episode(keys)
+    files_of = episode_files(data_root, starts)
     eps = sorted(starts)
     n_tasks = -(-len(eps) // max(1, episodes_per_task))
     tasks = [{"task": json.dumps({"starts": {e: starts[e] for e in part},
