@@ -14,6 +14,10 @@
 - `tiny_trained` (session): a tiny VAE then DiT on Breakout of `tiny_split_root`, trained through
   the drivers (Ray Train, MLflow): `(run_dir, world_model_path, TrainDiTConfig)`. The one trained
   world model of a test session: share it, read-only.
+- `job_cluster` (session): a Ray head started with `ray start --head` (token auth) and a real MLflow
+  server, for tests that submit jobs with `ray job submit` (tests/cluster.py). When the smoke job's
+  test (tests/test_job.py) is selected, the smoke job is submitted to it in the background as the
+  session starts, and that test waits for its end.
 
 Every test that needs none of these fixtures and starts no job of its own (no subprocess of an
 entry point, no Ray Serve, no browser) is marked `quick`: `python -m pytest -m quick tests` is the
@@ -116,9 +120,33 @@ def tiny_trained(tiny_split_root, tmp_path_factory):
     return run_dir, train_dit_main(dit_cfg), dit_cfg
 
 
+@pytest.fixture(scope="session")
+def job_cluster(tmp_path_factory):
+    """A Ray head started as users start one and an MLflow server, coming up in a background thread
+    (tests/cluster.py: `JobCluster`); `head()` and `mlflow()` wait for them."""
+    from cluster import JobCluster
+
+    cluster = JobCluster(tmp_path_factory.mktemp("job_cluster"))
+    yield cluster
+    cluster.stop()
+
+
+_SMOKE_JOB_TEST = ("test_job", "test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _smoke_job_submitted_early(request):
+    """When the smoke job's test is selected, its job is submitted as the session starts: the job
+    spends much of its minutes waiting on process starts and Ray's scheduling, which then overlap
+    the tests before it, and its test only waits for the end."""
+    if any((item.module.__name__.rpartition(".")[2], item.originalname) == _SMOKE_JOB_TEST
+           for item in request.session.items if item.module):
+        request.getfixturevalue("job_cluster").submit_smoke_job()
+
+
 # Fixtures that start a Ray cluster, collect a dataset or train models; and modules whose tests start
 # jobs, servers or browsers in subprocesses. A test touching neither is quick.
-_SLOW_FIXTURES = frozenset({"ray_local", "tiny_dataset", "tiny_split_root", "tiny_trained"})
+_SLOW_FIXTURES = frozenset({"ray_local", "tiny_dataset", "tiny_split_root", "tiny_trained", "job_cluster"})
 _SLOW_MODULES = frozenset({"test_job", "test_readme", "test_cli", "test_serve", "test_learning", "test_benchmarks"})
 _SLOW_TESTS = frozenset({"test_init_ray_starts_a_local_cluster_instead_of_joining_a_dead_one",  # Ray in a subprocess
                          "test_compose_mlflow_command_serves_clients_that_use_the_service_name"})  # an MLflow server
