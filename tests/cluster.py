@@ -235,13 +235,17 @@ class JobCluster:
         """Submit `run_all.py --preset smoke` once (later calls return the same submission); the
         future's result is (`ray job submit`'s CompletedProcess, the job's --out folder)."""
         with self._lock:
+            if self._stopped:
+                raise RuntimeError("the job cluster was stopped")
             if self._smoke is None:
                 self._smoke = self._pool.submit(self._run_smoke)
             return self._smoke
 
     def stop(self) -> None:
-        """Stop a job still running (a session that ends early), the server and the head."""
+        """Stop a job still running (a session that ends early), the server and the head; once."""
         with self._lock:
+            if self._stopped:
+                return
             self._stopped = True
         if self._smoke is not None and not self._smoke.done() and self._address.done() \
                 and self._address.exception() is None:

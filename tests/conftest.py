@@ -34,6 +34,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Ray Train's controller looks at its workers every 2 s by default, so each training run of a test
+# (dozens of them, most a few seconds long) ends or restarts after a crash up to 2 s late. Every
+# Ray cluster of the session inherits this: ray.init's, `ray start`'s and the jobs'.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
+
 
 @pytest.fixture(scope="session")
 def ray_local():

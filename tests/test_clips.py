@@ -140,7 +140,8 @@ def test_split_sample_modes_and_errors():
 def test_windows_on_recorded_games_torch(tiny_dataset):
     import torch
 
-    ds = window_dataset(tiny_dataset.root, length=6, stride=3, split="train")
+    # materialized: both reads below take their batches from one run of the shuffle
+    ds = window_dataset(tiny_dataset.root, length=6, stride=3, split="train").materialize()
     nb = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
     batch = next(iter(ds.select_columns(list(TENSOR_COLUMNS)).iter_torch_batches(batch_size=4)))
     assert batch["frames"].dtype == torch.uint8 and batch["frames"].shape == (4, 6, 210, 160, 3)

@@ -133,6 +133,13 @@ def _check_results_tables(out: Path, tables: Path) -> None:
         assert row.seeds == 1 and not row.reported
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cluster_stopped_after_this_module(job_cluster):
+    """No later test uses the head or the server: stop them rather than leave them polling."""
+    yield
+    job_cluster.stop()
+
+
 @pytest.mark.timeout(3000)
 def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(job_cluster):
     """The job was submitted as the session started (tests/conftest.py); this waits for its end."""
