@@ -5,6 +5,7 @@ test session starts, so that the job's minutes of mostly waiting overlap the oth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -157,21 +158,25 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 
 def submit_job(address: str, env: dict, working_dir: Path, entrypoint: list[str], log: Path,
-               submission_id: str | None = None, running: list | None = None) -> subprocess.CompletedProcess:
+               submission_id: str | None = None, owner: "JobCluster | None" = None) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir <working_dir> -- <entrypoint>`, waiting for the job's end; its
-    output is also written to `log`. `running`, if given, holds the submitting process meanwhile."""
+    output is also written to `log`. With `owner`, the submitting process is started through it, so
+    that stopping that cluster ends it (and none starts once it is stopped)."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(working_dir),
            *(["--submission-id", submission_id] if submission_id else []), "--", *entrypoint]
     deadline = time.time() + 180  # the head's job agent can come up a while after its dashboard
     while True:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if running is not None:
-            running.append(proc)
+        proc = owner.popen(cmd) if owner is not None else subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = proc.communicate(timeout=2400)
+        except BaseException:
+            proc.kill()
+            proc.communicate()
+            raise
         finally:
-            if running is not None:
-                running.remove(proc)
+            if owner is not None:
+                owner.forget(proc)
         res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         if "No available agent to submit job" not in out + err or time.time() > deadline:
             break
@@ -241,23 +246,53 @@ class JobCluster:
                 self._smoke = self._pool.submit(self._run_smoke)
             return self._smoke
 
+    def popen(self, cmd: list[str]) -> subprocess.Popen:
+        """Start a `ray` CLI process that `stop()` ends; refused once stopped."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the job cluster was stopped")
+            proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self._running.append(proc)
+            return proc
+
+    def forget(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            if proc in self._running:
+                self._running.remove(proc)
+
+    def _smoke_may_run(self) -> bool:
+        """Whether the smoke job was submitted and may still be running on the head (its `ray job
+        submit` interrupted, failed or still waiting)."""
+        if self._smoke is None or not self._address.done() or self._address.exception() is not None:
+            return False
+        if not self._smoke.done():
+            return True
+        return self._smoke.exception() is not None or self._smoke.result()[0].returncode != 0
+
     def stop(self) -> None:
-        """Stop a job still running (a session that ends early), the server and the head; once."""
+        """Stop a job still running (a session that ends early), the server and the head; once.
+        Each step runs even if one before it fails."""
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
-        if self._smoke is not None and not self._smoke.done() and self._address.done() \
-                and self._address.exception() is None:
-            subprocess.run([str(BIN / "ray"), "job", "stop", "--address", self._address.result(), self._smoke_id],
-                           env=self.env, capture_output=True, timeout=120)
-        for proc in list(self._running):
-            proc.terminate()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._mlflow is not None:
-            stop_process_group(self._mlflow)
-        if self._head is not None:
-            stop_head(*self._head)
+            running = list(self._running)
+        try:
+            if self._smoke_may_run():
+                with contextlib.suppress(Exception):
+                    subprocess.run([str(BIN / "ray"), "job", "stop", "--no-wait", "--address", self._address.result(),
+                                    self._smoke_id], env=self.env, capture_output=True, timeout=60)
+            for proc in running:
+                with contextlib.suppress(Exception):
+                    proc.terminate()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            try:
+                if self._mlflow is not None:
+                    stop_process_group(self._mlflow)
+            finally:
+                if self._head is not None:
+                    stop_head(*self._head)
 
     def _start_head(self) -> str:
         errors = []
@@ -281,5 +316,5 @@ class JobCluster:
         out.parent.mkdir()
         res = submit_job(address, self.env, REPO, ["python", "pipeline/run_all.py", "--preset", "smoke", "--out",
                                                    str(out), "--tracking-uri", tracking],
-                         self.folder / "smoke" / "job1.log", submission_id=self._smoke_id, running=self._running)
+                         self.folder / "smoke" / "job1.log", submission_id=self._smoke_id, owner=self)
         return res, out

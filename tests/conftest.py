@@ -144,8 +144,8 @@ def _smoke_job_submitted_early(request):
     """When the smoke job's test is selected, its job is submitted as the session starts: the job
     spends much of its minutes waiting on process starts and Ray's scheduling, which then overlap
     the tests before it, and its test only waits for the end."""
-    if any((item.module.__name__.rpartition(".")[2], item.originalname) == _SMOKE_JOB_TEST
-           for item in request.session.items if item.module):
+    if any((item.module.__name__.rpartition(".")[2], getattr(item, "originalname", "")) == _SMOKE_JOB_TEST
+           for item in request.session.items if getattr(item, "module", None)):
         request.getfixturevalue("job_cluster").submit_smoke_job()
 
 
