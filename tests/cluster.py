@@ -1,7 +1,6 @@
 """A Ray cluster started as users start one, an MLflow server, and jobs submitted to them with
 `ray job submit`: the helpers of tests/test_job.py, and the session's `job_cluster` (conftest.py),
-which brings the head and the server up and submits the smoke job in a background thread as the
-test session starts, so that the job's minutes of mostly waiting overlap the other tests."""
+which brings the head and the server up in a background thread and submits the smoke job."""
 
 from __future__ import annotations
 

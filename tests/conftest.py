@@ -15,9 +15,7 @@
   the drivers (Ray Train, MLflow): `(run_dir, world_model_path, TrainDiTConfig)`. The one trained
   world model of a test session: share it, read-only.
 - `job_cluster` (session): a Ray head started with `ray start --head` (token auth) and a real MLflow
-  server, for tests that submit jobs with `ray job submit` (tests/cluster.py). When the smoke job's
-  test (tests/test_job.py) is selected, the smoke job is submitted to it in the background as the
-  session starts, and that test waits for its end.
+  server, for tests that submit jobs with `ray job submit` (tests/cluster.py).
 
 Every test that needs none of these fixtures and starts no job of its own (no subprocess of an
 entry point, no Ray Serve, no browser) is marked `quick`: `python -m pytest -m quick tests` is the
@@ -134,19 +132,6 @@ def job_cluster(tmp_path_factory):
     cluster = JobCluster(tmp_path_factory.mktemp("job_cluster"))
     yield cluster
     cluster.stop()
-
-
-_SMOKE_JOB_TEST = ("test_job", "test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _smoke_job_submitted_early(request):
-    """When the smoke job's test is selected, its job is submitted as the session starts: the job
-    spends much of its minutes waiting on process starts and Ray's scheduling, which then overlap
-    the tests before it, and its test only waits for the end."""
-    if any((item.module.__name__.rpartition(".")[2], getattr(item, "originalname", "")) == _SMOKE_JOB_TEST
-           for item in request.session.items if getattr(item, "module", None)):
-        request.getfixturevalue("job_cluster").submit_smoke_job()
 
 
 # Fixtures that start a Ray cluster, collect a dataset or train models; and modules whose tests start

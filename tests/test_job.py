@@ -2,9 +2,8 @@
 --working-dir .`, the smoke preset, logging over HTTP to a real MLflow server; everything is then
 checked through MLflow's REST API and the files the job wrote.
 
-The job takes several minutes on 2 cores (it runs every stage, including a small Tune sweep): the
-session's `job_cluster` (tests/cluster.py) submits it in the background as the test session starts,
-and its test here waits for the end and checks what it left."""
+The job takes several minutes on 2 cores (it runs every stage, including a small Tune sweep). It
+runs alone: overlapping it with the other tests on 2 cores made the whole suite slower, not faster."""
 
 from __future__ import annotations
 
@@ -142,7 +141,6 @@ def _cluster_stopped_after_this_module(job_cluster):
 
 @pytest.mark.timeout(3000)
 def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(job_cluster):
-    """The job was submitted as the session started (tests/conftest.py); this waits for its end."""
     address, env, head_dir = job_cluster.head()
     mlflow_server = job_cluster.mlflow()
     res, out = job_cluster.submit_smoke_job().result(timeout=2900)
