@@ -113,13 +113,7 @@ def start_head(tmp_path: Path, env: dict, attempt: int) -> tuple[subprocess.Pope
 
 
 def stop_head(proc: subprocess.Popen, temp_dir: Path | None) -> None:
-    try:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+    stop_process_group(proc, timeout_s=60)
     if temp_dir is not None:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -146,10 +140,11 @@ def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
     return proc, base
 
 
-def stop_process_group(proc: subprocess.Popen) -> None:
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM to the process group of `proc` (started in a session of its own), SIGKILL after `timeout_s`."""
     try:
         os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        proc.wait(timeout=timeout_s)
     except ProcessLookupError:
         pass
     except subprocess.TimeoutExpired:
