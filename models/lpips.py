@@ -119,12 +119,21 @@ def check_state_dict(sd: dict[str, Tensor], source: str) -> None:
             raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)} (want {shape}) or non-finite values")
 
 
-def load_weights(path: Path) -> dict[str, Tensor]:
+def require_weights(path: str | Path | None = None) -> Path:
+    """The weights' file (`path`, else `weights_path()`), or a FileNotFoundError naming it and the
+    setup command. Jobs that will score call it before they collect or train, so that a missing
+    file stops them at once rather than after the training it would have scored."""
+    path = Path(path).expanduser() if path else weights_path()
     if not path.is_file():
         raise FileNotFoundError(
             f"LPIPS AlexNet weights not found at {path}. Prepare them once with `{SETUP_COMMAND}` "
             f"(set ${WEIGHTS_ENV} to use another location)."
         )
+    return path
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    path = require_weights(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     check_state_dict(sd, str(path))
     return sd

@@ -303,6 +303,10 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().resolve()))
     if not cfg.model_path:
         raise ValueError("EvalConfig.model_path is empty: point it at a trained world-model directory")
+    if cfg.lpips:
+        from models.lpips import require_weights
+
+        require_weights()  # before Ray starts, not in each scoring actor it would start
     ensure_ray()
     world_model = load_world_model(cfg.model_path, sample_steps=cfg.sample_steps or None,
                                    guidance_scale=cfg.guidance_scale or None)

@@ -110,6 +110,27 @@ def seed_stage(stage: str, seed: int | None) -> str:
     return stage if seed is None else f"{stage}-seed{seed}"
 
 
+def _require_scoring_weights(out_dir: Path, preset: Preset, stages: tuple[str, ...], force: set[str],
+                             seeds: tuple[int | None, ...]) -> None:
+    """Stops the job before its first stage when a stage it will run scores LPIPS (an evaluation, a
+    sweep's trials) and the weights are missing: that stage would fail only after the collection and
+    the training before it."""
+    def runs(stage: str, marker_name: str) -> bool:
+        return stage in stages and (stage in force or not _marker(out_dir, marker_name).exists())
+
+    scoring = [seed_stage("evaluate", s) for s in seeds
+               if runs("evaluate", seed_stage("evaluate", s)) and preset.evaluate.get("lpips", True)]
+    if runs("sweep", "sweep") and any(fields.get("eval_lpips", True) for _, fields in preset.sweeps):
+        scoring.append("sweep")
+    if scoring:
+        from models.lpips import require_weights
+
+        try:
+            require_weights()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"stage(s) {scoring} score LPIPS: {exc}") from exc
+
+
 def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), stages: tuple[str, ...] = STAGES,
          tracking_uri: str | None = None, games: tuple[str, ...] = (),
          sets: tuple[str, ...] = (), seed: int | tuple[int, ...] | None = None,
@@ -146,6 +167,7 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     force_set = set(STAGES) if "all" in force else set(force)
     data_root = str(out_dir / "data")
     game = preset.games[0]
+    _require_scoring_weights(out_dir, preset, stages, force_set, seeds)
     print(f"[run_all] preset={preset_name} version={version} out={out_dir}" + (f" set={list(sets)}" if sets else "")
           + (f" seeds={list(seeds)}" if seeds[0] is not None else ""), flush=True)
 

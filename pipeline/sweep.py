@@ -541,6 +541,10 @@ def main(cfg: SweepConfig, tracking_uri: str | None = None) -> pd.DataFrame:
                               vae_path=str(Path(cfg.vae_path).expanduser().resolve()))
     if not Path(cfg.vae_path, "vae.pt").exists():
         raise FileNotFoundError(f"SweepConfig.vae_path={cfg.vae_path} holds no vae.pt: train the VAE first")
+    if cfg.eval_lpips:
+        from models.lpips import require_weights
+
+        require_weights()  # before any trial trains a model it could not score
     plan = plan_sweep(cfg)  # every trial's config, checked before Ray or Tune start
     print(f"[sweep] {cfg.sweep_name}: {len(plan.trials)} trials, version {plan.version}, changing "
           f"{list(plan.fields) or 'nothing but the seed'} of the DiT settings; scored on {cfg.eval_split}", flush=True)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import run_all, sweep
+from pipeline import evaluate, run_all, sweep
 from pipeline.collect import CollectConfig
 from pipeline.evaluate import EvalConfig
 from workers.rollout import AgentConfig
@@ -101,6 +101,37 @@ def test_unknown_preset_and_stage_are_rejected():
         run_all.main("huge")
     with pytest.raises(SystemExit, match=r"unknown stage\(s\) \['train'\]"):
         run_all.main("smoke", stages=("collect", "train"))
+
+
+def test_missing_lpips_weights_stop_a_job_before_it_trains_what_it_could_not_score(tmp_path, monkeypatch):
+    absent = tmp_path / "absent" / "lpips.pt"
+    monkeypatch.setenv("AWM_LPIPS_WEIGHTS", str(absent))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"\['evaluate-seed2'\] score LPIPS: LPIPS AlexNet weights not found at "
+                                         + str(absent)):
+        run_all.main("smoke", str(out), stages=("collect", "vae", "dit", "evaluate"), seed=(2,))
+    assert not (out / "stages").exists()  # no stage started
+
+    need = run_all._require_scoring_weights  # which stages would score: each case is cheap to ask
+    need(out, run_all.smoke(), ("collect", "vae", "dit"), set(), (2,))  # nothing scores
+    need(out, run_all.smoke(), ("sweep",), set(), (None,))  # the smoke sweep scores without LPIPS
+    with pytest.raises(SystemExit, match=r"\['sweep'\]"):
+        need(out, run_all.gpu(), ("sweep",), set(), (None,))
+    (out / "stages").mkdir(parents=True)
+    (out / "stages" / "evaluate-seed2.json").write_text("{}")
+    need(out, run_all.smoke(), ("evaluate",), set(), (2,))  # completed: reused, not scored again
+    with pytest.raises(SystemExit, match=r"\['evaluate-seed3'\]"):  # seed 3 has not been scored
+        need(out, run_all.smoke(), ("evaluate",), set(), (2, 3))
+    with pytest.raises(SystemExit, match=r"\['evaluate-seed2'\]"):  # forced: scored again
+        need(out, run_all.smoke(), ("evaluate",), {"evaluate"}, (2,))
+
+    # The stages' own entry points check it too, before Ray or Tune start.
+    with pytest.raises(FileNotFoundError, match="absent"):
+        evaluate.main(EvalConfig(run_dir=str(tmp_path), model_path=str(tmp_path)))
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "vae.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="absent"):
+        sweep.main(sweep.SweepConfig(run_dir=str(tmp_path), vae_path=str(tmp_path / "vae")))
 
 
 def test_sweep_aggregates_mean_and_std_over_seeds():
