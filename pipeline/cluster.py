@@ -81,6 +81,26 @@ def ensure_ray() -> None:
         init_ray()
 
 
+def require_lpips_weights(use_gpu: bool = False) -> None:
+    """FileNotFoundError (naming the file and its setup command) unless the LPIPS weights are where
+    scoring will read them: here, or, on a cluster of several nodes whose other nodes may hold what
+    this one lacks, on a node a task placed as the scoring actors are (a GPU with `use_gpu`) reaches.
+    Stages that score call it once Ray is up and before they train or score anything."""
+    import ray
+
+    from models.lpips import require_weights, weights_path
+
+    try:
+        require_weights()
+        return
+    except FileNotFoundError:
+        if not (ray.is_initialized() and sum(bool(n["Alive"]) for n in ray.nodes()) > 1):
+            raise
+    has = ray.remote(lambda: weights_path().is_file()).options(num_cpus=0.01, num_gpus=1 if use_gpu else 0)
+    if not ray.get(has.remote()):
+        require_weights()  # raises, naming this process's path
+
+
 def _refuses_this_client(address: str, timeout_s: float = 5.0) -> bool:
     """Whether the GCS at `address` (host:port) refuses this process's token, or the lack of one.
 

@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from pipeline import cli, figures, paper
-from pipeline.cluster import ensure_ray
+from pipeline.cluster import ensure_ray, require_lpips_weights
 from pipeline.stats import action_rows, pooled_rows
 from pipeline.tracking import Tracker
 from workers.data import spread_window_dataset
@@ -303,11 +303,9 @@ def main(cfg: EvalConfig, tracking_uri: str | None = None) -> dict[str, pd.DataF
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().resolve()))
     if not cfg.model_path:
         raise ValueError("EvalConfig.model_path is empty: point it at a trained world-model directory")
-    if cfg.lpips:
-        from models.lpips import require_weights
-
-        require_weights()  # before Ray starts, not in each scoring actor it would start
     ensure_ray()
+    if cfg.lpips:
+        require_lpips_weights(cfg.use_gpu)  # before any scoring actor starts without them
     world_model = load_world_model(cfg.model_path, sample_steps=cfg.sample_steps or None,
                                    guidance_scale=cfg.guidance_scale or None)
     meta = json.loads((Path(cfg.model_path) / "world_model.json").read_text())

@@ -46,7 +46,7 @@ if __name__ == "__main__" and not __package__:
 from models.config import config_from_dict
 from pipeline import cli, collect, evaluate, imagine, sweep
 from pipeline import results as results_record
-from pipeline.cluster import init_ray
+from pipeline.cluster import init_ray, require_lpips_weights
 from pipeline.presets import (PRESETS, Preset, imagine_version, preset_version, resolved_settings, with_overrides,
                               with_seed)
 from pipeline.train import train_dit_main, train_vae_main
@@ -114,7 +114,7 @@ def _require_scoring_weights(out_dir: Path, preset: Preset, stages: tuple[str, .
                              seeds: tuple[int | None, ...]) -> None:
     """Stops the job before its first stage when a stage it will run scores LPIPS (an evaluation, a
     sweep's trials) and the weights are missing: that stage would fail only after the collection and
-    the training before it."""
+    the training before it (`require_lpips_weights`: here, or on a node where the scoring runs)."""
     def runs(stage: str, marker_name: str) -> bool:
         return stage in stages and (stage in force or not _marker(out_dir, marker_name).exists())
 
@@ -123,10 +123,8 @@ def _require_scoring_weights(out_dir: Path, preset: Preset, stages: tuple[str, .
     if runs("sweep", "sweep") and any(fields.get("eval_lpips", True) for _, fields in preset.sweeps):
         scoring.append("sweep")
     if scoring:
-        from models.lpips import require_weights
-
         try:
-            require_weights()
+            require_lpips_weights(bool(preset.evaluate.get("use_gpu", False)))
         except FileNotFoundError as exc:
             raise SystemExit(f"stage(s) {scoring} score LPIPS: {exc}") from exc
 
@@ -167,7 +165,6 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     force_set = set(STAGES) if "all" in force else set(force)
     data_root = str(out_dir / "data")
     game = preset.games[0]
-    _require_scoring_weights(out_dir, preset, stages, force_set, seeds)
     print(f"[run_all] preset={preset_name} version={version} out={out_dir}" + (f" set={list(sets)}" if sets else "")
           + (f" seeds={list(seeds)}" if seeds[0] is not None else ""), flush=True)
 
@@ -176,6 +173,7 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     if not ray.is_initialized():
         init_ray()  # the cluster of `ray job submit` / RAY_ADDRESS, else a local one
     print(f"[run_all] Ray cluster resources: {ray.cluster_resources()}", flush=True)
+    _require_scoring_weights(out_dir, preset, stages, force_set, seeds)
 
     def do_collect() -> dict[str, Any]:
         c = dict(preset.collect)

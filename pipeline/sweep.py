@@ -56,7 +56,7 @@ import pandas as pd
 from models.action_encoder import ENCODER_KINDS
 from models.config import config_from_dict
 from pipeline import cli
-from pipeline.cluster import ensure_ray
+from pipeline.cluster import ensure_ray, require_lpips_weights
 from pipeline.tracking import Tracker
 from tune_spaces.spaces import BUNDLES, SWEEPS, expand_bundles, grid, is_grid, space_for, swept
 from workers.train_dit import TrainDiTConfig
@@ -541,14 +541,12 @@ def main(cfg: SweepConfig, tracking_uri: str | None = None) -> pd.DataFrame:
                               vae_path=str(Path(cfg.vae_path).expanduser().resolve()))
     if not Path(cfg.vae_path, "vae.pt").exists():
         raise FileNotFoundError(f"SweepConfig.vae_path={cfg.vae_path} holds no vae.pt: train the VAE first")
-    if cfg.eval_lpips:
-        from models.lpips import require_weights
-
-        require_weights()  # before any trial trains a model it could not score
     plan = plan_sweep(cfg)  # every trial's config, checked before Ray or Tune start
     print(f"[sweep] {cfg.sweep_name}: {len(plan.trials)} trials, version {plan.version}, changing "
           f"{list(plan.fields) or 'nothing but the seed'} of the DiT settings; scored on {cfg.eval_split}", flush=True)
     ensure_ray()
+    if cfg.eval_lpips:
+        require_lpips_weights(cfg.use_gpu)  # before any trial trains a model it could not score
     out_dir = Path(cfg.run_dir) / "sweeps" / cfg.sweep_name
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = plan.keys

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 import torch
 
 from pipeline import evaluate, run_all, sweep
+from pipeline.cluster import require_lpips_weights
 from pipeline.collect import CollectConfig
 from pipeline.evaluate import EvalConfig
+from pipeline.presets import with_overrides
 from workers.rollout import AgentConfig
 from models.config import config_from_dict
 from workers.train_dit import TrainDiTConfig, build_dit
@@ -103,35 +106,55 @@ def test_unknown_preset_and_stage_are_rejected():
         run_all.main("smoke", stages=("collect", "train"))
 
 
-def test_missing_lpips_weights_stop_a_job_before_it_trains_what_it_could_not_score(tmp_path, monkeypatch):
+def test_missing_lpips_weights_stop_a_job_before_it_trains_what_it_could_not_score(ray_local, tiny_split_root,
+                                                                                    tmp_path, monkeypatch):
+    from models.lpips import weights_path
+
+    session_weights = weights_path()  # what the Ray workers of this session read
     absent = tmp_path / "absent" / "lpips.pt"
     monkeypatch.setenv("AWM_LPIPS_WEIGHTS", str(absent))
+
+    def ran(*_, **__):
+        raise AssertionError("went past the check")
+
+    for module, name in ((run_all.collect, "main"), (evaluate, "load_world_model"), (sweep, "Tracker")):
+        monkeypatch.setattr(module, name, ran)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"\['evaluate-seed2'\] score LPIPS: LPIPS AlexNet weights not found at "
-                                         + str(absent)):
+    not_found = "LPIPS AlexNet weights not found at " + re.escape(str(absent))
+    with pytest.raises(SystemExit, match=r"\['evaluate-seed2'\] score LPIPS: " + not_found):
         run_all.main("smoke", str(out), stages=("collect", "vae", "dit", "evaluate"), seed=(2,))
     assert not (out / "stages").exists()  # no stage started
 
     need = run_all._require_scoring_weights  # which stages would score: each case is cheap to ask
-    need(out, run_all.smoke(), ("collect", "vae", "dit"), set(), (2,))  # nothing scores
-    need(out, run_all.smoke(), ("sweep",), set(), (None,))  # the smoke sweep scores without LPIPS
+    smoke = run_all.smoke()
+    need(out, smoke, ("collect", "vae", "dit", "imagine", "bench"), set(), (2,))  # nothing scores
+    need(out, smoke, ("sweep",), set(), (None,))  # the smoke sweep scores without LPIPS
+    need(out, with_overrides(smoke, ("evaluate.lpips=false",)), ("evaluate",), set(), (2,))
     with pytest.raises(SystemExit, match=r"\['sweep'\]"):
         need(out, run_all.gpu(), ("sweep",), set(), (None,))
     (out / "stages").mkdir(parents=True)
     (out / "stages" / "evaluate-seed2.json").write_text("{}")
-    need(out, run_all.smoke(), ("evaluate",), set(), (2,))  # completed: reused, not scored again
+    need(out, smoke, ("evaluate",), set(), (2,))  # completed: reused, not scored again
     with pytest.raises(SystemExit, match=r"\['evaluate-seed3'\]"):  # seed 3 has not been scored
-        need(out, run_all.smoke(), ("evaluate",), set(), (2, 3))
+        need(out, smoke, ("evaluate",), set(), (2, 3))
     with pytest.raises(SystemExit, match=r"\['evaluate-seed2'\]"):  # forced: scored again
-        need(out, run_all.smoke(), ("evaluate",), {"evaluate"}, (2,))
+        need(out, smoke, ("evaluate",), {"evaluate"}, (2,))
 
-    # The stages' own entry points check it too, before Ray or Tune start.
-    with pytest.raises(FileNotFoundError, match="absent"):
+    # The stages' own entry points check it too, before they load, train or score anything.
+    with pytest.raises(FileNotFoundError, match=not_found):
         evaluate.main(EvalConfig(run_dir=str(tmp_path), model_path=str(tmp_path)))
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "vae.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="absent"):
-        sweep.main(sweep.SweepConfig(run_dir=str(tmp_path), vae_path=str(tmp_path / "vae")))
+    with pytest.raises(FileNotFoundError, match=not_found):
+        sweep.main(sweep.SweepConfig(run_dir=str(tmp_path), vae_path=str(tmp_path / "vae"), space="table3",
+                                     data_root=tiny_split_root, seeds=(0,), overrides={"game": "Breakout"}))
+
+    # On a cluster of several nodes the scoring actors read their own node's file: a task asks one.
+    # This cluster's workers kept the session's environment, where the weights exist, so only this
+    # process lacks the file and the check passes.
+    assert session_weights.is_file(), f"no LPIPS weights at {session_weights}: run scripts/setup_lpips.py"
+    monkeypatch.setattr(ray_local, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    require_lpips_weights()
 
 
 def test_sweep_aggregates_mean_and_std_over_seeds():
