@@ -115,7 +115,7 @@ def test_device_loader_ddp_reads_each_shard_once_and_survives_a_crash(tmp_path, 
     rows once into memory, train on random windows, and a crashed worker group reloads its shards
     and continues from the checkpoint: the latest one the controller had registered when the
     worker died, not from scratch. The checks' best EMA weights (export_best) are kept in the
-    checkpoints and come through the restart, and the metrics reach MLflow once per step."""
+    checkpoints and come through the restart, and every step's metrics reach MLflow."""
     from workers.data import frame_dataset
 
     ds = frame_dataset(tiny_dataset.root, "Breakout", "train")
@@ -156,8 +156,8 @@ def test_device_loader_ddp_reads_each_shard_once_and_survives_a_crash(tmp_path, 
     # restart (after its checkpoint, up to the crash at 7) appear twice.
     hist = sorted(m.step for m in MlflowClient(local_tracking_uri(tmp_path)).get_metric_history(run_id, "train/loss"))
     assert sorted(set(hist)) == list(range(1, 13))
-    twice = sorted({s for s in hist if hist.count(s) > 1})
-    assert set(twice) <= set(range(starts[1] + 1, 8)) and all(hist.count(s) <= 2 for s in hist), hist
+    twice = {s for s in hist if hist.count(s) > 1}
+    assert twice <= set(range(starts[1] + 1, 8)) and all(hist.count(s) <= 2 for s in hist), hist
 
 
 def test_best_weights_keep_a_copy_of_the_lowest_check():
