@@ -64,14 +64,29 @@ def test_dataset_schema_shapes_ranges(tiny_dataset):
         assert tiny_dataset.manifest["games"][game]["rows"] == g.num_rows
     eids = t[S.EPISODE_ID].to_numpy(zero_copy_only=False)
     steps, games = t[S.STEP].to_numpy(), t[S.GAME].to_numpy(zero_copy_only=False)
+    splits = t[S.SPLIT].to_numpy(zero_copy_only=False)
     for e in np.unique(eids):
         m = eids == e
         assert len(set(games[m])) == 1  # an id never spans two games
+        assert len(set(splits[m])) == 1, (e, set(splits[m]))  # nor two splits
         assert np.array_equal(np.sort(steps[m]), np.arange(m.sum()))  # contiguous, unique
-    # two env runners x (a game or more each) x two games; both splits present across episodes
+    # two env runners x (a game or more each) x two games
     assert len(np.unique(eids)) >= 4
-    split_per_ep = {e: s for e, s in zip(eids, t[S.SPLIT].to_numpy(zero_copy_only=False))}
-    assert all(S.split_of(e, 0.5) == s for e, s in split_per_ep.items())
+    # Every row's split is its episode's hash split with the fractions the fixture collected with
+    # (tests/conftest.py: test 0.5, val 0, as collections made before val existed).
+    cfg = tiny_dataset.manifest["config"]
+    assert (cfg["test_fraction"], cfg["val_fraction"]) == (0.5, 0.0)
+    want = {e: S.split_of(e, 0.5, 0.0) for e in np.unique(eids)}
+    wrong = [(i, e, s, want[e]) for i, (e, s) in enumerate(zip(eids, splits)) if s != want[e]]
+    assert not wrong, f"{len(wrong)} rows with another split than their episode's, e.g. {wrong[:3]}"
+    # The hash reads only an episode's position (run id, game, seed, runner, env, game number),
+    # which the fixture's settings fix, so the same splits come out in every session (at this
+    # writing 2 runners x 8 envs x one game each per game: Breakout 9 test / 7 train, Pong 4 / 12):
+    # both splits present, and val, with a fraction of 0, absent.
+    assert set(splits) == {"train", "test"}
+    for game, n in tiny_dataset.manifest["games"].items():
+        assert n["episodes_per_split"] == {s: len({e for e, g in zip(eids, games) if g == game and want[e] == s})
+                                           for s in S.SPLITS}
     # the frame column decodes to raw screens
     f = pq.ParquetFile(parquet_files(root)[0]).read(columns=[S.FRAME])
     frames = S.frames_from_arrow(f[S.FRAME])
@@ -99,11 +114,51 @@ def test_replay_reproduces_frames_bit_for_bit(tiny_dataset):
         assert (np.diff(lives) <= 0).all()
 
 
-def test_ppo_trains_and_records_from_checkpoint(ray_local, tmp_path):
+def test_ppo_trains_and_records_from_checkpoint(ray_local, tmp_path, monkeypatch):
+    """PPO changes the policy it started from, and each recording runner acts with exactly the
+    checkpoint's weights (not a freshly built module's)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    import pipeline.collect as collect
     from pipeline.collect import CollectConfig, main
+    from workers import rollout
     from workers.rollout import AgentConfig, train_ppo
 
     import torch
+
+    # The weights the training algorithm starts from (its learner's module as built), and the
+    # weights of every recording runner once `build_recorder_algo` has restored the checkpoint.
+    initial: dict[str, np.ndarray] = {}
+    recorded: list[list[dict[str, np.ndarray]]] = []
+    ppo_config, build_recorder_algo = rollout.ppo_config, collect.build_recorder_algo
+
+    def ppo_config_keeping_initial_weights(*args, **kwargs):
+        config = ppo_config(*args, **kwargs)
+        build = config.build_algo
+
+        def build_algo(*build_args, **build_kwargs):
+            algo = build(*build_args, **build_kwargs)
+            if kwargs.get("record") is None:  # the training algorithm
+                state = algo.learner_group.get_state(components="learner/rl_module")
+                initial.update({k: np.asarray(v) for k, v in state["learner"]["rl_module"][DEFAULT_MODULE_ID].items()})
+            return algo
+
+        config.build_algo = build_algo
+        return config
+
+    def runner_weights(runner) -> dict[str, np.ndarray]:
+        """Runs on an env runner (defined here: shipped by value, the workers cannot import this
+        module): its RL module's weights, what `RecordingLoop` acts with."""
+        return {k: np.asarray(v) for k, v in runner.module.get_state().items()}
+
+    def recorder_keeping_its_weights(*args, **kwargs):
+        algo = build_recorder_algo(*args, **kwargs)
+        recorded.append(algo.env_runner_group.foreach_env_runner(runner_weights, local_env_runner=False))
+        return algo
+
+    monkeypatch.setattr(rollout, "ppo_config", ppo_config_keeping_initial_weights)
+    monkeypatch.setattr(collect, "build_recorder_algo", recorder_keeping_its_weights)
 
     agent = AgentConfig(dim=64, train_steps=128, train_batch_size=128, minibatch_size=64,
                         num_epochs=1, learner_device="auto", learner_threads=1)
@@ -114,6 +169,14 @@ def test_ppo_trains_and_records_from_checkpoint(ray_local, tmp_path):
     # "auto" trains where this process can: here, no GPU, so the CPU, on the capped threads only.
     assert lines[0] == "[train ALE/Pong-v5] PPO learner on cpu, 1 CPU threads" and "iter=1" in lines[1]
     assert torch.get_num_threads() == threads  # the cap ends with training
+    # PPO updated the policy: every weight and bias (encoder, policy and value heads) moved away
+    # from where this training started (two Adam steps of ~lr each)
+    module_dir = os.path.join(ckpt, "learner_group", "learner", "rl_module", DEFAULT_MODULE_ID)
+    trained = {k: np.asarray(v) for k, v in RLModule.from_checkpoint(module_dir).get_state().items()}
+    params = {k for k in trained if k.endswith((".weight", ".bias"))}
+    assert initial and set(initial) == set(trained) and any(k.startswith("pi.") for k in params), sorted(trained)
+    unchanged = sorted(k for k in params if np.array_equal(initial[k], trained[k]))
+    assert not unchanged, f"PPO left {unchanged} as initialised"
     m = main(CollectConfig(data_root=str(tmp_path / "data"), run_id="ppo", games=("Pong",),
                            policy="ppo", checkpoint=str(tmp_path / "ckpt" / "{game}"),
                            steps_per_game=60, num_env_runners=1, agent=agent))
@@ -127,6 +190,14 @@ def test_ppo_trains_and_records_from_checkpoint(ray_local, tmp_path):
                            steps_per_game=60, num_env_runners=1, agent=bf16))
     assert m["games"]["Pong"]["policy_dtype"] == ["bfloat16"]
     assert validate_dataset(str(tmp_path / "data_bf16"))["rows"] == m["games"]["Pong"]["rows"] >= 60
+    # Both recordings' runners held the checkpoint's weights, bit for bit, when recording began
+    # (an inference-only module: the encoder and the policy head, no value head).
+    assert [len(runners) for runners in recorded] == [1, 1]
+    acting = {k for k in trained if k.startswith(("encoder.", "pi."))}
+    for weights in (w for runners in recorded for w in runners):
+        assert acting <= set(weights) <= set(trained), (sorted(weights), sorted(trained))
+        differ = sorted(k for k in weights if not np.array_equal(weights[k], trained[k]))
+        assert not differ, f"a recording runner's {differ} are not the checkpoint's"
     with pytest.raises(ValueError, match="inference_dtype='float16'"):
         AgentConfig(inference_dtype="float16")
 

@@ -10,7 +10,8 @@ Why not `EnvRunner.sample()`: it builds RLlib episodes (every 84x84x4 float obse
 re-stacked), runs the connector pipelines and logs metrics on every step, all of which recording
 throws away; measured on one core it cost more than the emulator and the policy together. The
 recording loop keeps what matters: the runner's env (with the agent's wrappers) and its RL module,
-whose weights RLlib syncs from the checkpoint, and the module's own action distribution.
+loaded with the checkpoint's weights (`load_recorders`, which checks each runner holds them), and
+the module's own action distribution.
 """
 
 from __future__ import annotations
@@ -181,11 +182,46 @@ def build_recorder_algo(env_id: str, agent: AgentConfig, settings: EnvSettings, 
                                  val_fraction=val_fraction))
     algo = cfg.build_algo()
     if checkpoint is not None:
-        # Only the module: optimizer and metrics of the training run are irrelevant here. The
-        # component path contains "learner_group", so RLlib syncs the weights to the env runners.
+        # Only the module: optimizer and metrics of the training run are irrelevant here.
         component = "learner_group/learner/rl_module"
         algo.restore_from_path(os.path.join(checkpoint, component), component=component)
+        load_recorders(algo)
     return algo
+
+
+def _digest(state: dict) -> dict[str, float]:
+    """{parameter: float64 sum} of a module state (nested by module id or not): equal weights, equal digest."""
+    out: dict[str, float] = {}
+    for name, value in state.items():
+        if isinstance(value, dict):
+            out.update({f"{name}/{k}": v for k, v in _digest(value).items()})
+        elif hasattr(value, "shape"):
+            out[name] = float(np.asarray(value, dtype=np.float64).sum())
+    return out
+
+
+def load_recorders(algo) -> None:
+    """Load the learner's (restored) module into every recording env runner, waiting for each, and
+    check that each holds exactly those weights. `restore_from_path` hands them to the runners
+    asynchronously, and RLlib drops that request while the one the build sent is still in flight
+    (one per runner): left to it, a runner kept its initial weights and recorded an untrained policy."""
+    import ray
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+
+    state = algo.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}",
+                                         inference_only=True)[COMPONENT_LEARNER][COMPONENT_RL_MODULE]
+    weights = state.get(DEFAULT_MODULE_ID, state)
+    ref = ray.put({COMPONENT_RL_MODULE: weights})  # no weights sequence number: always applied
+    group = algo.env_runner_group
+    group.foreach_env_runner("set_state", kwargs={"state": ref}, local_env_runner=False)
+    want = _digest(weights)
+    held = group.foreach_env_runner(lambda runner: _digest(runner.module.get_state(inference_only=True)),
+                                    local_env_runner=False)
+    for i, got in enumerate(held):
+        differ = sorted(k for k in want if k in got and not np.isclose(got[k], want[k], rtol=1e-6, atol=1e-9))
+        if differ or not set(want) & set(got):
+            raise RuntimeError(f"recording env runner {i} does not hold the checkpoint's policy weights "
+                               f"(differing: {differ[:3] or 'no common parameter'})")
 
 
 class RecordingLoop:
