@@ -213,7 +213,7 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         record = results_record.record_run(
             out_dir / "results", eval_dir / f"{game}_scores.npz", preset=preset_name, version=version, game=game,
             seed=int(p.dit.get("seed", 0)), split=cfg.split, settings=settings, stage_walls=walls,
-            command=" ".join([os.path.basename(sys.executable), *sys.argv]))
+            command=" ".join([os.path.basename(sys.executable), *sys.argv]), extra={"eval_dir": str(eval_dir)})
         print(f"[run_all] evaluation recorded in {record}", flush=True)
         return {"eval_dir": str(eval_dir), "record": str(record), "table": df.to_dict(orient="records")}
 
@@ -260,11 +260,14 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
 
     def do_sweep() -> dict[str, Any]:
         tables = {}
+        # The job's own evaluations may stand for trials that train the preset's DiT (the reference
+        # variant of Tables 3 and 4): a sweep does not train a seed's DiT twice.
+        records = tuple(r for r in (results.get(seed_stage("evaluate", s), {}).get("record") for s in seeds)
+                        if r and Path(r).parent == out_dir / "results" and Path(r, "run.json").is_file())
         for space, fields in preset.sweeps:
-            fields = {"dit": dict(preset.dit), **fields}
-            cfg = config_from_dict(sweep.SweepConfig, {**fields, "space": space, "run_dir": str(out_dir),
-                                                       "data_root": data_root,
-                                                       "vae_path": results["vae"]["vae_path"]})
+            cfg = dataclasses.replace(sweep.preset_sweep_config(preset, space, fields), run_dir=str(out_dir),
+                                      data_root=data_root, vae_path=results["vae"]["vae_path"],
+                                      reference_records=records)
             table = sweep.main(cfg, tracking_uri=tracking_uri)
             tables[space] = str(out_dir / "sweeps" / cfg.sweep_name / f"{space}.md")
             print(f"[run_all] sweep {space}: {len(table)} rows", flush=True)

@@ -19,7 +19,9 @@ evaluation does (`pipeline/results.py:record_run`), with its variant (action_mod
 seed and the sweep version (`sweep_version`: a hash of the settings that define what the sweep's
 trials train and how they are scored, not of seeds, games, resources or names), so that the trials
 of one game may be spread over several jobs and still pool (`python -m pipeline.results ablations`
-builds Tables 3 and 4 from them).
+builds Tables 3 and 4 from them). In a job, the job's own evaluations stand for the trials that
+would train the same DiT and score it alike (`reference_records`: the reference variant's trials of
+the job's seeds), so that no DiT is trained twice.
 
 MLflow: the sweep is a parent run; each trial is a child run (tag `mlflow.parentRunId`) holding its
 settings, its training curve and its scores. Trials open their child run by name before training,
@@ -63,7 +65,7 @@ from workers.train_dit import TrainDiTConfig
 
 METRICS = ("mse", "psnr", "lpips")
 ACTION_MEASURES = ("dpsnr_vs_permuted", "dpsnr_vs_noop", "idm_acc_generated", "idm_f1_generated", "idm_acc_real",
-                   "idm_acc_ratio")
+                   "idm_acc_ratio", "idm_kappa_ratio")
 """Action-fidelity measures of the evaluation (`pipeline/stats.py:action_rows`) that every trial row carries."""
 
 SWEEP_OWNED = frozenset({"run_dir", "data_root", "vae_path", "name", "use_gpu", "horizon_choices"})
@@ -130,6 +132,11 @@ class SweepConfig:
     """Trials that share one GPU (each asks for 1/trials_per_gpu of it). Only 1 is accepted for
     now: the training workers (`pipeline/train.py:fit`) and the scoring actor
     (`pipeline/evaluate.py`) each ask for a whole GPU."""
+    reference_records: tuple[str, ...] = ()
+    """Records of the job's own evaluations (`<run_dir>/results/<run-id>/`, written by `run_all`)
+    that may stand for trials: a trial whose game, seed, DiT settings and scoring equal a record's
+    (in a job, the reference variant's trials: the preset's DiT) is not trained again; its row and
+    its trial record are that evaluation's (`reused_from` names it). Others train as usual."""
 
     def __post_init__(self) -> None:
         if self.space not in SWEEPS:
@@ -295,6 +302,8 @@ class SweepPlan:
     base: dict[str, Any]
     trials: tuple[tuple[dict[str, Any], TrainDiTConfig], ...]
     version: str
+    reused: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """{trial name: the job evaluation that stands for it} (`reference_records`)."""
 
 
 def plan_sweep(cfg: SweepConfig, collected: tuple[str, ...] | None = None) -> SweepPlan:
@@ -320,7 +329,86 @@ def plan_sweep(cfg: SweepConfig, collected: tuple[str, ...] | None = None) -> Sw
     if len(set(names)) != len(names):
         raise SweepError(f"sweep {cfg.sweep_name!r}: two trials share a name: {sorted(names)}")
     return SweepPlan(space=space, fields=fields, keys=table_keys(space), base=base, trials=tuple(trials),
-                     version=sweep_version(cfg))
+                     version=sweep_version(cfg), reused=reused_trials(cfg, trials))
+
+
+# -- trials the job has already run ----------------------------------------------------------------------
+def trial_eval_config(cfg: SweepConfig, dit: TrainDiTConfig, model_path: str) -> Any:
+    """The EvalConfig that scores a trial: its trained lengths on `eval_split`, sampled with its seed."""
+    from pipeline.evaluate import EvalConfig
+
+    return EvalConfig(
+        run_dir=cfg.run_dir, model_path=model_path, data_root=cfg.data_root, games=(dit.game,), name=dit.name,
+        horizons=dit.trained_horizons, stride=cfg.eval_stride, max_windows=cfg.eval_max_windows,
+        batch_size=cfg.eval_batch_size, lpips=cfg.eval_lpips, idm_steps=cfg.eval_idm_steps,
+        idm_max_pairs=cfg.eval_idm_max_pairs, split=cfg.eval_split, seed=dit.seed,
+        figure_windows=1, action_sequences=(), num_cpus=cfg.eval_num_cpus, use_gpu=cfg.use_gpu)
+
+
+def _plain(d: Any) -> Any:
+    return json.loads(json.dumps(d, default=list))  # tuples as lists, as a record stores them
+
+
+def reuse_mismatch(cfg: SweepConfig, dit: TrainDiTConfig, meta: dict[str, Any]) -> str | None:
+    """Why a job's evaluation record (`meta`, its run.json) cannot stand for the trial `dit`, or None
+    when it can: a job's record (not a trial's) in this sweep's run folder, of the same game and
+    seed, whose DiT was trained with the trial's settings and scored as the trial would be."""
+    from pipeline.presets.base import EVAL_VERSIONED
+    from pipeline.results import TRIAL_KIND
+
+    if meta.get("kind") == TRIAL_KIND:
+        return "a sweep trial's record, not a job's evaluation"
+    if not meta.get("eval_dir") or not Path(meta["eval_dir"], f"{meta.get('game')}_scores.npz").is_file():
+        return "no evaluation folder recorded (eval_dir)"
+    if (meta.get("game"), int(meta.get("seed", -1))) != (dit.game, dit.seed):
+        return f"{meta.get('game')} seed {meta.get('seed')}, not {dit.game} seed {dit.seed}"
+    if meta.get("split") != cfg.eval_split:
+        return f"scored on {meta.get('split')!r}, the trials on {cfg.eval_split!r}"
+    settings = meta.get("settings") or {}
+    job, trial = _versioned(_plain(settings.get("dit", {}))), _versioned(_plain(dataclasses.asdict(dit)))
+    differ = sorted(k for k in set(job) | set(trial) if job.get(k) != trial.get(k))
+    if differ:
+        return "its DiT differs in " + ", ".join(f"{k} ({job.get(k)!r} vs {trial.get(k)!r})" for k in differ)
+    scored = _plain(settings.get("evaluate", {}))
+    want = _plain(dataclasses.asdict(trial_eval_config(cfg, dit, "")))
+    differ = sorted(k for k in (*EVAL_VERSIONED, "seed") if scored.get(k) != want.get(k))
+    if differ:
+        return "scored differently: " + ", ".join(f"{k} ({scored.get(k)!r} vs {want.get(k)!r})" for k in differ)
+    return None
+
+
+def reused_trials(cfg: SweepConfig, trials: list[tuple[dict[str, Any], TrainDiTConfig]]) -> dict[str, dict[str, Any]]:
+    """{trial name: record} for the trials a `reference_records` entry stands for (the first that
+    matches); every record must lie under `<run_dir>/results/`, where the sweep's collection and
+    VAE are the ones its DiT used. A record that serves no trial is reported, not an error."""
+    records = []
+    for r in cfg.reference_records:
+        path = Path(r).expanduser().resolve()
+        if path.parent != Path(cfg.run_dir, "results").resolve():
+            raise SweepError(f"sweep {cfg.sweep_name!r}: reference record {r} is not under {cfg.run_dir}/results: "
+                             f"only the job's own evaluations share the sweep's collection and VAE")
+        if not (path / "run.json").is_file():
+            raise SweepError(f"sweep {cfg.sweep_name!r}: reference record {r} has no run.json")
+        records.append((path, json.loads((path / "run.json").read_text())))
+    reused: dict[str, dict[str, Any]] = {}
+    for path, meta in records:
+        why = {}
+        for _, dit in trials:
+            if dit.name in reused:
+                continue
+            why[dit.name] = reuse_mismatch(cfg, dit, meta)
+            if why[dit.name] is None:
+                reused[dit.name] = {"record": str(path), "run_id": meta.get("run_id", path.name),
+                                    "eval_dir": meta["eval_dir"], "game": meta["game"]}
+                print(f"[sweep] {dit.name}: the job's evaluation {path.name} stands for it (not trained again)",
+                      flush=True)
+                break
+        else:
+            same = [dit.name for _, dit in trials if (dit.game, dit.seed) == (meta.get("game"), meta.get("seed"))]
+            reason = (why.get(same[0]) or "its trial is served by another record") if same else \
+                f"no trial of {meta.get('game')} seed {meta.get('seed')}"
+            print(f"[sweep] job evaluation {path.name} stands for no trial: {reason}", flush=True)
+    return reused
 
 
 # -- versions --------------------------------------------------------------------------------------------
@@ -360,9 +448,9 @@ def sweep_version(cfg: SweepConfig) -> str:
 
 
 def preset_sweep_config(preset: Any, space: str, fields: dict[str, Any]) -> SweepConfig:
-    """A preset's sweep entry as the job runs it (`pipeline/run_all.py`: its `dit` defaults to the
-    preset's), without the job's paths: what `sweep_version` of a preset's sweep is computed from."""
-    return config_from_dict(SweepConfig, {"dit": dict(preset.dit), **fields, "space": space})
+    """A preset's sweep entry as the job runs it (`pipeline/run_all.py`: its trials train the preset's
+    own DiT, `dit`), without the job's paths: what `sweep_version` of a preset's sweep is computed from."""
+    return config_from_dict(SweepConfig, {**fields, "dit": dict(preset.dit), "space": space})
 
 
 def upstream(cfg: SweepConfig) -> dict[str, Any]:
@@ -403,9 +491,11 @@ def _trial_metrics(tables: dict[str, pd.DataFrame], horizons: tuple[int, ...]) -
 
 
 def record_trial(cfg: SweepConfig, dit: TrainDiTConfig, eval_cfg: Any, params: dict[str, Any], *,
-                 version: str, fields: tuple[str, ...], walls: dict[str, float], command: str) -> Path:
+                 version: str, fields: tuple[str, ...], walls: dict[str, float], command: str,
+                 eval_dir: str | Path | None = None, reused_from: str = "") -> Path:
     """The trial's record (`pipeline/results.py:record_run`) under `<run_dir>/results/`: its scores, its
-    variant, seed and sweep version, and the settings of what it trained and shared."""
+    variant, seed and sweep version, and the settings of what it trained and shared; for a trial a
+    job's evaluation stands for, that evaluation's scores (`eval_dir`) and its run id (`reused_from`)."""
     from pipeline.results import TRIAL_KIND, record_run
 
     game = dit.game
@@ -416,12 +506,27 @@ def record_trial(cfg: SweepConfig, dit: TrainDiTConfig, eval_cfg: Any, params: d
              "variant": {"action_mode": dit.action_mode, "action_encoder": dit.action_encoder},
              "horizons": list(eval_cfg.horizons), "trained_horizons": list(dit.trained_horizons),
              "upstream_version": up.pop("version"), "upstream": up}
+    if reused_from:
+        extra["reused_from"] = reused_from
     settings = {"dit": dataclasses.asdict(dit), "evaluate": dataclasses.asdict(eval_cfg),
                 "sweep": dataclasses.asdict(cfg)}
     tag = f"{dit.action_mode}-{dit.action_encoder}-T{'-'.join(map(str, dit.trained_horizons))}"
-    return record_run(Path(cfg.run_dir) / "results", Path(cfg.run_dir) / "eval" / dit.name / f"{game}_scores.npz",
+    scores = Path(eval_dir or Path(cfg.run_dir) / "eval" / dit.name) / f"{game}_scores.npz"
+    return record_run(Path(cfg.run_dir) / "results", scores,
                       preset=cfg.sweep_name, version=version, game=game, seed=dit.seed, split=eval_cfg.split,
                       settings=settings, stage_walls=walls, command=command, extra=extra, tag=tag)
+
+
+def _reused_tables(eval_dir: str) -> dict[str, pd.DataFrame]:
+    """The tables a job's evaluation wrote (`<name>.csv`) that a trial reports."""
+    out = {}
+    for name in ("generation_length", "action_fidelity"):
+        f = Path(eval_dir, f"{name}.csv")
+        if f.is_file():
+            out[name] = pd.read_csv(f)
+    if "generation_length" not in out:
+        raise FileNotFoundError(f"{eval_dir}: no generation_length.csv: the job's evaluation did not complete")
+    return out
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -438,18 +543,29 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, 
     dit_cfg = build_trial(cfg, base, params, fields)
     name = dit_cfg.name
     # The child run exists, tagged with its parent, before training opens it again by name.
-    with Tracker(cfg.run_dir, name, tracking_uri=uri, tags={"mlflow.parentRunId": parent_id, "sweep": cfg.sweep_name,
-                                                            "sweep_version": version, "job": "trial"}) as tracker:
+    reused = sweep["_reused"].get(name)
+    tags = {"mlflow.parentRunId": parent_id, "sweep": cfg.sweep_name, "sweep_version": version, "job": "trial"}
+    if reused:
+        tags["reused_from"] = reused["run_id"]
+    with Tracker(cfg.run_dir, name, tracking_uri=uri, tags=tags) as tracker:
         tracker.log_params({f"trial.{k}": v for k, v in params.items()})
+    if reused:  # the job trained and scored this very trial: its scores are the trial's
+        eval_cfg = trial_eval_config(cfg, dit_cfg, "")
+        tables = _reused_tables(reused["eval_dir"])
+        metrics = _trial_metrics(tables, dit_cfg.trained_horizons)
+        with Tracker(cfg.run_dir, name, tracking_uri=uri) as tracker:
+            tracker.log_metrics(metrics, step=0)
+        if cfg.eval_split == "test":
+            record = record_trial(cfg, dit_cfg, eval_cfg, params, version=version, fields=fields, walls={},
+                                  command=sweep["_command"], eval_dir=reused["eval_dir"],
+                                  reused_from=reused["run_id"])
+            print(f"[sweep] {name}: the job's evaluation {reused['run_id']}, recorded in {record}", flush=True)
+        tune.report(metrics)
+        return
     t0 = time.time()
     model_path = train_dit_main(dit_cfg, tracking_uri=uri)
     t1 = time.time()
-    eval_cfg = evaluate.EvalConfig(
-        run_dir=cfg.run_dir, model_path=str(model_path), data_root=cfg.data_root, games=(dit_cfg.game,), name=name,
-        horizons=dit_cfg.trained_horizons, stride=cfg.eval_stride, max_windows=cfg.eval_max_windows,
-        batch_size=cfg.eval_batch_size, lpips=cfg.eval_lpips, idm_steps=cfg.eval_idm_steps,
-        idm_max_pairs=cfg.eval_idm_max_pairs, split=cfg.eval_split, seed=dit_cfg.seed,
-        figure_windows=1, action_sequences=(), num_cpus=cfg.eval_num_cpus, use_gpu=cfg.use_gpu)
+    eval_cfg = trial_eval_config(cfg, dit_cfg, str(model_path))
     tables = evaluate.main(eval_cfg, tracking_uri=uri)
     walls = {"dit": round(t1 - t0, 1), "evaluate": round(time.time() - t1, 1)}
     if cfg.eval_split == "test":
@@ -542,8 +658,9 @@ def main(cfg: SweepConfig, tracking_uri: str | None = None) -> pd.DataFrame:
     if not Path(cfg.vae_path, "vae.pt").exists():
         raise FileNotFoundError(f"SweepConfig.vae_path={cfg.vae_path} holds no vae.pt: train the VAE first")
     plan = plan_sweep(cfg)  # every trial's config, checked before Ray or Tune start
-    print(f"[sweep] {cfg.sweep_name}: {len(plan.trials)} trials, version {plan.version}, changing "
-          f"{list(plan.fields) or 'nothing but the seed'} of the DiT settings; scored on {cfg.eval_split}", flush=True)
+    print(f"[sweep] {cfg.sweep_name}: {len(plan.trials)} trials ({len(plan.reused)} served by the job's own "
+          f"evaluations), version {plan.version}, changing {list(plan.fields) or 'nothing but the seed'} of the DiT "
+          f"settings; scored on {cfg.eval_split}", flush=True)
     ensure_ray()
     if cfg.eval_lpips:
         require_lpips_weights(cfg.use_gpu)  # before any trial trains a model it could not score
@@ -557,7 +674,7 @@ def main(cfg: SweepConfig, tracking_uri: str | None = None) -> pd.DataFrame:
         trainable = tune.with_parameters(run_trial, base=plan.base,
                                          sweep={**dataclasses.asdict(cfg), "_parent_run_id": parent.run_id,
                                                 "_tracking_uri": parent.tracking_uri, "_fields": list(plan.fields),
-                                                "_version": plan.version,
+                                                "_version": plan.version, "_reused": plan.reused,
                                                 "_command": " ".join([os.path.basename(sys.executable), *sys.argv])})
         # The trial function only drives: its TorchTrainer and scoring actor hold the real
         # resources. (Tune rejects an empty request, hence a token share of a CPU.)

@@ -48,10 +48,9 @@ def test_each_trial_trains_the_presets_model_with_only_the_swept_fields_changed(
     cfg = _sweep_config(preset, space, fields)
     plan = sweep.plan_sweep(cfg, collected=preset.games)
     assert plan.trials
-    # the sweep's DiT settings: the preset's own, unless the entry gives a `dit` of its own (smoke's
-    # shorter trials)
-    base = fields.get("dit", preset.dit)
-    job = dataclasses.asdict(config_from_dict(TrainDiTConfig, {**base, **PATHS}))
+    # the sweep's DiT settings: the preset's own (a preset's sweep entry cannot carry a `dit`)
+    assert "dit" not in fields
+    job = dataclasses.asdict(config_from_dict(TrainDiTConfig, {**preset.dit, **PATHS}))
     swept = set(plan.fields) | {"seed", "game", "name"} | ({"horizon_choices"} if "horizon" in plan.fields else set())
     for params, trial in plan.trials:
         got = dataclasses.asdict(trial)
@@ -136,7 +135,7 @@ def test_sweep_version_pools_seeds_games_splits_and_jobs_not_other_settings(tmp_
 
     smoke = run_all.smoke()
     assert current_sweep_versions("smoke") == {sweep.sweep_version(sweep.preset_sweep_config(smoke, *smoke.sweeps[0])):
-                                               "table3"}
+                                               "ablations"}
     assert sorted(current_sweep_versions("paper").values()) == ["table3", "table4"]  # not table2: no action setting
 
 
@@ -379,3 +378,70 @@ def test_ablations_command_answers_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["ablations", "--help"])
     assert exit_.value.code == 0 and "--sweep-version" in capsys.readouterr().out
+
+
+def test_set_sweep_reaches_every_sweep_and_a_sweep_cannot_carry_its_own_dit():
+    from pipeline.presets.base import Preset, with_overrides
+
+    gpu = run_all.gpu()
+    part = with_overrides(gpu, ("sweep.seeds=[2]", 'sweep.overrides={"variant": ["future+onehot"]}',
+                                "dit.lr=0.001"))
+    cfg = _sweep_config(part, *part.sweeps[0])
+    plan = sweep.plan_sweep(cfg, collected=("Breakout",))
+    assert [(t.action_encoder, t.seed, t.lr) for _, t in plan.trials] == [("onehot", 2, 0.001)]
+    # one grid split over jobs pools: the narrowed sweep keeps the full sweep's version (dit.lr aside)
+    assert plan.version == sweep.sweep_version(_sweep_config(with_overrides(gpu, ("dit.lr=0.001",)), *gpu.sweeps[0]))
+    for bad, message in (("sweep.dit={}", "change it with --set dit"), ("sweep.run_dir=/x", "sets sweep.run_dir"),
+                         ("sweep.seedz=[1]", "no field 'seedz'"), ("sweep.space=table9", "sets sweep.space")):
+        with pytest.raises(SystemExit, match=message):
+            with_overrides(gpu, (bad,))
+    with pytest.raises(SystemExit, match="sweep.overrides.*must be a dict"):
+        with_overrides(gpu, ("sweep.overrides=[1]",))
+    with pytest.raises(ValueError, match="sweep 'ablations' sets \\['dit'\\]: a preset's sweep trains the preset's own"):
+        Preset(games=("Pong",), collect={}, vae={}, dit={}, evaluate={}, sweeps=(("ablations", {"dit": {"steps": 6}}),))
+
+
+def _job_record(run_dir: Path, preset: run_all.Preset, seed: int, **changes) -> Path:
+    """A job's evaluation record as `run_all` writes it (`settings` = the seed's resolved preset)."""
+    from pipeline.presets.base import resolved_settings, with_seed
+
+    settings = resolved_settings(with_seed(preset, seed))
+    for key, value in changes.items():
+        section, field = key.split(".")
+        settings[section][field] = value
+    tag = "".join(f"-{k}{v}" for k, v in changes.items())
+    eval_dir = run_dir / "eval" / f"eval-Breakout-seed{seed}{tag}"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "Breakout_scores.npz").write_bytes(b"")
+    rec = run_dir / "results" / f"gpu-v-Breakout-s{seed}{tag}"
+    rec.mkdir(parents=True)
+    (rec / "run.json").write_text(json.dumps({"run_id": rec.name, "preset": "gpu", "game": "Breakout", "seed": seed,
+                                              "split": "test", "settings": settings, "eval_dir": str(eval_dir)},
+                                             default=list))
+    return rec
+
+
+def test_the_jobs_own_evaluations_stand_for_the_reference_trials_scored_alike(tmp_path, capsys):
+    """A job that trained seeds 0 and 1 of the preset's DiT need not train the sweep's reference
+    trials of those seeds again; a record whose DiT or scoring differs stands for nothing."""
+    gpu = run_all.gpu()
+    paths = {"run_dir": str(tmp_path), "data_root": "/d", "vae_path": "/v"}
+    records = [_job_record(tmp_path, gpu, 0), _job_record(tmp_path, gpu, 1),
+               _job_record(tmp_path, gpu, 2, **{"dit.steps": 1000}),
+               _job_record(tmp_path, gpu, 2, **{"evaluate.max_windows": 64})]
+    cfg = dataclasses.replace(_sweep_config(gpu, *GPU_ABLATIONS, **paths),
+                              reference_records=tuple(map(str, records)))
+    plan = sweep.plan_sweep(cfg, collected=("Breakout",))
+    by_name = {t.name: t for _, t in plan.trials}
+    assert {(by_name[n].action_mode, by_name[n].action_encoder, by_name[n].seed, r["run_id"])
+            for n, r in plan.reused.items()} == {("future", "embedding", 0, records[0].name),
+                                                 ("future", "embedding", 1, records[1].name)}
+    out = capsys.readouterr().out
+    assert f"{records[2].name} stands for no trial: its DiT differs in steps (1000 vs 2000)" in out
+    assert f"{records[3].name} stands for no trial: scored differently: max_windows (64 vs 256)" in out
+    # scored on val, the trials are not the job's test evaluation
+    val = sweep.plan_sweep(dataclasses.replace(cfg, eval_split="val"), collected=("Breakout",))
+    assert val.reused == {}
+    elsewhere = _job_record(tmp_path / "other", gpu, 0)
+    with pytest.raises(sweep.SweepError, match="is not under .*: only the job's own evaluations"):
+        sweep.plan_sweep(dataclasses.replace(cfg, reference_records=(str(elsewhere),)), collected=("Breakout",))

@@ -74,8 +74,8 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     assert curve.steps.iloc[-1] >= 64 and (curve.generation_share > 0).all()
     assert curve.imagined_return_mean.notna().iloc[-1]  # imagined episodes ended (horizon 8) and were counted
     assert (out / "agents" / "imagine-Breakout" / "learner_group").is_dir()
-    table3 = (out / "sweeps" / "sweep-table3" / "table3.md").read_text()
-    assert "past_future" in table3 and "copy_last" in table3 and "±" in table3
+    sweep_md = (out / "sweeps" / "sweep-ablations" / "ablations.md").read_text()
+    assert all(v in sweep_md for v in ("past_future", "copy_last", "±")), sweep_md
 
     # MLflow, over HTTP: the experiment, the stage runs, the sweep's parent and child runs.
     exp = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name",
@@ -83,7 +83,7 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     runs = _post(mlflow_server, "/api/2.0/mlflow/runs/search",
                  {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
     by_name = {r["info"]["run_name"]: r for r in runs}
-    for name in ("vae", "dit-Breakout", "eval-Breakout", "imagine-Breakout", "sweep-table3"):
+    for name in ("vae", "dit-Breakout", "eval-Breakout", "imagine-Breakout", "sweep-ablations"):
         assert name in by_name, f"no MLflow run {name!r}; runs: {sorted(by_name)}"
     dit = by_name["dit-Breakout"]
     params = {p["key"]: p["value"] for p in dit["data"].get("params", [])}
@@ -99,17 +99,31 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     assert {"tables/generation_length.json", "tables/per_frame.json"} <= ev
     assert any(p.endswith(".gif") for p in ev) and any(p.endswith("actions.png") for p in ev)
 
-    parent = by_name["sweep-table3"]
+    parent = by_name["sweep-ablations"]
     parent_id = parent["info"]["run_id"]
     children = [r for r in runs if any(t["key"] == "mlflow.parentRunId" and t["value"] == parent_id
                                        for t in r["data"].get("tags", []))]
-    assert len(children) == 2  # action_mode {future, past_future} at horizon 2, one seed
+    assert len(children) == 2  # the reference and past + future actions (Table 3), one seed
     assert all(r["info"]["status"] == "FINISHED" for r in children)
-    child_metrics = {m["key"] for m in children[0]["data"]["metrics"]}
-    assert "train/loss" in child_metrics and any(k.startswith("eval/") for k in child_metrics)
-    assert {"tables/table3.json", "tables/trials.json"} <= _artifact_paths(mlflow_server, parent_id)
+    # The reference variant is the job's own DiT, scored alike: not trained again, its scores the job's.
+    job_record = records[0].name
+    reused = [r for r in children if {"key": "reused_from", "value": job_record} in r["data"].get("tags", [])]
+    assert len(reused) == 1 and "future-embedding" in reused[0]["info"]["run_name"], [
+        (r["info"]["run_name"], r["data"].get("tags")) for r in children]
+    reused_metrics = {m["key"]: m["value"] for m in reused[0]["data"]["metrics"]}
+    assert "train/loss" not in reused_metrics
+    job_t1 = pd.read_csv(out / "eval" / "eval-Breakout" / "generation_length.csv").query(
+        "method == 'model' and generation_length == 1").mse.item()
+    assert reused_metrics["T1/model/mse"] == pytest.approx(job_t1)
+    trained = [r for r in children if r is not reused[0]]
+    assert not list((out / "train").glob("*-future-embedding-*")), "the reference trial trained again"
+    for child in trained:
+        child_metrics = {m["key"] for m in child["data"]["metrics"]}
+        assert "train/loss" in child_metrics and any(k.startswith("eval/") for k in child_metrics)
+    assert {"tables/ablations.json", "tables/trials.json"} <= _artifact_paths(mlflow_server, parent_id)
     parent_metrics = {m["key"] for m in parent["data"].get("metrics", [])}
-    assert "sweep/action_mode:past_future/horizon:2/mse" in parent_metrics
+    assert any(k.startswith("sweep/action_mode:past_future/") and k.endswith("/horizon:4/mse")
+               for k in parent_metrics), sorted(parent_metrics)
     assert not (out / "mlflow_pending.jsonl").exists(), "MLflow calls failed during the job"
     _check_results_tables(out, out.parent / "tables")
 
@@ -130,6 +144,19 @@ def _check_results_tables(out: Path, tables: Path) -> None:
     for T, row in model.iterrows():
         assert row.mse == pytest.approx(vs.loc[T, "mse"], rel=1e-4), T
         assert row.seeds == 1 and not row.reported
+
+    # Tables 3 and 4 from the sweep's trial records: the reference row is the job's own evaluation.
+    res = subprocess.run([sys.executable, "-m", "pipeline.results", "ablations", "--runs", str(out / "results"),
+                          "--out", str(tables), "--preset", "smoke", "--n-boot", "200"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    t = pd.read_csv(tables / "table3.csv")
+    rows = t[(t.method == "model") & (t["T"] == 1)].set_index("variant")
+    assert set(rows.index) == {"future", "past_future"}, t
+    assert rows.loc["future", "mse"] == pytest.approx(vs.loc[1, "mse"], rel=1e-4) and rows.loc["future", "seeds"] == 1
+    assert pd.notna(rows.loc["past_future", "diff_vs_reference"])
+    assert rows.loc["past_future", "mse"] != rows.loc["future", "mse"]
+    assert not (tables / "table4.csv").exists()  # no trial varied the encoder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,17 +189,20 @@ def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(job_cluster)
 
 @pytest.mark.timeout(900)
 def test_a_submitted_script_imports_the_uploaded_copy(tmp_path, job_cluster):
-    """`ray job submit --working-dir <dir> -- python pipeline/run_all.py` runs the copy of <dir> that
-    the cluster received: every package it imports comes from there, not from <dir> itself nor
-    from the checkout installed in this environment."""
+    """`ray job submit --working-dir <dir> -- python pipeline/run_all.py` (or `python -m
+    pipeline.run_all`) runs the copy of <dir> that the cluster received: every package it imports
+    comes from there, not from <dir> itself nor from the checkout installed in this environment."""
     from test_cli import PACKAGES, copy_reporting_origin, origins
 
     address, env, head_dir = job_cluster.head()
     app = copy_reporting_origin(tmp_path / "app")
-    res = submit_job(address, env, app, ["python", "pipeline/run_all.py", "--help"], tmp_path / "job.log")
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    found = origins(res.stdout)
-    assert set(found) == set(PACKAGES), res.stdout[-4000:]
-    # the head's temp folder (linked as <its folder>/ray*), whose session unpacks the uploads
-    heads = [link.resolve() for link in head_dir.glob("ray*") if link.is_symlink()]
-    assert all(any(path.is_relative_to(h) for h in heads) for path in found.values()), (found, heads)
+    # the documented form (a script by path) and the module form
+    for i, command in enumerate((["python", "pipeline/run_all.py", "--help"],
+                                 ["python", "-m", "pipeline.run_all", "--help"])):
+        res = submit_job(address, env, app, command, tmp_path / f"job{i}.log")
+        assert res.returncode == 0, (command, (res.stdout + res.stderr)[-4000:])
+        found = origins(res.stdout)
+        assert set(found) == set(PACKAGES), (command, res.stdout[-4000:])
+        # the head's temp folder (linked as <its folder>/ray*), whose session unpacks the uploads
+        heads = [link.resolve() for link in head_dir.glob("ray*") if link.is_symlink()]
+        assert all(any(path.is_relative_to(h) for h in heads) for path in found.values()), (command, found, heads)

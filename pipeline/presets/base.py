@@ -33,23 +33,39 @@ class Preset:
     imagine: dict[str, Any] = dataclasses.field(default_factory=dict)
     """ImagineConfig fields (pipeline/imagine.py): PPO trained in the world model, scored in the real game."""
 
+    def __post_init__(self) -> None:
+        for space, fields in self.sweeps:
+            owned = sorted(set(fields) & SWEEP_JOB_FIELDS)
+            if owned:
+                raise ValueError(f"sweep {space!r} sets {owned}: a preset's sweep trains the preset's own DiT "
+                                 f"(its `dit` section) on the job's data and VAE; change the DiT there, for "
+                                 f"every stage at once")
+
+
+SWEEP_JOB_FIELDS = frozenset({"dit", "run_dir", "data_root", "vae_path", "space", "reference_records"})
+"""SweepConfig fields that the job sets for every sweep of a preset (`pipeline/run_all.py`): never a
+preset's sweep entry or `--set sweep.<field>`."""
+
 
 def section_configs() -> dict[str, type]:
-    from pipeline import collect, evaluate, imagine
+    from pipeline import collect, evaluate, imagine, sweep
     from workers.rollout import AgentConfig
     from workers.train_dit import TrainDiTConfig
     from workers.train_vae import TrainVAEConfig
 
     return {"collect": collect.CollectConfig, "collect.agent": AgentConfig, "vae": TrainVAEConfig,
-            "dit": TrainDiTConfig, "evaluate": evaluate.EvalConfig, "imagine": imagine.ImagineConfig}
+            "dit": TrainDiTConfig, "evaluate": evaluate.EvalConfig, "imagine": imagine.ImagineConfig,
+            "sweep": sweep.SweepConfig}
 
 
 def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
     """The preset with `section.field=value` settings replaced (`--set`): section is collect,
-    collect.agent, vae, dit, evaluate or imagine; value is JSON (`16`, `[1, 2]`, `true`), else a string.
+    collect.agent, vae, dit, evaluate, imagine or sweep (every sweep of the preset, e.g.
+    `sweep.seeds=[0]` to run part of a grid); value is JSON (`16`, `[1, 2]`, `true`), else a string.
     An unknown section or field fails here, naming it, before anything runs."""
     sections = section_configs()
     parts = {name: dict(getattr(preset, name)) for name in ("collect", "vae", "dit", "evaluate", "imagine")}
+    sweeps = [(space, dict(fields)) for space, fields in preset.sweeps]
     for item in sets:
         key, eq, raw = item.partition("=")
         section, _, field = key.strip().rpartition(".")
@@ -61,15 +77,28 @@ def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
         if field not in names:
             raise SystemExit(f"--set {item!r}: {sections[section].__name__} has no field {field!r}; "
                              f"fields are {sorted(names)}")
+        if section == "sweep" and field in SWEEP_JOB_FIELDS:
+            raise SystemExit(f"--set {item!r}: the job sets sweep.{field} itself" +
+                             ("; a sweep trains the preset's DiT: change it with --set dit.<field>" if field == "dit"
+                              else ""))
+        if section == "sweep" and not sweeps:
+            raise SystemExit(f"--set {item!r}: this preset has no sweep")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         if section == "collect.agent":  # a copy: the preset's own dict stays as it was
             parts["collect"]["agent"] = {**parts["collect"].get("agent", {}), field: value}
+        elif section == "sweep":
+            for space, fields in sweeps:
+                fields[field] = value
+                try:
+                    config_from_dict(sections["sweep"], {**fields, "space": space})
+                except (TypeError, ValueError) as exc:
+                    raise SystemExit(f"--set {item!r}: sweep {space!r}: {exc}") from None
         else:
             parts[section][field] = value
-    return dataclasses.replace(preset, **parts)
+    return dataclasses.replace(preset, **parts, sweeps=tuple(sweeps))
 
 
 # Fields that do not change what a run trains or how its Table 2 is scored: where it runs, with
@@ -79,7 +108,7 @@ _UNVERSIONED = {"run_dir", "data_root", "name", "game", "games", "run_id", "vae_
                 "action_sequences", "windows_of", "checkpoint_every", "log_every", "num_env_runners",
                 "cpus_per_env_runner", "gpus_per_env_runner", "learner_threads", "learner_device",
                 "steps_per_round", "data_loader"}
-_EVAL_VERSIONED = ("split", "horizons", "stride", "max_windows", "sample_steps", "guidance_scale", "lpips",
+EVAL_VERSIONED = ("split", "horizons", "stride", "max_windows", "sample_steps", "guidance_scale", "lpips",
                    "vae_recon", "action_tests", "idm_steps", "idm_max_pairs")
 
 
@@ -98,6 +127,12 @@ def resolved_settings(preset: Preset) -> dict[str, dict[str, Any]]:
             "evaluate": dataclasses.asdict(config_from_dict(evaluate.EvalConfig, dict(preset.evaluate)))}
 
 
+REVISION = 2
+"""Bumped when a fix changes what runs of unchanged settings train on or how they are scored, so
+that runs before and after it do not pool. 2: the collection records with the trained PPO policy
+(`workers.rollout.load_recorders`); before, its env runners could keep their initial weights."""
+
+
 def preset_version(preset: Preset) -> str:
     """A short hash of the resolved settings that decide what a run trains and how its Table 2 is
     scored: runs of one version (any game, any training seed, any machine) pool into one table;
@@ -109,7 +144,9 @@ def preset_version(preset: Preset) -> str:
         return {k: keep(v) if isinstance(v, dict) else v for k, v in sorted(d.items()) if k not in _UNVERSIONED}
 
     versioned = {k: keep(v) for k, v in settings.items() if k != "evaluate"}
-    versioned["evaluate"] = {k: settings["evaluate"][k] for k in _EVAL_VERSIONED}
+    versioned["evaluate"] = {k: settings["evaluate"][k] for k in EVAL_VERSIONED}
+    if REVISION > 1:  # (revision 1 hashed the settings alone)
+        versioned["revision"] = REVISION
     blob = json.dumps(versioned, sort_keys=True, default=list)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

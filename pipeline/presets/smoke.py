@@ -24,8 +24,10 @@ def preset() -> Preset:
                  "train_steps": 64, "train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1,
                  "num_envs_per_env_runner": 4, "cpus_per_env_runner": 0.5,
                  "eval_max_steps": 150, "num_cpus": 0.5},
-        sweeps=(("table3", {"seeds": (0,), "overrides": {"horizon": [2], "game": "Breakout"},
-                            "dit": {**dit, "steps": 6, "checkpoint_every": 6, "horizon_choices": ()},
-                            "eval_max_windows": 4, "eval_lpips": False, "eval_idm_steps": 20,
-                            "eval_idm_max_pairs": 256}),),
+        # Table 3 as the gpu preset runs it, on one seed and one variant: the reference is the job's
+        # own DiT and evaluation (scored alike, so it is not trained again); past + future actions train.
+        sweeps=(("ablations", {"seeds": (0,), "eval_split": "test",
+                               "overrides": {"game": "Breakout", "variant": ["future+embedding", "past_future+embedding"]},
+                               "eval_max_windows": 8, "eval_stride": 8, "eval_batch_size": 4, "eval_num_cpus": 0.5,
+                               "eval_idm_steps": 20, "eval_idm_max_pairs": 256}),),
     )
