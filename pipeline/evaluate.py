@@ -14,7 +14,10 @@ other is scored on the first frames of the long rollout ("prefix"). Outputs, und
 - `tables/generation_length.json`: game x generation length x method, MSE/PSNR/LPIPS mean and std
   over windows, with 95 % intervals over the held-out episodes (`CI_COLUMNS`) (the layout of the paper's Table 2; Tables 3 and 4 are the same rows across runs
   that differ in action_mode / action_encoder, which are columns here);
-- `tables/per_frame.json`: the same per generated frame;
+- `tables/per_frame.json`: the same per generated frame, the model's rows with the inverse-dynamics
+  accuracy and macro-F1 of each generated frame of the action test (`workers.evaluate.frame_table`);
+- `tables/action_fidelity.json`: recorded vs permuted and NOOP actions, and the inverse-dynamics
+  measures, per T (`pipeline.stats.action_rows`);
 - `tables/vs_paper.json`: where the paper reports the setting (`pipeline/paper.py`), its cells beside
   ours and copy-last's;
 - metrics `eval/<game>/<method>/<metric>_h<h>` (MLflow forbids '@' in names); figures: frame strips, action strips, GIFs, and
@@ -50,8 +53,8 @@ from pipeline.cluster import ensure_ray, require_lpips_weights
 from pipeline.stats import action_rows, pooled_rows
 from pipeline.tracking import Tracker
 from workers.data import spread_window_dataset
-from workers.evaluate import (METRICS, ScoreWindows, frame_table, horizon_table, partner_keys, score_windows,
-                              window_actions)
+from models.action_encoder import first_action_frame
+from workers.evaluate import METRICS, ScoreWindows, frame_table, horizon_table, partner_keys, score_windows
 from workers.world_model import load_world_model
 
 
@@ -216,12 +219,14 @@ def figure_rollouts(model_path: str, sample_steps: int | None, device: str, fram
     g = torch.Generator(device=device).manual_seed(seed)
     _, pred = score_windows(wm, f, a, horizon, None, g)
     n, rollouts = wm.n_cond, {}
+    # the mode's past actions (none for "future"): the first window's, from the mode's first action
+    # frame up to the last condition frame (models.action_encoder.ACTION_MODES)
+    past = a[:1, first_action_frame(n, wm.action_mode): n - 1]
     state = g.get_state()
     for seq in action_sequences:
         ids = parse_sequence(seq)
         future = torch.tensor(ids, dtype=torch.int64)[None]  # (1, T)
-        acts = future if wm.action_mode == "future" else torch.cat(
-            [window_actions(a[:1], n, len(ids), "past_future")[:, : n - 1], future], dim=1)
+        acts = torch.cat([past, future], dim=1)  # (1, num_action_tokens(n, T, mode))
         g.set_state(state)  # the same noise for every sequence: only the actions differ
         rollouts[seq] = wm.predict(f[:1, :n], acts, len(ids), generator=g)[0].numpy()
     return pred.numpy(), rollouts

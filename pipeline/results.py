@@ -63,6 +63,12 @@ TABLE2_T = (1, 2, 4)
 MIN_SEEDS = 3
 """Training seeds a row needs to be a reported result (column `reported`)."""
 PAPER_METHOD = "paper (other data)"
+TEST_SETS = ("test", "other_policy")
+"""run.json `test_set` of a record: "test" (the test split of the run's own collection; a record without
+the key) or "other_policy" (the test split of another policy's collection under its own data root, e.g.
+the collect stage's random policy with `CollectConfig.random_repeat`, scored by a model trained on the
+run's collection). Only "test" records pool into Table 2 and the imagination table; action_fidelity.csv
+has one row set per test set."""
 DEFAULT_RUNS = Path("docs/results/runs")
 DEFAULT_OUT = Path("docs/results/current")
 
@@ -152,6 +158,14 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
     return meta, scores
 
 
+def test_set_of(meta: dict[str, Any]) -> str:
+    """A record's test set (`TEST_SETS`): its run.json `test_set`, "test" where it has none."""
+    test_set = meta.get("test_set", "test")
+    if test_set not in TEST_SETS:
+        raise ResultsError(f"run {meta.get('run_id')!r}: test_set {test_set!r}; expected one of {TEST_SETS}")
+    return test_set
+
+
 def current_version(preset: str) -> str:
     """The version of a preset as the code defines it now."""
     from pipeline.presets import PRESETS, preset_version
@@ -183,13 +197,14 @@ def select_runs(run_dirs: list[Path], preset: str, version: str, explicit: bool
             left.append({"run_id": meta.get("run_id", d.name), "why": why})
         else:
             pooled.append((meta, scores))
-    # one record per (game, seed): a re-evaluated seed counts once, by its newest record
-    newest: dict[tuple[str, int], tuple[dict, dict]] = {}
+    # one record per (game, seed, test set): a re-evaluated seed counts once, by its newest record
+    newest: dict[tuple[str, int, str], tuple[dict, dict]] = {}
     for meta, scores in sorted(pooled, key=lambda ms: ms[0].get("date", "")):
-        key = (meta["game"], int(meta["seed"]))
+        key = (meta["game"], int(meta["seed"]), test_set_of(meta))
         if key in newest:
             old = newest[key][0]
-            left.append({"run_id": old.get("run_id"), "why": f"an older record of {key[0]} seed {key[1]}"})
+            on = "" if key[2] == "test" else f" on {key[2]}"
+            left.append({"run_id": old.get("run_id"), "why": f"an older record of {key[0]} seed {key[1]}{on}"})
         newest[key] = (meta, scores)
     return list(newest.values()), left
 
@@ -225,31 +240,44 @@ def table2(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
 
 
 AF_COLUMNS = ["game", "test_set", "T", "idm_acc_real", "idm_f1_real", "idm_acc_generated", "idm_f1_generated",
-              "idm_majority_share", "idm_acc_ratio", "dpsnr_vs_permuted", "dpsnr_ci_low", "dpsnr_ci_high", "dpsnr_vs_noop", "dpsnr_noop_ci_low",
-              "dpsnr_noop_ci_high", "recorded_better_permuted", "seeds", "windows"]
+              "idm_majority_share", "idm_acc_ratio", "idm_kappa_ratio", "dpsnr_vs_permuted", "dpsnr_ci_low",
+              "dpsnr_ci_high", "dpsnr_vs_noop", "dpsnr_noop_ci_low", "dpsnr_noop_ci_high", "recorded_better_permuted",
+              "seeds", "windows", "mse_recorded_vs_permuted", "psnr_of_mean_mse_recorded_vs_permuted", "mse_permuted",
+              "psnr_of_mean_mse_permuted", "mse_recorded_vs_noop", "psnr_of_mean_mse_recorded_vs_noop", "mse_noop",
+              "psnr_of_mean_mse_noop", "windows_noop"]
+"""Columns of action_fidelity.csv (`pipeline.stats.action_rows` and `idm_columns` define them): idm_acc_ratio
+is the plain ratio idm_acc_generated / idm_acc_real (the issue's "≥ 90 % of its accuracy on real frames"),
+idm_kappa_ratio the chance-corrected one; `windows` counts the permuted difference's windows (per seed),
+`windows_noop` the NOOP difference's; mse_* / psnr_of_mean_mse_* are each action set's MSE over the windows
+of that difference (recorded_vs_<kind>: the recorded actions on <kind>'s windows)."""
+_AF_FROM_ROWS = ("idm_acc_real", "idm_f1_real", "idm_acc_generated", "idm_f1_generated", "idm_majority_share",
+                 "idm_acc_ratio", "idm_kappa_ratio", *(f"{pre}{kind}" for kind in ("permuted", "noop")
+                                                       for pre in ("mse_recorded_vs_", "psnr_of_mean_mse_recorded_vs_",
+                                                                   "mse_", "psnr_of_mean_mse_")), "windows_noop")
 
 
 def action_fidelity(pooled: list[tuple[dict, dict]], n_boot: int = 2000) -> pd.DataFrame:
     """Per game and T: how much the recorded actions beat permuted and NOOP ones (dB, paired, with
-    95 % episode intervals), and the inverse-dynamics model's accuracy and macro-F1 on the generated
-    frames beside the true ones of the same windows (idm_*_real: its ceiling there), pooled over seeds."""
+    95 % episode intervals) and each action set's MSE / PSNR of the mean MSE on those windows, and the
+    inverse-dynamics model's accuracy and macro-F1 on the generated frames beside the true ones of the
+    same windows (idm_*_real: its ceiling there), pooled over seeds (`AF_COLUMNS`). A column that the
+    pooled score files cannot give (e.g. no inverse-dynamics readings) is left empty."""
     from pipeline.stats import action_rows
 
-    by_game: dict[str, list[dict]] = {}
+    by_game: dict[tuple[str, str], list[dict]] = {}
     for meta, scores in pooled:
         if "action_recorded/mse" in scores:
-            by_game.setdefault(meta["game"], []).append(scores)
+            by_game.setdefault((meta["game"], test_set_of(meta)), []).append(scores)
     rows = []
-    for game in sorted(by_game, key=_game_order):
-        for r in action_rows(by_game[game], TABLE2_T, n_boot=n_boot):
-            rows.append({"game": game, "test_set": "test", "T": r["T"], "seeds": r["seeds"],
+    for game, test_set in sorted(by_game, key=lambda k: (_game_order(k[0]), TEST_SETS.index(k[1]))):
+        for r in action_rows(by_game[(game, test_set)], TABLE2_T, n_boot=n_boot):
+            rows.append({"game": game, "test_set": test_set, "T": r["T"], "seeds": r["seeds"],
                          "dpsnr_vs_permuted": r.get("dpsnr_vs_permuted"), "dpsnr_ci_low": r.get("dpsnr_perm_ci_low"),
                          "dpsnr_ci_high": r.get("dpsnr_perm_ci_high"), "dpsnr_vs_noop": r.get("dpsnr_vs_noop"),
                          "dpsnr_noop_ci_low": r.get("dpsnr_noop_ci_low"), "dpsnr_noop_ci_high": r.get("dpsnr_noop_ci_high"),
                          "recorded_better_permuted": r.get("recorded_better_permuted"),
                          "windows": r.get("windows_permuted"),
-                         **{k: r[k] for k in ("idm_acc_real", "idm_f1_real", "idm_acc_generated", "idm_f1_generated",
-                                              "idm_majority_share", "idm_acc_ratio") if k in r}})
+                         **{k: r[k] for k in _AF_FROM_ROWS if k in r}})
     df = pd.DataFrame(rows)
     for c in AF_COLUMNS:
         if c not in df:
@@ -361,7 +389,8 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
     version = version or current_version(preset)
     explicit = bool(runs)
     dirs = _run_dirs(runs_root, runs)
-    pooled, left = select_runs(dirs, preset, version, explicit)
+    every, left = select_runs(dirs, preset, version, explicit)
+    pooled = [(m, sc) for m, sc in every if test_set_of(m) == "test"]  # Table 2: the run's own test split
     if not pooled:
         raise ResultsError(f"no recorded run of preset {preset!r} version {version} on the test split in "
                            f"{runs if explicit else runs_root} ({len(left)} other runs: {left[:3]})")
@@ -396,15 +425,27 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
              "uniform actions; ppo_real: the PPO agent that recorded the collection",
              "games": "full real games (sticky actions 0.25) to game over, cut at the run's eval_max_steps "
              "(column truncated)"}, indent=1))
-    af = action_fidelity(pooled, n_boot=n_boot)
+    af = action_fidelity(every, n_boot=n_boot)
     if len(af):
+        others = [{k: m.get(k) for k in ("run_id", "game", "seed", "commit", "command", "gpu", "date")}
+                  for m, _ in every if test_set_of(m) != "test"]
         _write(out / "action_fidelity.csv", af.to_csv(index=False, float_format="%.6g"))
         _write(out / "action_fidelity.meta.json", json.dumps(
-            {**meta, "table": "action_fidelity", "windows": "windows (per seed) whose first T permuted future actions "
+            {**meta, **({"other_policy_runs": others} if others else {}), "table": "action_fidelity",
+             "test_set": "test: the test split of each run's own collection (the runs above); other_policy: the "
+             "test split of another policy's collection (run.json test_set, other_policy_runs)", "windows": "windows (per seed) whose first T permuted future actions "
              "differ from the recorded ones", "dpsnr": "PSNR of the mean MSE with the recorded actions minus "
              "with permuted (another window's) or NOOP future actions, same condition frames and noise",
              "idm": "inverse-dynamics model trained on real training pairs of the run's collection, read on the "
-             "recorded rollout's pairs (generated) and the same windows' true pairs (real), frames 1..T"}, indent=1))
+             "recorded rollout's pairs (generated) and the same windows' true pairs (real), frames 1..T",
+             "idm_acc_ratio": "idm_acc_generated / idm_acc_real (plain ratio: the issue's target reads it)",
+             "idm_kappa_ratio": "(idm_acc_generated - idm_majority_share) / (idm_acc_real - idm_majority_share): "
+             "chance-corrected, 0 = no better than a constant guess",
+             "windows_noop": "windows (per seed) whose first T NOOP future actions differ from the recorded ones",
+             "mse": "mse_<kind> / mse_recorded_vs_<kind>: MSE (0-255 scale) over frames 1..T with <kind> (permuted, "
+             "noop) or the recorded future actions, on the windows of that difference, mean over seeds; "
+             "psnr_of_mean_mse_*: 10 log10(255^2 / that MSE), so dpsnr_vs_<kind> = psnr_of_mean_mse_recorded_vs_<kind>"
+             " - psnr_of_mean_mse_<kind>"}, indent=1))
     return df
 
 

@@ -188,16 +188,23 @@ def test_pooled_rows_match_a_direct_computation():
 
 
 def _record(root: Path, rng, *, version: str, seed: int, game: str = "Pong", split: str = "test",
-            keys: bool = True) -> Path:
+            keys: bool = True, actions: float = 0.0, extra: dict | None = None) -> Path:
+    """A recorded run; `actions` > 0 adds action-test rollouts whose wrong actions cost that factor."""
     from pipeline.results import record_run
 
     scores = _scores(rng)
     if not keys:
         scores = {k: v for k, v in scores.items() if "/" in k}
+    if actions:
+        rec = scores["model/mse"]
+        scores.update({"action_recorded/mse": rec, "action_permuted/mse": rec * actions,
+                       "action_noop/mse": rec * actions, "action_recorded/differs": np.zeros(rec.shape, bool),
+                       "action_permuted/differs": np.ones(rec.shape, bool),
+                       "action_noop/differs": np.ones(rec.shape, bool)})
     f = root / f"tmp_{seed}_{version}.npz"
     np.savez_compressed(f, **{k.replace("/", "__"): v for k, v in scores.items()})
     return record_run(root / "runs", f, preset="gpu", version=version, game=game, seed=seed, split=split,
-                      settings={}, stage_walls={"dit": 1.0}, command="test")
+                      settings={}, stage_walls={"dit": 1.0}, command="test", extra=extra)
 
 
 def test_table_builder_pools_only_the_current_preset_version(tmp_path):
@@ -227,6 +234,29 @@ def test_table_builder_pools_only_the_current_preset_version(tmp_path):
     nokeys = _record(tmp_path, rng, version=v, seed=5, keys=False)
     with pytest.raises(ResultsError, match="no window keys"):
         build_tables(tmp_path / "runs", out, "gpu", runs=[nokeys], n_boot=50)
+
+
+def test_other_policy_records_give_their_own_action_fidelity_rows_not_table2(tmp_path):
+    """A record marked test_set "other_policy" (run.json, via record_run's extra) gets its own rows in
+    action_fidelity.csv and never enters Table 2; a seed has one newest record per test set."""
+    from pipeline.results import build_tables, current_version
+
+    v, rng = current_version("gpu"), np.random.default_rng(11)
+    own = [_record(tmp_path, rng, version=v, seed=s, actions=2.0) for s in (0, 1)]
+    other = [_record(tmp_path, rng, version=v, seed=s, actions=1.25, extra={"test_set": "other_policy"})
+             for s in (0, 1)]
+    out = tmp_path / "current"
+    build_tables(tmp_path / "runs", out, "gpu", n_boot=50)
+    af = pd.read_csv(out / "action_fidelity.csv")
+    assert list(af.test_set) == ["test"] * 3 + ["other_policy"] * 3 and list(af["T"]) == [1, 2, 4] * 2
+    by = af.set_index(["test_set", "T"])
+    assert by.loc[("test", 4), "dpsnr_vs_permuted"] == pytest.approx(10 * np.log10(2.0))
+    assert by.loc[("other_policy", 4), "dpsnr_vs_noop"] == pytest.approx(10 * np.log10(1.25))
+    assert (af.seeds == 2).all() and (af.windows == af.windows_noop).all()
+    t2 = json.loads((out / "table2.meta.json").read_text())
+    assert sorted(r["run_id"] for r in t2["runs"]) == sorted(p.name for p in own) and not t2["not_pooled"]
+    meta = json.loads((out / "action_fidelity.meta.json").read_text())
+    assert sorted(r["run_id"] for r in meta["other_policy_runs"]) == sorted(p.name for p in other)
 
 
 def test_preset_version_ignores_seeds_and_resources_not_settings():
@@ -288,6 +318,8 @@ def test_action_tests_separate_a_model_that_follows_its_actions_from_one_that_do
                                   action_horizon=4)
         rows = {r["T"]: r for r in action_rows([{**scores, "episode_id": eids}], (1, 2, 4), n_boot=300)}
         got[uses] = rows
+        if uses:
+            recorded = {**scores, "episode_id": eids}
     follows, ignores = got[True], got[False]
     for T in (1, 2, 4):
         assert follows[T]["dpsnr_perm_ci_low"] > 1.0 and follows[T]["dpsnr_noop_ci_low"] > 1.0
@@ -295,13 +327,38 @@ def test_action_tests_separate_a_model_that_follows_its_actions_from_one_that_do
         assert ignores[T]["dpsnr_vs_permuted"] == pytest.approx(0.0, abs=1e-9)
         assert ignores[T]["dpsnr_vs_noop"] == pytest.approx(0.0, abs=1e-9)
     assert follows[4]["recorded_better_permuted"] > 0.9
+    # each action set's MSE and PSNR of the mean MSE on the windows of its difference: the difference
+    # is the PSNR of the recorded actions minus that of the others
+    for T in (1, 2, 4):
+        for kind in ("permuted", "noop"):
+            r = follows[T]
+            assert r[f"psnr_of_mean_mse_{kind}"] == pytest.approx(10 * np.log10(255 ** 2 / r[f"mse_{kind}"]))
+            assert (r[f"psnr_of_mean_mse_recorded_vs_{kind}"] - r[f"psnr_of_mean_mse_{kind}"]
+                    == pytest.approx(r[f"dpsnr_vs_{kind}"]))
+            assert r[f"mse_recorded_vs_{kind}"] < r[f"mse_{kind}"]
     # without partners the batch's windows lend each other their actions; a T-frame difference counts
     # the windows whose first T actions changed
     fut = actions[:, 1:5]  # the future actions a_t..a_{t+3} of windows with 2 condition frames
     moved = fut != torch.roll(fut, shifts=1, dims=0)
     for T in (1, 2, 4):
         assert follows[T]["windows_permuted"] == int(moved[:, :T].any(dim=1).sum())
+        assert follows[T]["windows_noop"] == int((fut[:, :T] != 0).any(dim=1).sum())  # NOOP = action 0
     assert follows[1]["windows_permuted"] < follows[4]["windows_permuted"]
+    # the committed table (pipeline/results.py): every column, each action set's MSE/PSNR, both window counts
+    from pipeline.results import AF_COLUMNS, action_fidelity
+
+    af = action_fidelity([({"game": "Pong"}, recorded)], n_boot=100)
+    assert list(af.columns) == AF_COLUMNS and list(af["T"]) == [1, 2, 4] and set(af.test_set) == {"test"}
+    af = af.set_index("T")
+    for T in (1, 2, 4):
+        row, want = af.loc[T], follows[T]
+        assert row["windows"] == want["windows_permuted"] and row["windows_noop"] == want["windows_noop"]
+        assert row["dpsnr_vs_permuted"] == pytest.approx(want["dpsnr_vs_permuted"])
+        for kind in ("permuted", "noop"):
+            for col in (f"mse_{kind}", f"psnr_of_mean_mse_{kind}", f"mse_recorded_vs_{kind}",
+                        f"psnr_of_mean_mse_recorded_vs_{kind}"):
+                assert row[col] == pytest.approx(want[col])
+    assert af["idm_acc_ratio"].isna().all() and af["idm_kappa_ratio"].isna().all()  # no inverse-dynamics model
     bad = actions.clone()
     bad[0, 2] = 7  # a future action of the rollout
     with pytest.raises(ValueError, match=r"valid are 0\.\.3"):
@@ -314,7 +371,7 @@ def test_inverse_dynamics_reads_the_recorded_rollouts_of_the_action_tests():
     import torch
 
     from pipeline.stats import action_rows
-    from workers.evaluate import score_windows
+    from workers.evaluate import frame_table, score_windows
     from workers.inverse_dynamics import IDMConfig, train_idm
 
     rng = np.random.default_rng(7)
@@ -325,16 +382,30 @@ def test_inverse_dynamics_reads_the_recorded_rollouts_of_the_action_tests():
     idm, _ = train_idm(IDMConfig(pool=10, channels=(8,), hidden=32, steps=150, batch_size=64, lr=3e-3),
                        prev.numpy(), nxt.numpy(), ta[:, 1:-1].reshape(-1).numpy(), 4)
     eids = np.array([f"e{i // 4}" for i in range(len(frames))])
-    rows = {}
+    rows, frames_of = {}, {}
     for uses in (True, False):
         scores, _ = score_windows(_FakeWorldModel(uses), frames, actions, 4, None, torch.Generator().manual_seed(0),
                                   action_horizon=4, idm=idm)
         rows[uses] = {r["T"]: r for r in action_rows([{**scores, "episode_id": eids}], (1, 4), n_boot=100)}
+        frames_of[uses] = {r["frame"]: r for r in frame_table(scores) if r["method"] == "model"}
     follows, ignores = rows[True][4], rows[False][4]
     assert follows["idm_acc_real"] > 0.8 and follows["idm_acc_generated"] > 0.8 and follows["idm_acc_ratio"] > 0.9
     assert ignores["idm_acc_real"] == pytest.approx(follows["idm_acc_real"])  # same true frames
+    for r in (follows, ignores):  # the plain ratio (the issue's target) and the chance-corrected one
+        assert r["idm_acc_ratio"] == pytest.approx(r["idm_acc_generated"] / r["idm_acc_real"])
+        assert r["idm_kappa_ratio"] == pytest.approx((r["idm_acc_generated"] - r["idm_majority_share"])
+                                                     / (r["idm_acc_real"] - r["idm_majority_share"]))
+    assert follows["idm_kappa_ratio"] > 0.85
     # chance-corrected: the ignoring model's generated frames carry no more than a constant guess
-    assert ignores["idm_f1_generated"] <= 1 / 4 + 0.1 and abs(ignores["idm_acc_ratio"]) < 0.2
+    assert ignores["idm_f1_generated"] <= 1 / 4 + 0.1 and abs(ignores["idm_kappa_ratio"]) < 0.2
+    assert ignores["idm_acc_ratio"] < 0.5  # the plain ratio keeps the guess's share
+    # per generated frame: the same predictions, so equal windows per frame average to the T-frame means
+    for uses, per in frames_of.items():
+        assert sorted(per) == [1, 2, 3, 4]
+        for col in ("idm_acc_generated", "idm_acc_real"):
+            assert np.mean([per[k][col] for k in (1, 2, 3, 4)]) == pytest.approx(rows[uses][4][col])
+            assert per[1][col] == pytest.approx(rows[uses][1][col])
+        assert per[2]["idm_acc_ratio"] == pytest.approx(per[2]["idm_acc_generated"] / per[2]["idm_acc_real"])
 
 
 def test_permuted_partners_are_a_fixed_derangement_across_episodes():
@@ -423,3 +494,35 @@ def test_imagination_table_pools_seeds_of_real_game_returns(tmp_path):
     build_tables(tmp_path / "runs", tmp_path / "current", "gpu", n_boot=100)
     again = pd.read_csv(tmp_path / "current" / "imagination.csv").set_index("agent")
     assert again.loc["imagination", "seeds"] == 3 and again.loc["imagination", "return_mean"] < 10
+
+
+def test_guidance_needs_a_world_model_trained_with_action_dropout(tiny_trained, tmp_path):
+    """Classifier-free guidance over actions is refused, through the loader, on a model whose
+    train_config records action_dropout 0; a model folder that records dropout takes it, and guidance
+    changes its prediction on the same noise."""
+    import shutil
+
+    import torch
+
+    from workers.world_model import load_world_model
+
+    _, wm_path, dit_cfg = tiny_trained
+    assert dit_cfg.action_dropout == 0.0
+    with pytest.raises(ValueError, match=r"guidance_scale=1\.5 .*action_dropout=0\.0.*TrainDiTConfig\.action_dropout") as err:
+        load_world_model(wm_path, guidance_scale=1.5)
+    assert str(wm_path) in str(err.value)
+    assert load_world_model(wm_path, guidance_scale=1.0).sampler.cfg.guidance_scale == 1.0
+    # the same weights in a folder whose train_config records dropout (the loader trusts the record)
+    dropped = tmp_path / "wm"
+    shutil.copytree(wm_path, dropped)
+    meta = json.loads((dropped / "world_model.json").read_text())
+    meta["train_config"]["action_dropout"] = 0.1
+    (dropped / "world_model.json").write_text(json.dumps(meta))
+    plain, guided = load_world_model(dropped, guidance_scale=1.0), load_world_model(dropped, guidance_scale=1.5)
+    assert guided.sampler.cfg.guidance_scale == 1.5
+    rng = np.random.default_rng(0)
+    cond = torch.from_numpy(rng.integers(0, 256, size=(1, plain.n_cond, 210, 160, 3), dtype=np.uint8))
+    acts = torch.ones(1, plain.num_actions_for(plain.horizon), dtype=torch.int64)
+    a = plain.predict(cond, acts, plain.horizon, generator=torch.Generator().manual_seed(0))
+    b = guided.predict(cond, acts, plain.horizon, generator=torch.Generator().manual_seed(0))
+    assert a.shape == b.shape and not torch.equal(a, b)

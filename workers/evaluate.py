@@ -247,8 +247,37 @@ def horizon_table(scores: dict[str, np.ndarray], horizons: tuple[int, ...]) -> l
     return rows
 
 
+IDM_FRAME_COLUMNS = ("idm_acc_generated", "idm_acc_real", "idm_f1_generated", "idm_f1_real", "idm_acc_ratio")
+"""Per-frame inverse-dynamics columns of `frame_table`'s model rows (see there)."""
+
+
+def idm_frame_scores(scores: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    """The inverse-dynamics readings of generated frame k (0-based) of the action test's recorded
+    rollout (`action_rollouts`: "idm/generated", "idm/real", "idm/label"): accuracy and macro-F1 on
+    the generated pair (frame k and the one before it, the last condition frame for k = 0) and on the
+    same windows' true pair, and the plain ratio acc_generated / acc_real. Empty where the scores
+    hold no such reading (no inverse-dynamics model, or k past the action test's length)."""
+    if "idm/label" not in scores or k >= scores["idm/label"].shape[1]:
+        return {}
+    from workers.inverse_dynamics import scores_from_predictions
+
+    label = np.asarray(scores["idm/label"][:, k], np.int64)
+    out: dict[str, float] = {}
+    for name in ("generated", "real"):
+        pred = np.asarray(scores[f"idm/{name}"][:, k], np.int64)
+        s = scores_from_predictions(pred, label, int(max(label.max(), pred.max())) + 1)
+        out[f"idm_acc_{name}"], out[f"idm_f1_{name}"] = s["accuracy"], s["macro_f1"]
+    real = out["idm_acc_real"]
+    out["idm_acc_ratio"] = out["idm_acc_generated"] / real if real > 0 else float("nan")
+    return out
+
+
 def frame_table(scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Per-window per-frame scores -> rows {method, frame (1-based), metric mean/std over windows}."""
+    """Per-window per-frame scores -> rows {method, frame (1-based), metric mean/std over windows}.
+    With inverse-dynamics readings (`action_rollouts`), the model's rows of frames 1..T of the action
+    test also carry `IDM_FRAME_COLUMNS` (`idm_frame_scores`): read on the action test's recorded
+    rollout of T frames (the model's trained length) and on the true frames of the same windows,
+    the same predictions whose means over frames 1..T are the action_fidelity table's idm_* columns."""
     rows = []
     for method in (m for m in METHODS if f"{m}/mse" in scores):
         H = scores[f"{method}/mse"].shape[1]
@@ -260,5 +289,7 @@ def frame_table(scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
                     row[metric] = float(scores[key][:, k].mean())
                     row[f"{metric}_std"] = float(scores[key][:, k].std())
             row["psnr_of_mean_mse"] = psnr_of_mean_mse(row["mse"])
+            if method == "model":
+                row.update(idm_frame_scores(scores, k))
             rows.append(row)
     return rows

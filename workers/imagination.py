@@ -35,6 +35,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from models.action_encoder import first_action_frame
 from workers import schema as S
 
 ENV_NAME = "awm-imagination"
@@ -230,7 +231,8 @@ class ImaginedGames:
         T = self.cfg.action_repeat
         future = np.repeat(a[:, None], T, axis=1)
         frames, past = self.frames[which], self.past[which]
-        acts = future if self.model.action_mode == "future" else np.concatenate([past, future], axis=1)
+        # the mode's past actions (none for "future") then the future ones: models.action_encoder's rule
+        acts = np.concatenate([past[:, first_action_frame(self.n_cond, self.model.action_mode):], future], axis=1)
         t0 = time.perf_counter()
         if self.latents is not None:
             idx = torch.as_tensor(which, device=self.latents.device)

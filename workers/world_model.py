@@ -194,22 +194,46 @@ def save_world_model(path: str | Path, vae: VideoVAE, dit: STDiT, meta: dict[str
     return path
 
 
+def check_guidance(guidance_scale: float, meta: dict[str, Any], path: str | Path) -> None:
+    """Refuse classifier-free guidance over actions (guidance_scale != 1) on a DiT whose training
+    never dropped its actions (`train_config.action_dropout` == 0 in world_model.json): its
+    unconditional pass, fed null actions it never saw, is no unconditional model, and guiding
+    with it extrapolates from noise. A model folder that records no train_config (built outside
+    `pipeline/train.py`) is not checked: nothing says how it was trained."""
+    if guidance_scale == 1.0:
+        return
+    train = meta.get("train_config") or {}
+    if "action_dropout" not in train:
+        return
+    dropout = float(train["action_dropout"])
+    if dropout <= 0.0:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a world model trained with action dropout, but {path} was "
+            f"trained with action_dropout={train['action_dropout']} (its world_model.json train_config): "
+            f"classifier-free guidance over actions needs a DiT that saw dropped actions. Sample it with "
+            f"guidance_scale=1, or train one with TrainDiTConfig.action_dropout > 0 (e.g. 0.1: "
+            f"`--action-dropout 0.1` for the DiT training job, `--set dit.action_dropout=0.1` for "
+            f"pipeline/run_all.py)")
+
+
 def load_world_model(path: str | Path, map_location: str | torch.device = "cpu",
                      sample_steps: int | None = None, guidance_scale: float | None = None) -> WorldModel:
     """A WorldModel from a directory written by save_world_model (e.g. an MLflow artifact);
     `sample_steps` and `guidance_scale` (classifier-free guidance over actions; needs a DiT trained
-    with action dropout) replace the model's own sampler settings."""
+    with action dropout) replace the model's own sampler settings. A guidance_scale other than 1 on
+    a model whose train_config records action_dropout 0 is refused (`check_guidance`)."""
     path = Path(path)
     meta_file = path / "world_model.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a world-model directory (no world_model.json)")
     meta = json.loads(meta_file.read_text())
+    g = meta.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+    check_guidance(g, meta, path)  # before any weights load
     vae = load_vae(path, map_location)
     dit = STDiT(config_from_dict(STDiTConfig, meta["dit"]))
     dit.load_state_dict(torch.load(path / "dit.pt", map_location=map_location, weights_only=True))
     dit = dit.to(map_location).eval().requires_grad_(False)
     steps = sample_steps or meta["sample_steps"]
-    g = meta.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
     return WorldModel(vae, dit, latent_scale=meta["latent_scale"], n_cond=meta["n_cond"],
                       horizon=meta["horizon"], action_mode=meta["action_mode"],
                       sampler=EulerSamplerConfig(num_steps=steps, guidance_scale=g),
