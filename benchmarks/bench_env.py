@@ -61,6 +61,11 @@ class BenchEnvConfig:
     """CSV to write (empty = print only)."""
 
 
+def table_meta_of(cfg: BenchEnvConfig) -> dict:
+    """The caller's part of the table's .meta.json (common.table_meta adds commit, command, GPU, date)."""
+    return {"device": device_name(pick_device(cfg.device)), "config": repr(cfg)}
+
+
 def _vector_env(cfg: BenchEnvConfig, batch: int, T: int, heads: bool):
     from workers.imagination import ImaginationConfig, WorldModelVectorEnv
 
@@ -95,7 +100,7 @@ def measure(cfg: BenchEnvConfig) -> list[dict]:
                 print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
                 del env
     if cfg.out:  # the measured rows are kept even if the PPO part below fails or runs out of time
-        write_rows(rows, cfg.out)
+        write_rows(rows, cfg.out, table_meta_of(cfg))
     if cfg.ppo_iterations > 0:  # at the largest batch of the first heads and T setting
         first = [r for r in rows if r["heads"] == cfg.heads[0] and r["T"] == cfg.action_repeats[0]]
         row = max(first, key=lambda r: r["batch"])
@@ -165,7 +170,7 @@ def main(cfg: BenchEnvConfig) -> list[dict]:
     rows = measure(cfg)
     print(markdown_table(rows, COLUMNS))
     if cfg.out:
-        write_rows(rows, cfg.out)
+        print(f"wrote {write_rows(rows, cfg.out, table_meta_of(cfg))}")
     return rows
 
 

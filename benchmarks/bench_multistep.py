@@ -9,13 +9,16 @@ steps per chunk. Every generated frame is scored against the truth at native res
 horizon's score is the mean over its first h frames of one rollout to the longest horizon (as
 evaluation does). frames/s is timed separately per horizon on one batch of windows.
 
+The windows come from the `val` split (`--split`): the levers this benchmark weighs (T, Euler steps,
+the horizon) are chosen on val, as every setting is; `test` is read by a run's final evaluation only.
+
     python -m benchmarks.bench_multistep --multi-frame runs/t4/world_model --single-step runs/t1/world_model \\
         --data-root /data/awm --game Breakout --out multistep.csv
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +31,7 @@ from benchmarks.common import (
 from pipeline.cli import parse_config
 from pipeline.cluster import init_ray
 from workers.evaluate import METRICS, horizon_table, score_windows, window_actions
+from workers.schema import SPLITS
 from workers.train_common import autocast
 from workers.world_model import WorldModel, load_world_model
 
@@ -43,7 +47,10 @@ class BenchMultistepConfig:
     multi_chunk: int = 0
     """Frames per chunk of the multi-frame model; 0 = its longest trained length."""
     data_root: str = ""
-    """Collected episodes; held-out windows come from their "test" split."""
+    """Collected episodes; held-out windows come from their `split`."""
+    split: str = field(default="val", metadata={"choices": SPLITS})
+    """Split of the held-out windows: val, where settings are chosen (test is read by a run's final
+    evaluation only)."""
     game: str = ""
     """Game to read; empty = every game collected."""
     horizons: tuple[int, ...] = (4, 8, 16)
@@ -52,7 +59,7 @@ class BenchMultistepConfig:
     max_windows: int = 64
     """Held-out windows scored."""
     stride: int = 16
-    """Stride of the windows within each test episode."""
+    """Stride of the windows within each held-out episode."""
     batch_size: int = 16
     """Windows per predict call, for scoring and for timing."""
     lpips: bool = True
@@ -69,6 +76,8 @@ class BenchMultistepConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"BenchMultistepConfig.split={self.split!r}; splits are {list(SPLITS)}")
         if not self.horizons or min(self.horizons) < 1:
             raise ValueError(f"BenchMultistepConfig.horizons={self.horizons}: need positive horizons")
         if self.batch_size < 1 or self.max_windows < 1:
@@ -76,7 +85,7 @@ class BenchMultistepConfig:
 
 
 def read_windows(cfg: BenchMultistepConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """max_windows held-out windows of `length` frames, spread evenly over the test split's windows
+    """max_windows held-out windows of `length` frames, spread evenly over cfg.split's windows
     (by episode, then start): frames uint8 (N, L, H, W, 3), actions (N, L)."""
     import ray
 
@@ -87,13 +96,13 @@ def read_windows(cfg: BenchMultistepConfig, length: int) -> tuple[np.ndarray, np
     if started:
         init_ray()
     try:
-        w = read_windows_numpy(episodes_path(cfg.data_root, cfg.game), length, cfg.stride, split="test",
+        w = read_windows_numpy(episodes_path(cfg.data_root, cfg.game), length, cfg.stride, split=cfg.split,
                                max_windows=cfg.max_windows)
     finally:
         if started:
             ray.shutdown()
     if len(w["frames"]) == 0:
-        raise ValueError(f"no test windows of {length} frames under {cfg.data_root} (game {cfg.game or 'any'})")
+        raise ValueError(f"no {cfg.split} windows of {length} frames under {cfg.data_root} (game {cfg.game or 'any'})")
     return w["frames"], w["actions"]
 
 

@@ -6,11 +6,17 @@ around the whole request: HTTP through Serve's proxy, the model (encode the cond
 Euler-sample, decode), PNG encoding, JSON, and the client's PNG decoding. frames/s = T x requests /
 their total time; p50 and p95 are per request. Then the replica's resident memory with `--sessions`
 sessions open at once (each stepped `--steps-per-session` times at T=1), per session, and after
-they close.
+they close. Sessions start from contexts of the `val` split (`--split`; test is read by a run's
+final evaluation only; latency does not depend on which episodes they are).
 
-    python -m benchmarks.play_latency --run runs/smoke --out out/play_latency.csv
-    python -m benchmarks.play_latency --run runs/gpu-pong --num-gpus 1 --chunks 1 4 --euler-steps 4 8
+    python -m benchmarks.play_latency --run runs/smoke --sessions 32 --out out/play_latency.csv
+    python -m benchmarks.play_latency --run runs/gpu-pong --num-gpus 1 --chunks 1 4 --euler-steps 4 8 \\
+        --sessions 1000 --out docs/results/current/play_latency.csv
     python -m benchmarks.play_latency --url http://127.0.0.1:8000/     # a server already running
+
+The GPU command measures the memory over 1000 open sessions (the issue's "a thousand sessions");
+each costs one T=1 step (`--steps-per-session`) and holds about a megabyte (its context frames and
+the PNGs kept for its GIF), so the default stays at 32 for CPU runs, where a full-size step is slow.
 
 Without --url the benchmark starts the app itself (a local Ray cluster, or RAY_ADDRESS's) on a
 free port and shuts Serve down at the end.
@@ -23,13 +29,14 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import markdown_table, write_rows
 from pipeline.cli import parse_config
+from workers.schema import SPLITS
 
 COLUMNS = ["gpu", "T", "euler_steps", "frames_per_s", "p50_ms", "p95_ms", "mean_ms", "generate_ms", "requests",
            "sessions", "rss_mb_idle", "rss_mb_sessions", "kb_per_session", "kb_held_per_session", "rss_mb_closed"]
@@ -46,7 +53,8 @@ class PlayLatencyConfig:
     """Benchmark a play server already running at this URL instead of starting one."""
     data_root: str = ""
     """Episodes of the sessions' contexts; empty = the model's training data."""
-    split: str = "test"
+    split: str = field(default="val", metadata={"choices": SPLITS})
+    """Split of the sessions' contexts (val: test is read by a run's final evaluation only)."""
     chunks: tuple[int, ...] = (1, 4)
     """T: frames generated per request (one chunk)."""
     euler_steps: tuple[int, ...] = (0,)
@@ -56,7 +64,9 @@ class PlayLatencyConfig:
     iters: int = 20
     """Timed requests per setting."""
     sessions: int = 32
-    """Sessions open at once for the memory figures; 0 = none."""
+    """Sessions open at once for the memory figures (each stepped --steps-per-session times); 0 = none.
+    The GPU table opens 1000 (the GPU command of this module's docstring); a server given by --url
+    must allow as many (pipeline/serve.py --max-sessions)."""
     steps_per_session: int = 1
     seed: int = 0
     num_cpus: float = 1.0
@@ -69,6 +79,8 @@ class PlayLatencyConfig:
     """Write the rows here too: .csv, or JSON otherwise."""
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"PlayLatencyConfig.split={self.split!r}; splits are {list(SPLITS)}")
         if not self.run and not self.url:
             raise ValueError("PlayLatencyConfig: give --run (a model to serve) or --url (a running play server)")
         if min(self.chunks) < 1 or self.iters < 1 or self.warmup < 0 or self.sessions < 0:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks.common import device_name, write_rows
 from pipeline.cli import parse_config
 from workers.clips import read_windows_numpy
 from workers.train_common import train_dir
@@ -45,7 +46,7 @@ class VaeFloorConfig:
     splits: tuple[str, ...] = ("train", "val")
     """Splits scored: training windows beside held-out ones (val: test is for a run's final evaluation)."""
     out: str = ""
-    """CSV of the table; empty = printed only."""
+    """CSV of the table (with its .meta.json beside it); empty = printed only."""
 
 
 def last_checkpoint_state(run_dir: Path, name: str = "vae") -> dict | None:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if a.out:
-        df.to_csv(a.out, index=False)
+        write_rows(df.to_dict("records"), a.out, {"device": device_name(torch.device(device)), "config": repr(a)})
     return df
 
 

@@ -74,10 +74,28 @@ def vs_paper(generation_length: pd.DataFrame) -> pd.DataFrame:
 PUBLISHED_RETURNS: dict[tuple[str, str], float] = {
     # Agents trained in a world model on Atari 100k (100k real agent steps, sticky actions, full
     # games), as their papers publish them: another protocol than the imagine stage's, shown beside
-    # it, never pooled with it.
+    # it, never pooled with it. Each is the mean, to one decimal, over the paper's 5 training seeds
+    # of the per-seed returns its authors publish as the paper's results (the files cited below:
+    # taken from those files, not read off the papers' PDF tables).
+    #
+    # DIAMOND: "Diffusion for World Modeling: Visual Details Matter in Atari" (Alonso et al., NeurIPS
+    # 2024), Atari 100k returns; per-seed returns in github.com/eloialonso/diamond
+    # results/data/DIAMOND.json (commit 5bcd159), which its README says "contains the results for each
+    # game and seed used in the paper": Breakout 124.0, 148.8, 81.0, 108.0, 200.6; Pong 19.3, 20.9,
+    # 20.9, 20.7, 20.0; DemonAttack 245.4, 107.3, 295.7, 329.9, 462.3.
     ("Breakout", "DIAMOND (Atari 100k)"): 132.5,
     ("Pong", "DIAMOND (Atari 100k)"): 20.4,
-    # The reference scores of human-normalised Atari results.
+    ("DemonAttack", "DIAMOND (Atari 100k)"): 288.1,
+    # IRIS: "Transformers are Sample-Efficient World Models" (Micheli et al., ICLR 2023), Atari 100k
+    # returns; per-seed returns in github.com/eloialonso/iris results/data/IRIS.json
+    # (commit 24326aa; README: "raw scores (for each game, and for each training run) for IRIS and the
+    # baselines"): Breakout 104.6, 85.6, 69.7, 70.3, 88.1; Pong 19.3, 18.5, 16.6, 6.2, 12.4;
+    # DemonAttack 905, 2011.9, 2888.5, 2613.4, 1753.
+    ("Breakout", "IRIS (Atari 100k)"): 83.7,
+    ("Pong", "IRIS (Atari 100k)"): 14.6,
+    ("DemonAttack", "IRIS (Atari 100k)"): 2034.4,
+    # The reference scores of human-normalised Atari results (the same values are in
+    # eloialonso/iris results/data/RANDOM.json and HUMAN.json).
     ("Breakout", "random (Atari reference)"): 1.7,
     ("Breakout", "human (Atari reference)"): 30.5,
     ("Pong", "random (Atari reference)"): -20.7,

@@ -133,6 +133,9 @@ def test_train_synthetic(capsys, tmp_path):
     assert rows[0]["samples_per_s"] == pytest.approx(2 / (rows[0]["step_ms"] / 1e3))
     with open(out) as fh:
         assert next(csv.DictReader(fh))["preset"] == "tiny"
+    meta = json.loads((tmp_path / "train.meta.json").read_text())  # every CSV table has its .meta.json
+    assert {"commit", "command", "gpu", "date", "device", "config"} <= set(meta) and meta["commit"]
+    assert meta["device"].endswith("threads)") and "BenchTrainConfig(" in meta["config"]
 
 
 def test_train_synthetic_profiles_the_first_setting_of_each_compile_mode(capsys):
@@ -194,7 +197,9 @@ def test_generate_random_model(capsys, tmp_path):
     _positive(rows, ["ms_per_call", "min_ms_per_call", "frames_per_s"])
     for r in rows:
         assert r["frames_per_s"] == pytest.approx(r["batch"] * 4 / (r["ms_per_call"] / 1e3))
-    assert (tmp_path / "gen.json").read_text().count('"frames_per_s"') == 2
+    written = json.loads((tmp_path / "gen.json").read_text())
+    assert len(written["rows"]) == 2 and {"commit", "command", "gpu", "date", "device"} <= set(written["meta"])
+    assert not (tmp_path / "gen.meta.json").exists()  # a JSON table carries its meta inside
 
 
 def test_generate_cudagraphs_mode_predicts_what_eager_does():
@@ -248,6 +253,7 @@ def test_multistep_two_saved_models(tmp_path, capsys):
     assert "the 3x target" in printed and "horizon 8:" in printed
     with open(out) as fh:
         assert len(list(csv.DictReader(fh))) == 6
+    assert json.loads((tmp_path / "multistep.meta.json").read_text())["config"].count("split='val'") == 1
 
 
 def test_multistep_one_model_trained_for_both_lengths(tmp_path):
@@ -260,6 +266,22 @@ def test_multistep_one_model_trained_for_both_lengths(tmp_path):
     chunks = {(r["method"], r["horizon"]): r.get("chunks") for r in rows}
     assert chunks[("multi-frame T=4", 4)] == 1 and chunks[("multi-frame T=4", 8)] == 2
     assert chunks[("single-step T=1", 4)] == 4 and chunks[("single-step T=1", 8)] == 8
+
+
+def test_multistep_reads_the_val_split_unless_told(tiny_split_root):
+    """Settings are chosen on val: the windows come from it by default (tiny_split_root's val holds
+    copies of the train episodes, never the test one's frames), and a split that is none fails."""
+    from dataclasses import replace
+
+    from benchmarks.bench_multistep import read_windows
+
+    with pytest.raises(ValueError, match=r"split='tst'; splits are \['train', 'val', 'test'\]"):
+        BenchMultistepConfig(split="tst")
+    cfg = BenchMultistepConfig(data_root=tiny_split_root, game="Breakout", max_windows=2, stride=8)
+    assert cfg.split == "val"
+    val, train, test = (read_windows(replace(cfg, split=s), 8)[0] for s in ("val", "train", "test"))
+    assert len(val) == 2 and np.array_equal(val, train)
+    assert not (val.shape == test.shape and np.array_equal(val, test))
 
 
 def test_verdict_reads_speed_and_every_metric():
