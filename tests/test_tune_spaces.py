@@ -5,12 +5,17 @@ with only the swept ones changed, is tests/test_ablations.py.)"""
 import dataclasses
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.variant_generator import generate_variants
 
 from tune_spaces import BUNDLES, CHOICES, REFERENCE, SPACES, SWEEPS, VARIANTS, expand_bundles, space_for, swept
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def expand(space: dict) -> list[dict]:
@@ -55,10 +60,19 @@ def test_every_swept_setting_is_a_dit_training_field_with_accepted_values(name):
 
 
 def test_the_choices_are_every_setting_the_models_accept():
+    """tune_spaces keeps its own copy of the models' action modes and encoders (importing
+    models.action_encoder would load torch): the same values, in the same order."""
     from models.action_encoder import ACTION_MODES, ENCODER_KINDS
 
-    assert set(CHOICES["action_mode"]) == set(ACTION_MODES)
-    assert set(CHOICES["action_encoder"]) == set(ENCODER_KINDS)
+    assert CHOICES["action_mode"] == ACTION_MODES
+    assert CHOICES["action_encoder"] == ENCODER_KINDS
+
+
+def test_importing_the_spaces_loads_no_torch():
+    """Why the copy above exists: the spaces are data, importable without torch or the models."""
+    code = "import sys, tune_spaces; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'models'}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
 
 
 def test_variants_are_the_reference_and_one_change_each_for_tables_3_and_4():

@@ -32,6 +32,9 @@ from typing import Any
 
 GAMES = ("Breakout", "Pong", "DemonAttack")
 HORIZONS = (1, 2, 4)
+# The values the models accept (`models.action_encoder.ACTION_MODES` and `ENCODER_KINDS`), written
+# again here because importing that module loads torch, and these spaces are data that load nothing;
+# tests/test_tune_spaces.py checks that both stay the same and that importing tune_spaces loads no torch.
 ACTION_MODES = ("future", "past_future")
 ACTION_ENCODERS = ("embedding", "onehot")
 # Named STDiT presets, smallest to largest. `tiny` runs on CPU; `S`/`B` need a GPU at paper scale.
