@@ -231,7 +231,7 @@ def frame_bound(horizon: int, n_multi: int, chunk_multi: int, n_single: int, chu
 
 def verdict(rows: list[dict[str, Any]], multi: str, single: str, metrics: list[str],
             bounds: dict[int, float] | None = None) -> list[str]:
-    """The issue's target, checked: multi-frame >= 3x the frames/s of single-step at equal sampling
+    """The target, checked: multi-frame >= 3x the frames/s of single-step at equal sampling
     steps, and no worse on any metric at any horizon (lower MSE/LPIPS, higher PSNR is better).
     bounds: per horizon, the speedup `frame_bound` allows, printed beside the measured one."""
     by = {(r["method"], r["horizon"]): r for r in rows}

@@ -14,7 +14,7 @@ final evaluation only; latency does not depend on which episodes they are).
         --sessions 1000 --out docs/results/current/play_latency.csv
     python -m benchmarks.play_latency --url http://127.0.0.1:8000/     # a server already running
 
-The GPU command measures the memory over 1000 open sessions (the issue's "a thousand sessions");
+The GPU command measures the memory over 1000 open sessions;
 each costs one T=1 step (`--steps-per-session`) and holds about a megabyte (its context frames and
 the PNGs kept for its GIF), so the default stays at 32 for CPU runs, where a full-size step is slow.
 

@@ -80,6 +80,9 @@ class CollectConfig:
     forward pass then runs on the GPU and the runner's CPU only steps the envs"""
     explore: bool = True
     """sample actions from the policy (True) or take its mode"""
+    epsilon: float = 0.0
+    """with the PPO policy: probability that each step's action is a uniform one instead of the
+    policy's (epsilon-greedy), widening the actions the collection covers"""
     test_fraction: float = 0.1
     """share of episodes in the test split (hash of the episode id), read only by a run's final
     evaluation"""
@@ -94,6 +97,8 @@ class CollectConfig:
     def __post_init__(self):
         if self.policy not in ("ppo", "random"):
             raise ValueError(f"policy must be 'ppo' or 'random', got {self.policy!r}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
         if not 0.0 <= self.random_repeat < 1.0:
             raise ValueError(f"random_repeat must be in [0, 1), got {self.random_repeat}")
         if self.num_env_runners < 1:
@@ -159,7 +164,8 @@ def _record_game(cfg: CollectConfig, env_id: str, checkpoint: str | None,
             final = remaining <= per_runner * cfg.num_env_runners
             fn = functools.partial(write_on_runner, out_dir=out_dir, num_timesteps=per_runner,
                                    explore=cfg.explore, random_actions=cfg.policy == "random",
-                                   final=final, repeat=cfg.random_repeat if cfg.policy == "random" else 0.0)
+                                   final=final, repeat=cfg.random_repeat if cfg.policy == "random" else 0.0,
+                                   epsilon=cfg.epsilon if cfg.policy == "ppo" else 0.0)
             stats = group.foreach_env_runner(fn, local_env_runner=False)
             if len(stats) != cfg.num_env_runners:  # RLlib drops a failed runner's result
                 raise RuntimeError(f"{game}: {cfg.num_env_runners - len(stats)} env runner(s) "

@@ -130,12 +130,16 @@ class EvalConfig:
     """CPUs of the scoring actor."""
     use_gpu: bool = False
     """Score on a GPU."""
+    num_gpus: float = 1.0
+    """With use_gpu: the GPU share of the scoring actor and tasks (below 1, evaluations share one)."""
 
     def __post_init__(self) -> None:
         from workers.schema import SPLITS
 
         if self.split not in SPLITS:
             raise ValueError(f"EvalConfig.split={self.split!r} is no split; splits are {list(SPLITS)}")
+        if not 0.0 < self.num_gpus <= 1.0:
+            raise ValueError(f"EvalConfig.num_gpus={self.num_gpus}: expected a GPU share in (0, 1]")
         if not self.horizons or min(self.horizons) < 1:
             raise ValueError(f"EvalConfig.horizons must be positive ints, got {self.horizons}")
         if self.windows_of and len(self.games) != 1:
@@ -188,7 +192,7 @@ def score_game(cfg: EvalConfig, game: str, n_cond: int, trained: tuple[int, ...]
         partners = {k: acts[v] for k, v in partner_keys(list(acts)).items()} or None
     scored = ds.map_batches(
         ScoreWindows, batch_size=cfg.batch_size, concurrency=1, num_cpus=cfg.num_cpus,
-        num_gpus=1 if cfg.use_gpu else 0,
+        num_gpus=cfg.num_gpus if cfg.use_gpu else 0,
         fn_constructor_kwargs={"model_path": cfg.model_path, "horizon": H, "lpips": cfg.lpips,
                                "sample_steps": cfg.sample_steps or None, "seed": cfg.seed,
                                "device": "cuda" if cfg.use_gpu else "cpu",
@@ -255,7 +259,7 @@ def scoring_task(fn, cfg: EvalConfig):
     tasks) holds only the trial's own small bundle."""
     import ray
 
-    return ray.remote(fn).options(num_cpus=cfg.num_cpus, num_gpus=1 if cfg.use_gpu else 0,
+    return ray.remote(fn).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus if cfg.use_gpu else 0,
                                   scheduling_strategy="DEFAULT")
 
 

@@ -246,7 +246,7 @@ AF_COLUMNS = ["game", "test_set", "T", "idm_acc_real", "idm_f1_real", "idm_acc_g
               "psnr_of_mean_mse_permuted", "mse_recorded_vs_noop", "psnr_of_mean_mse_recorded_vs_noop", "mse_noop",
               "psnr_of_mean_mse_noop", "windows_noop"]
 """Columns of action_fidelity.csv (`pipeline.stats.action_rows` and `idm_columns` define them): idm_acc_ratio
-is the plain ratio idm_acc_generated / idm_acc_real (the issue's "≥ 90 % of its accuracy on real frames"),
+is the plain ratio idm_acc_generated / idm_acc_real (the targets' "≥ 90 % of its accuracy on real frames"),
 idm_kappa_ratio the chance-corrected one; `windows` counts the permuted difference's windows (per seed),
 `windows_noop` the NOOP difference's; mse_* / psnr_of_mean_mse_* are each action set's MSE over the windows
 of that difference (recorded_vs_<kind>: the recorded actions on <kind>'s windows)."""
@@ -438,7 +438,7 @@ def build_tables(runs_root: Path = DEFAULT_RUNS, out: Path = DEFAULT_OUT, preset
              "with permuted (another window's) or NOOP future actions, same condition frames and noise",
              "idm": "inverse-dynamics model trained on real training pairs of the run's collection, read on the "
              "recorded rollout's pairs (generated) and the same windows' true pairs (real), frames 1..T",
-             "idm_acc_ratio": "idm_acc_generated / idm_acc_real (plain ratio: the issue's target reads it)",
+             "idm_acc_ratio": "idm_acc_generated / idm_acc_real (plain ratio: what the action-accuracy targets read)",
              "idm_kappa_ratio": "(idm_acc_generated - idm_majority_share) / (idm_acc_real - idm_majority_share): "
              "chance-corrected, 0 = no better than a constant guess",
              "windows_noop": "windows (per seed) whose first T NOOP future actions differ from the recorded ones",

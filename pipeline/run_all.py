@@ -1,4 +1,5 @@
-"""The whole job: collect -> VAE -> DiT -> evaluate -> imagine -> sweep, on whatever Ray cluster is found.
+"""The whole job: collect -> VAE -> DiT -> evaluate (and on another policy's play: other_policy) ->
+imagine -> sweep, on whatever Ray cluster is found.
 
     ray job submit --working-dir . -- python pipeline/run_all.py --preset smoke --out /abs/runs/smoke
     python -m pipeline.run_all --preset smoke                  # starts a local Ray cluster
@@ -47,14 +48,14 @@ from models.config import config_from_dict
 from pipeline import cli, collect, evaluate, imagine, sweep
 from pipeline import results as results_record
 from pipeline.cluster import init_ray, require_lpips_weights
-from pipeline.presets import (PRESETS, Preset, imagine_version, preset_version, resolved_settings, with_overrides,
-                              with_seed)
+from pipeline.presets import (PRESETS, Preset, imagine_version, other_policy_config, preset_version, resolved_settings,
+                              with_overrides, with_seed)
 from pipeline.train import train_dit_main, train_vae_main
 from workers.rollout import AgentConfig
 from workers.train_dit import TrainDiTConfig
 from workers.train_vae import TrainVAEConfig
 
-STAGES = ("collect", "vae", "dit", "evaluate", "imagine", "bench", "sweep")
+STAGES = ("collect", "vae", "dit", "evaluate", "other_policy", "imagine", "bench", "sweep")
 BENCHMARKS = ("generate", "env")
 """What `--bench` can run after each seed: world-model generation speed, imagination env speed."""
 
@@ -118,8 +119,10 @@ def _require_scoring_weights(out_dir: Path, preset: Preset, stages: tuple[str, .
     def runs(stage: str, marker_name: str) -> bool:
         return stage in stages and (stage in force or not _marker(out_dir, marker_name).exists())
 
-    scoring = [seed_stage("evaluate", s) for s in seeds
-               if runs("evaluate", seed_stage("evaluate", s)) and preset.evaluate.get("lpips", True)]
+    scoring = [seed_stage(kind, s) for s in seeds for stage, kind in (("evaluate", "evaluate"),
+                                                                      ("other_policy", "evaluate-other-policy"))
+               if (stage == "evaluate" or preset.other_policy) and runs(stage, seed_stage(kind, s))
+               and preset.evaluate.get("lpips", True)]
     if runs("sweep", "sweep") and any(fields.get("eval_lpips", True) for _, fields in preset.sweeps):
         scoring.append("sweep")
     if scoring:
@@ -164,6 +167,7 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
     out_dir.mkdir(parents=True, exist_ok=True)
     force_set = set(STAGES) if "all" in force else set(force)
     data_root = str(out_dir / "data")
+    other_root = str(out_dir / "data_other_policy")  # never read by training
     game = preset.games[0]
     print(f"[run_all] preset={preset_name} version={version} out={out_dir}" + (f" set={list(sets)}" if sets else "")
           + (f" seeds={list(seeds)}" if seeds[0] is not None else ""), flush=True)
@@ -196,11 +200,25 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
                                                 "vae_path": results["vae"]["vae_path"]})
         return {"model_path": str(train_dit_main(cfg, tracking_uri=tracking_uri))}
 
-    def do_evaluate(p: Preset, s: int | None) -> dict[str, Any]:
+    def do_collect_other() -> dict[str, Any]:
+        cfg = other_policy_config(preset, data_root=other_root, run_id=f"{preset_name}-other-policy", games=(game,))
+        manifest = collect.main(cfg)
+        return {"data_root": other_root, "games": {g: {k: v for k, v in m.items() if k != "checkpoint"}
+                                                   for g, m in manifest["games"].items()}}
+
+    def do_evaluate(p: Preset, s: int | None, other: bool = False) -> dict[str, Any]:
+        """The seed's evaluation on the collection's test split, or (`other`) on the other policy's,
+        read with the collection's inverse-dynamics model; each recorded under `<out>/results/`."""
+        name = f"eval-{game}" + ("-other-policy" if other else "") + (f"-seed{s}" if s is not None else "")
         cfg = config_from_dict(evaluate.EvalConfig, {**p.evaluate, "run_dir": str(out_dir),
-                                                     "data_root": data_root, "games": (game,),
+                                                     "data_root": other_root if other else data_root,
+                                                     # the other policy's play: scores only (its figures
+                                                     # would repeat the collection's evaluation's)
+                                                     **({"idm_data_root": data_root, "figure_windows": 0,
+                                                         "action_sequences": ()} if other else {}),
+                                                     "games": (game,),
                                                      "model_path": results[seed_stage("dit", s)]["model_path"],
-                                                     "name": f"eval-{game}" + (f"-seed{s}" if s is not None else "")})
+                                                     "name": name})
         tables = evaluate.main(cfg, tracking_uri=tracking_uri)
         df = tables["generation_length"]
         print(df.to_string(index=False), flush=True)
@@ -213,7 +231,9 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         record = results_record.record_run(
             out_dir / "results", eval_dir / f"{game}_scores.npz", preset=preset_name, version=version, game=game,
             seed=int(p.dit.get("seed", 0)), split=cfg.split, settings=settings, stage_walls=walls,
-            command=" ".join([os.path.basename(sys.executable), *sys.argv]), extra={"eval_dir": str(eval_dir)})
+            command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+            extra={"eval_dir": str(eval_dir), "test_set": "other_policy" if other else "test",
+                   "inputs_digest": sweep.inputs_digest(data_root, results["vae"]["vae_path"])})
         print(f"[run_all] evaluation recorded in {record}", flush=True)
         return {"eval_dir": str(eval_dir), "record": str(record), "table": df.to_dict(orient="records")}
 
@@ -230,6 +250,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
 
             shutil.copy2(imag_dir / "returns.npz", Path(record) / results_record.IMAGINATION_FILE)
             shutil.copy2(imag_dir / "imagination.csv", Path(record) / "imagination.csv")
+            if (imag_dir / "heads.csv").is_file():  # the heads' test precision and recall, with the run's scores
+                shutil.copy2(imag_dir / "heads.csv", Path(record) / "heads.csv")
             (Path(record) / "imagine.json").write_text(json.dumps(
                 {"imagine_version": imagine_version(p), "settings": dataclasses.asdict(cfg)}, indent=1, default=list))
         return {"out_dir": str(imag_dir), "table": tables["imagination"].to_dict(orient="records")}
@@ -263,7 +285,8 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
         # The job's own evaluations may stand for trials that train the preset's DiT (the reference
         # variant of Tables 3 and 4): a sweep does not train a seed's DiT twice.
         records = tuple(r for r in (results.get(seed_stage("evaluate", s), {}).get("record") for s in seeds)
-                        if r and Path(r).parent == out_dir / "results" and Path(r, "run.json").is_file())
+                        if r and Path(r).parent == out_dir / "results" and Path(r, "run.json").is_file()
+                        and json.loads(Path(r, "run.json").read_text()).get("preset_version") == version)
         for space, fields in preset.sweeps:
             cfg = dataclasses.replace(sweep.preset_sweep_config(preset, space, fields), run_dir=str(out_dir),
                                       data_root=data_root, vae_path=results["vae"]["vae_path"],
@@ -279,11 +302,16 @@ def main(preset_name: str, out: str | None = None, force: tuple[str, ...] = (), 
 
     plan: list[tuple[str, str, Callable[[], dict[str, Any]], Any]] = [
         ("collect", "collect", do_collect, preset.collect), ("vae", "vae", do_vae, preset.vae)]
+    if preset.other_policy:
+        plan.append(("other_policy", "collect-other-policy", do_collect_other, preset.other_policy))
     for s in seeds:
         p = preset if s is None else with_seed(preset, s)
         plan += [("dit", seed_stage("dit", s), lambda p=p, s=s: do_dit(p, s), p.dit),
-                 ("evaluate", seed_stage("evaluate", s), lambda p=p, s=s: do_evaluate(p, s), p.evaluate),
-                 ("imagine", seed_stage("imagine", s), lambda p=p, s=s: do_imagine(p, s), p.imagine)]
+                 ("evaluate", seed_stage("evaluate", s), lambda p=p, s=s: do_evaluate(p, s), p.evaluate)]
+        if preset.other_policy:
+            plan.append(("other_policy", seed_stage("evaluate-other-policy", s),
+                         lambda p=p, s=s: do_evaluate(p, s, other=True), p.evaluate))
+        plan += [("imagine", seed_stage("imagine", s), lambda p=p, s=s: do_imagine(p, s), p.imagine)]
         if bench:
             plan.append(("bench", seed_stage("bench", s), lambda p=p, s=s: do_bench(p, s), {"bench": list(bench)}))
     plan.append(("sweep", "sweep", do_sweep, preset.sweeps))
@@ -347,8 +375,9 @@ class JobArgs:
     """MLflow tracking server (unset: MLFLOW_TRACKING_URI, else a sqlite store in --out)"""
     sets: tuple[str, ...] = dataclasses.field(default=(), metadata={"flag": "--set", "metavar": "SECTION.FIELD=VALUE"})
     """Preset settings to replace, e.g. vae.latent_channels=16 dit.max_train_s=600
-    collect.agent.train_steps=8000 (sections: collect, collect.agent, vae, dit, evaluate, imagine; a
-    value is JSON, else a string); every --set counts"""
+    collect.agent.train_steps=8000 sweep.seeds=[1] (sections: collect, collect.agent, vae, dit,
+    evaluate, other_policy, imagine, sweep: every sweep of the preset; a value is JSON, else a
+    string); every --set counts"""
     seed: tuple[int, ...] | None = None
     """Training seed(s) of the DiT (and the evaluation's noise); the VAE takes the first, the
     collection keeps the preset's seed. Several seeds share the collection and the VAE, each

@@ -271,7 +271,7 @@ def idm_columns(runs: list[dict[str, np.ndarray]], T: int) -> dict:
     these windows), pooled over runs; the majority share of the actions given (what a constant guess
     scores); and two ratios of generated to real accuracy:
 
-    - `idm_acc_ratio`: the plain ratio acc_generated / acc_real, the issue's target ("accuracy on
+    - `idm_acc_ratio`: the plain ratio acc_generated / acc_real, the action target ("accuracy on
       generated frames >= 90 % of its accuracy on real frames"): 1 when the generated frames carry
       the actions as well as the true ones; a model that ignores its actions still scores about
       majority / acc_real here, not 0.

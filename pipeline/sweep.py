@@ -68,14 +68,15 @@ ACTION_MEASURES = ("dpsnr_vs_permuted", "dpsnr_vs_noop", "idm_acc_generated", "i
                    "idm_acc_ratio", "idm_kappa_ratio")
 """Action-fidelity measures of the evaluation (`pipeline/stats.py:action_rows`) that every trial row carries."""
 
-SWEEP_OWNED = frozenset({"run_dir", "data_root", "vae_path", "name", "use_gpu", "horizon_choices"})
+SWEEP_OWNED = frozenset({"run_dir", "data_root", "vae_path", "name", "use_gpu", "gpus_per_worker", "horizon_choices"})
 """Training fields the sweep sets itself: never swept, never fixed by a space."""
 
 # Settings that do not change what a trial trains or how it is scored: where it runs, with what
 # resources, under which names, and the seeds and games (a version's seeds and games pool): the
 # fields that the preset version (`pipeline/presets/base.py`) leaves out, and the collection's checkpoint path.
 _UNVERSIONED = frozenset({"run_dir", "data_root", "name", "game", "games", "run_id", "vae_path", "model_path", "seed",
-                          "num_workers", "cpus_per_worker", "use_gpu", "num_cpus", "figure_windows",
+                          "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "num_cpus", "num_gpus",
+                          "figure_windows",
                           "action_sequences", "windows_of", "checkpoint_every", "log_every", "num_env_runners",
                           "cpus_per_env_runner", "gpus_per_env_runner", "learner_threads", "learner_device",
                           "steps_per_round", "data_loader", "checkpoint"})
@@ -129,9 +130,10 @@ class SweepConfig:
     use_gpu: bool = False
     """Train and evaluate every trial on a GPU."""
     trials_per_gpu: int = 1
-    """Trials that share one GPU (each asks for 1/trials_per_gpu of it). Only 1 is accepted for
-    now: the training workers (`pipeline/train.py:fit`) and the scoring actor
-    (`pipeline/evaluate.py`) each ask for a whole GPU."""
+    """Trials that share one GPU: each trial's training workers and scoring actor ask for
+    1/trials_per_gpu of it (`TrainDiTConfig.gpus_per_worker`, `EvalConfig.num_gpus`); set
+    `max_concurrent_trials` to match. Whether sharing finishes more trials an hour is measured, not
+    assumed."""
     reference_records: tuple[str, ...] = ()
     """Records of the job's own evaluations (`<run_dir>/results/<run-id>/`, written by `run_all`)
     that may stand for trials: a trial whose game, seed, DiT settings and scoring equal a record's
@@ -151,10 +153,6 @@ class SweepConfig:
                 raise ValueError(f"SweepConfig.{name} must be a dict of settings by name, got {value!r}")
         if self.trials_per_gpu < 1:
             raise ValueError(f"SweepConfig.trials_per_gpu={self.trials_per_gpu} must be >= 1")
-        if self.trials_per_gpu > 1:
-            raise ValueError(f"SweepConfig.trials_per_gpu={self.trials_per_gpu}: trials cannot share a GPU yet "
-                             f"(the training workers, pipeline/train.py:fit, and the scoring actor, "
-                             f"pipeline/evaluate.py, each ask Ray for a whole GPU); use 1")
 
     @property
     def sweep_name(self) -> str:
@@ -281,7 +279,8 @@ def build_trial(cfg: SweepConfig, base: dict[str, Any], params: dict[str, Any],
     settings = trial_settings(base, params, fields)
     extra = {k: v for k, v in expand_bundles(params).items() if k not in _NAMED}
     dit = config_from_dict(TrainDiTConfig, {**settings, "run_dir": cfg.run_dir, "data_root": cfg.data_root,
-                                            "vae_path": cfg.vae_path, "use_gpu": cfg.use_gpu})
+                                            "vae_path": cfg.vae_path, "use_gpu": cfg.use_gpu,
+                                            "gpus_per_worker": 1.0 / cfg.trials_per_gpu})
     if dit.max_train_s > 0:
         raise SweepError(f"sweep {cfg.sweep_name!r}: trials train to step budgets, not clocks "
                          f"(max_train_s={dit.max_train_s}): a clock gives the slower variant fewer steps, and "
@@ -342,22 +341,42 @@ def trial_eval_config(cfg: SweepConfig, dit: TrainDiTConfig, model_path: str) ->
         horizons=dit.trained_horizons, stride=cfg.eval_stride, max_windows=cfg.eval_max_windows,
         batch_size=cfg.eval_batch_size, lpips=cfg.eval_lpips, idm_steps=cfg.eval_idm_steps,
         idm_max_pairs=cfg.eval_idm_max_pairs, split=cfg.eval_split, seed=dit.seed,
-        figure_windows=1, action_sequences=(), num_cpus=cfg.eval_num_cpus, use_gpu=cfg.use_gpu)
+        figure_windows=1, action_sequences=(), num_cpus=cfg.eval_num_cpus, use_gpu=cfg.use_gpu,
+        num_gpus=1.0 / cfg.trials_per_gpu)
 
 
 def _plain(d: Any) -> Any:
     return json.loads(json.dumps(d, default=list))  # tuples as lists, as a record stores them
 
 
-def reuse_mismatch(cfg: SweepConfig, dit: TrainDiTConfig, meta: dict[str, Any]) -> str | None:
+def inputs_digest(data_root: str, vae_path: str) -> str:
+    """A digest of what a DiT trains and is scored on besides its settings: the VAE's weights
+    (`vae.pt`) and the collection's manifests (`<data_root>/runs/*.json`, rewritten by every
+    collection). Equal digests: the same VAE and the same data."""
+    h = hashlib.sha1()
+    vae = Path(vae_path, "vae.pt")
+    h.update(vae.read_bytes() if vae.is_file() else b"no vae.pt")
+    for f in sorted(Path(data_root, "runs").glob("*.json")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def reuse_mismatch(cfg: SweepConfig, dit: TrainDiTConfig, meta: dict[str, Any], digest: str | None = None
+                   ) -> str | None:
     """Why a job's evaluation record (`meta`, its run.json) cannot stand for the trial `dit`, or None
-    when it can: a job's record (not a trial's) in this sweep's run folder, of the same game and
-    seed, whose DiT was trained with the trial's settings and scored as the trial would be."""
+    when it can: a job's record (not a trial's) of the same game and seed, on the sweep's collection
+    and VAE (`digest`, `inputs_digest` of the sweep's, against the record's), whose DiT was trained
+    with the trial's settings and scored as the trial would be."""
     from pipeline.presets.base import EVAL_VERSIONED
     from pipeline.results import TRIAL_KIND
 
     if meta.get("kind") == TRIAL_KIND:
         return "a sweep trial's record, not a job's evaluation"
+    if digest is not None and meta.get("inputs_digest") != digest:
+        return (f"trained and scored on another collection or VAE than the sweep's (inputs digest "
+                f"{meta.get('inputs_digest')}, the sweep's {digest})")
+    if meta.get("test_set", "test") != "test":
+        return f"scored on the {meta['test_set']} test set, not the collection's"
     if not meta.get("eval_dir") or not Path(meta["eval_dir"], f"{meta.get('game')}_scores.npz").is_file():
         return "no evaluation folder recorded (eval_dir)"
     if (meta.get("game"), int(meta.get("seed", -1))) != (dit.game, dit.seed):
@@ -391,12 +410,13 @@ def reused_trials(cfg: SweepConfig, trials: list[tuple[dict[str, Any], TrainDiTC
             raise SweepError(f"sweep {cfg.sweep_name!r}: reference record {r} has no run.json")
         records.append((path, json.loads((path / "run.json").read_text())))
     reused: dict[str, dict[str, Any]] = {}
+    digest = inputs_digest(cfg.data_root, cfg.vae_path) if records else None
     for path, meta in records:
         why = {}
         for _, dit in trials:
             if dit.name in reused:
                 continue
-            why[dit.name] = reuse_mismatch(cfg, dit, meta)
+            why[dit.name] = reuse_mismatch(cfg, dit, meta, digest)
             if why[dit.name] is None:
                 reused[dit.name] = {"record": str(path), "run_id": meta.get("run_id", path.name),
                                     "eval_dir": meta["eval_dir"], "game": meta["game"]}
@@ -443,8 +463,10 @@ def sweep_version(cfg: SweepConfig) -> str:
     resolved = dataclasses.asdict(config_from_dict(TrainDiTConfig, settings))
     scoring = {"max_windows": cfg.eval_max_windows, "stride": cfg.eval_stride, "lpips": cfg.eval_lpips,
                "idm_steps": cfg.eval_idm_steps, "idm_max_pairs": cfg.eval_idm_max_pairs, "action_tests": True}
+    from pipeline.presets.base import REVISION
+
     return _hash({"fields": sorted(fields), "trial": {k: v for k, v in _versioned(resolved).items() if k not in fields},
-                  "scoring": scoring})
+                  "scoring": scoring, **({"revision": REVISION} if REVISION > 1 else {})})
 
 
 def preset_sweep_config(preset: Any, space: str, fields: dict[str, Any]) -> SweepConfig:

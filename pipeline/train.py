@@ -95,6 +95,11 @@ class MetricsFollower(threading.Thread):
         self.drain()
 
 
+def worker_resources(cfg: TrainSettings) -> dict[str, float]:
+    """What each Ray Train worker asks for: its CPUs, and its GPU share when training on GPUs."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+
+
 def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Tracker,
         side_datasets: dict[str, Any] | None = None):
     """Build and fit the TorchTrainer of one job; returns its Result (checkpoint = last good one).
@@ -103,7 +108,7 @@ def fit(loop: Callable[[dict], None], cfg: TrainSettings, dataset, tracker: Trac
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    resources = worker_resources(cfg)
     trainer = TorchTrainer(
         loop,
         train_loop_config=dataclasses.asdict(cfg),

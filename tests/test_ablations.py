@@ -104,11 +104,22 @@ def test_bad_sweeps_fail_before_tune_starts_naming_the_field(tmp_path, fields, m
     assert not (tmp_path / "run" / "tune").exists() and not (tmp_path / "run" / "sweeps").exists()
 
 
-def test_sweep_config_refuses_a_shared_gpu_and_a_game_named_twice(tmp_path):
-    with pytest.raises(ValueError, match="trials_per_gpu=2: trials cannot share a GPU yet"):
-        _gpu_cfg(tmp_path, trials_per_gpu=2)
+def test_trials_sharing_a_gpu_ask_for_their_share_and_a_game_named_twice_is_refused(tmp_path):
+    from pipeline.train import worker_resources
+
+    shared = _gpu_cfg(tmp_path, trials_per_gpu=2, max_concurrent_trials=2)
+    plan = sweep.plan_sweep(shared, collected=("Breakout",))
+    # the training workers and the scoring actor of each trial ask Ray for half a GPU; nothing else changes
+    assert {worker_resources(t)["GPU"] for _, t in plan.trials} == {0.5}
+    assert {sweep.trial_eval_config(shared, t, "").num_gpus for _, t in plan.trials} == {0.5}
+    assert plan.version == sweep.plan_sweep(_gpu_cfg(tmp_path), collected=("Breakout",)).version
+    assert worker_resources(dataclasses.replace(plan.trials[0][1], use_gpu=False)) == {"CPU": 4}
     with pytest.raises(ValueError, match="trials_per_gpu=0"):
         _gpu_cfg(tmp_path, trials_per_gpu=0)
+    with pytest.raises(ValueError, match="gpus_per_worker=1.5"):
+        TrainDiTConfig(gpus_per_worker=1.5)
+    with pytest.raises(ValueError, match="num_gpus=0"):
+        EvalConfig(num_gpus=0)
     cfg = _gpu_cfg(tmp_path, games=("Breakout",), overrides={"game": "Breakout"})
     with pytest.raises(sweep.SweepError, match="the game is set twice"):
         sweep.plan_sweep(cfg, collected=("Breakout",))
@@ -397,6 +408,14 @@ def test_set_sweep_reaches_every_sweep_and_a_sweep_cannot_carry_its_own_dit():
             with_overrides(gpu, (bad,))
     with pytest.raises(SystemExit, match="sweep.overrides.*must be a dict"):
         with_overrides(gpu, ("sweep.overrides=[1]",))
+    # every sweep of a preset of several (paper: Tables 2, 3 and 4) takes the setting, and each is checked
+    paper = run_all.paper()
+    assert len(paper.sweeps) > 1
+    assert [f["seeds"] for _, f in with_overrides(paper, ("sweep.seeds=[4]",)).sweeps] == [[4]] * len(paper.sweeps)
+    with pytest.raises(SystemExit, match="sweep 'table3': .*set both directly and by 'variant'"):
+        with_overrides(paper, ('sweep.overrides={"variant": ["future+onehot"]}',))
+    with pytest.raises(SystemExit, match="3 sweeps, which one name would merge"):
+        with_overrides(paper, ("sweep.name=x",))
     with pytest.raises(ValueError, match="sweep 'ablations' sets \\['dit'\\]: a preset's sweep trains the preset's own"):
         Preset(games=("Pong",), collect={}, vae={}, dit={}, evaluate={}, sweeps=(("ablations", {"dit": {"steps": 6}}),))
 
@@ -416,7 +435,9 @@ def _job_record(run_dir: Path, preset: run_all.Preset, seed: int, **changes) -> 
     rec = run_dir / "results" / f"gpu-v-Breakout-s{seed}{tag}"
     rec.mkdir(parents=True)
     (rec / "run.json").write_text(json.dumps({"run_id": rec.name, "preset": "gpu", "game": "Breakout", "seed": seed,
-                                              "split": "test", "settings": settings, "eval_dir": str(eval_dir)},
+                                              "split": "test", "settings": settings, "eval_dir": str(eval_dir),
+                                              "inputs_digest": sweep.inputs_digest(str(run_dir / "data"),
+                                                                                   str(run_dir / "vae"))},
                                              default=list))
     return rec
 
@@ -425,7 +446,9 @@ def test_the_jobs_own_evaluations_stand_for_the_reference_trials_scored_alike(tm
     """A job that trained seeds 0 and 1 of the preset's DiT need not train the sweep's reference
     trials of those seeds again; a record whose DiT or scoring differs stands for nothing."""
     gpu = run_all.gpu()
-    paths = {"run_dir": str(tmp_path), "data_root": "/d", "vae_path": "/v"}
+    paths = {"run_dir": str(tmp_path), "data_root": str(tmp_path / "data"), "vae_path": str(tmp_path / "vae")}
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "vae.pt").write_bytes(b"the job's VAE")
     records = [_job_record(tmp_path, gpu, 0), _job_record(tmp_path, gpu, 1),
                _job_record(tmp_path, gpu, 2, **{"dit.steps": 1000}),
                _job_record(tmp_path, gpu, 2, **{"evaluate.max_windows": 64})]
@@ -439,6 +462,19 @@ def test_the_jobs_own_evaluations_stand_for_the_reference_trials_scored_alike(tm
     out = capsys.readouterr().out
     assert f"{records[2].name} stands for no trial: its DiT differs in steps (1000 vs 2000)" in out
     assert f"{records[3].name} stands for no trial: scored differently: max_windows (64 vs 256)" in out
+    # the seed's evaluation on the other policy's play is not the trial's test set
+    other = _job_record(tmp_path, gpu, 2, **{"evaluate.name": "other"})
+    meta = json.loads((other / "run.json").read_text())
+    (other / "run.json").write_text(json.dumps({**meta, "test_set": "other_policy"}))
+    ref2 = next(t for _, t in plan.trials if (t.action_encoder, t.seed, t.action_mode) == ("embedding", 2, "future"))
+    assert sweep.reuse_mismatch(cfg, ref2, json.loads((other / "run.json").read_text())) == \
+        "scored on the other_policy test set, not the collection's"
+    assert sweep.reuse_mismatch(cfg, ref2, meta) is None  # the same record as the collection's would serve
+    # a VAE trained again since (`--force vae`): the job's evaluations were of another VAE
+    (tmp_path / "vae" / "vae.pt").write_bytes(b"another VAE")
+    assert sweep.plan_sweep(cfg, collected=("Breakout",)).reused == {}
+    assert "another collection or VAE than the sweep's" in capsys.readouterr().out
+    (tmp_path / "vae" / "vae.pt").write_bytes(b"the job's VAE")
     # scored on val, the trials are not the job's test evaluation
     val = sweep.plan_sweep(dataclasses.replace(cfg, eval_split="val"), collected=("Breakout",))
     assert val.reused == {}

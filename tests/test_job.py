@@ -43,7 +43,8 @@ def _artifact_paths(base: str, run_id: str, path: str = "") -> set[str]:
 def _check_outputs(out: Path, mlflow_server: str) -> None:
     """What one smoke job must leave: files under --out, runs, metrics, tables and artifacts in MLflow."""
     # Files: every stage completed, under the absolute --out (not the job's temporary copy).
-    for stage in ("collect", "vae", "dit", "evaluate", "imagine", "sweep"):
+    for stage in ("collect", "vae", "dit", "evaluate", "collect-other-policy", "evaluate-other-policy", "imagine",
+                  "sweep"):
         assert (out / "stages" / f"{stage}.json").is_file(), f"stage {stage} left no marker"
     assert list((out / "data" / "episodes").glob("game=Breakout/run=smoke/*.parquet"))
     eval_csv = (out / "eval" / "eval-Breakout" / "generation_length.csv").read_text().splitlines()
@@ -53,18 +54,25 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     # The evaluation's record (pipeline/results.py) pools into the results tables, with the action tests
     from pipeline.results import build_tables, load_run
 
-    records = list((out / "results").glob("smoke-*-Breakout-s0-*"))
-    assert len(records) == 1, records
+    found = {r: load_run(r)[0].get("test_set") for r in (out / "results").glob("smoke-*-Breakout-s0-*")}
+    records = [r for r, test_set in found.items() if test_set == "test"]
+    assert sorted(found.values()) == ["other_policy", "test"], found  # the collection's, the other policy's
     meta, scores = load_run(records[0])
     assert (meta["preset"], meta["split"], meta["seed"]) == ("smoke", "test", 0) and meta["stage_wall_s"]["dit"] > 0
     assert {"action_recorded/mse", "action_permuted/mse", "action_noop/differs", "episode_id"} <= set(scores)
     table2 = build_tables(out / "results", out / "current", "smoke", n_boot=200)
     assert set(table2.method) >= {"model", "copy_last"} and (table2.seeds.dropna() == 1).all()
-    assert (out / "current" / "action_fidelity.csv").is_file()
-    assert (out / "eval" / "eval-Breakout" / "action_fidelity.csv").is_file()
-    # The imagine stage: heads beside the world model, an agent trained in it, scored in the real game
     import pandas as pd
 
+    # The other policy's play: its own data root, never the training data's; scored by the seed's
+    # model, its action-fidelity rows apart from the collection's, and no Table 2 row.
+    assert list((out / "data_other_policy" / "episodes").glob("game=Breakout/run=smoke-other-policy/*.parquet"))
+    assert {p.name for p in (out / "data" / "episodes" / "game=Breakout").iterdir()} == {"run=smoke"}
+    af = pd.read_csv(out / "current" / "action_fidelity.csv")
+    assert set(af.test_set) == {"test", "other_policy"}, af
+    assert (out / "eval" / "eval-Breakout-other-policy" / "generation_length.csv").is_file()
+    assert (out / "eval" / "eval-Breakout" / "action_fidelity.csv").is_file()
+    # The imagine stage: heads beside the world model, an agent trained in it, scored in the real game
     model_path = Path(json.loads((out / "stages" / "dit.json").read_text())["model_path"])
     assert (model_path / "heads").is_dir()
     imag = pd.read_csv(out / "imagine" / "imagine-Breakout" / "imagination.csv")
@@ -74,6 +82,9 @@ def _check_outputs(out: Path, mlflow_server: str) -> None:
     assert curve.steps.iloc[-1] >= 64 and (curve.generation_share > 0).all()
     assert curve.imagined_return_mean.notna().iloc[-1]  # imagined episodes ended (horizon 8) and were counted
     assert (out / "agents" / "imagine-Breakout" / "learner_group").is_dir()
+    heads = pd.read_csv(records[0] / "heads.csv")  # the heads' test scores travel with the seed's record
+    assert {"reward", "life_lost", "game_over"} <= set(heads.event), heads
+    assert {"precision", "recall"} <= set(heads.columns), heads
     sweep_md = (out / "sweeps" / "sweep-ablations" / "ablations.md").read_text()
     assert all(v in sweep_md for v in ("past_future", "copy_last", "±")), sweep_md
 
@@ -156,7 +167,9 @@ def _check_results_tables(out: Path, tables: Path) -> None:
     assert rows.loc["future", "mse"] == pytest.approx(vs.loc[1, "mse"], rel=1e-4) and rows.loc["future", "seeds"] == 1
     assert pd.notna(rows.loc["past_future", "diff_vs_reference"])
     assert rows.loc["past_future", "mse"] != rows.loc["future", "mse"]
-    assert not (tables / "table4.csv").exists()  # no trial varied the encoder
+    t4 = pd.read_csv(tables / "table4.csv")  # no trial varied the encoder: the reference's rows alone
+    t4_model = t4[t4.method == "model"]
+    assert set(t4_model.variant) == {"embedding"} and t4_model.diff_vs_reference.isna().all(), t4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -182,7 +195,7 @@ def test_smoke_job_submitted_to_a_ray_cluster_logs_to_mlflow_server(job_cluster)
     res2 = submit_job(address, env, REPO, ["python", "pipeline/run_all.py", "--preset", "smoke", "--out", str(out),
                                            "--tracking-uri", mlflow_server], out.parent / "job2.log")
     assert res2.returncode == 0, (res2.stdout + res2.stderr)[-4000:]
-    for stage in ("collect", "vae", "dit", "evaluate", "sweep"):
+    for stage in ("collect", "vae", "dit", "evaluate", "collect-other-policy", "evaluate-other-policy", "sweep"):
         assert f"{stage}: reusing the completed stage" in res2.stdout
     assert sorted(p.name for p in (out / "data" / "episodes").rglob("*.parquet")) == rows_before
 

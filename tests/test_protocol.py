@@ -391,7 +391,7 @@ def test_inverse_dynamics_reads_the_recorded_rollouts_of_the_action_tests():
     follows, ignores = rows[True][4], rows[False][4]
     assert follows["idm_acc_real"] > 0.8 and follows["idm_acc_generated"] > 0.8 and follows["idm_acc_ratio"] > 0.9
     assert ignores["idm_acc_real"] == pytest.approx(follows["idm_acc_real"])  # same true frames
-    for r in (follows, ignores):  # the plain ratio (the issue's target) and the chance-corrected one
+    for r in (follows, ignores):  # the plain ratio (the action target) and the chance-corrected one
         assert r["idm_acc_ratio"] == pytest.approx(r["idm_acc_generated"] / r["idm_acc_real"])
         assert r["idm_kappa_ratio"] == pytest.approx((r["idm_acc_generated"] - r["idm_majority_share"])
                                                      / (r["idm_acc_real"] - r["idm_majority_share"]))
@@ -457,6 +457,35 @@ def test_random_policy_holds_its_actions_at_the_repeat_rate():
     assert _parse(["--policy", "random", "--random-repeat", "0.5"]).random_repeat == 0.5
     with pytest.raises(ValueError, match="random_repeat"):
         CollectConfig(random_repeat=1.0)
+
+
+def test_epsilon_greedy_replaces_the_policys_action_at_its_rate():
+    """CollectConfig.epsilon: with that probability a step's action is uniform instead of the
+    policy's; a policy sure of action 0 then plays 1-3 at epsilon * 3/4."""
+    import torch
+    from ray.rllib.core.columns import Columns
+    from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorical
+
+    from pipeline.collect import CollectConfig
+    from workers.rollout import RecordingLoop
+
+    class Sure(torch.nn.Module):  # a policy that always picks action 0
+        def forward_exploration(self, batch):
+            n = batch[Columns.OBS].shape[0]
+            return {Columns.ACTION_DIST_INPUTS: torch.tensor([[30.0, 0.0, 0.0, 0.0]]).repeat(n, 1)}
+
+        def get_exploration_action_dist_cls(self):
+            return TorchCategorical
+
+    loop = RecordingLoop.__new__(RecordingLoop)
+    loop.rng, loop.num_actions, loop.num_envs, loop.last = np.random.default_rng(1), 4, 64, None
+    loop.module, loop.dtype, loop.obs = Sure(), torch.float32, np.zeros((64, 2), np.float32)
+    loop.module.w = torch.nn.Linear(1, 1)  # a parameter: the loop reads the module's device from it
+    for epsilon in (0.0, 0.4):
+        draws = np.stack([loop.actions(True, False, 0.0, epsilon) for _ in range(300)])
+        assert (draws != 0).mean() == pytest.approx(epsilon * 3 / 4, abs=0.02), epsilon
+    with pytest.raises(ValueError, match="epsilon must be in"):
+        CollectConfig(epsilon=1.5)
 
 
 def test_imagination_table_pools_seeds_of_real_game_returns(tmp_path):

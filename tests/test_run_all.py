@@ -128,6 +128,9 @@ def test_missing_lpips_weights_stop_a_job_before_it_trains_what_it_could_not_sco
     need = run_all._require_scoring_weights  # which stages would score: each case is cheap to ask
     smoke = run_all.smoke()
     need(out, smoke, ("collect", "vae", "dit", "imagine", "bench"), set(), (2,))  # nothing scores
+    with pytest.raises(SystemExit, match=r"\['evaluate-other-policy-seed2'\]"):  # the other policy's play
+        need(out, smoke, ("other_policy",), set(), (2,))
+    need(out, with_overrides(smoke, ("evaluate.lpips=false",)), ("other_policy",), set(), (2,))
     need(out, with_overrides(smoke, ("sweep.eval_lpips=false",)), ("sweep",), set(), (None,))  # scores no LPIPS
     with pytest.raises(SystemExit, match=r"\['sweep'\]"):
         need(out, smoke, ("sweep",), set(), (None,))

@@ -217,11 +217,14 @@ def load_recorders(algo) -> None:
     want = _digest(weights)
     held = group.foreach_env_runner(lambda runner: _digest(runner.module.get_state(inference_only=True)),
                                     local_env_runner=False)
+    if len(held) != group.num_remote_env_runners():
+        raise RuntimeError(f"{group.num_remote_env_runners()} recording env runners, {len(held)} answered with "
+                           f"their weights: the checkpoint's policy could not be checked on every runner")
     for i, got in enumerate(held):
-        differ = sorted(k for k in want if k in got and not np.isclose(got[k], want[k], rtol=1e-6, atol=1e-9))
-        if differ or not set(want) & set(got):
+        differ = sorted(k for k in got if k not in want or not np.isclose(got[k], want[k], rtol=1e-6, atol=1e-9))
+        if differ or not got:
             raise RuntimeError(f"recording env runner {i} does not hold the checkpoint's policy weights "
-                               f"(differing: {differ[:3] or 'no common parameter'})")
+                               f"(differing: {differ[:3] or 'no parameter'})")
 
 
 class RecordingLoop:
@@ -259,7 +262,17 @@ class RecordingLoop:
             loop = runner._recording_loop = RecordingLoop(runner)
         return loop
 
-    def actions(self, explore: bool, random_actions: bool, repeat: float = 0.0) -> np.ndarray:
+    def actions(self, explore: bool, random_actions: bool, repeat: float = 0.0, epsilon: float = 0.0) -> np.ndarray:
+        """One action per sub-env: uniform ones (`random_actions`, each kept with probability
+        `repeat`), else the module's; with `epsilon`, each sub-env's action is replaced by a uniform
+        one with that probability (epsilon-greedy: wider action coverage than the policy's own)."""
+        acts = self._actions(explore, random_actions, repeat)
+        if epsilon > 0:
+            acts = np.where(self.rng.random(self.num_envs) < epsilon,
+                            self.rng.integers(0, self.num_actions, self.num_envs), acts)
+        return acts
+
+    def _actions(self, explore: bool, random_actions: bool, repeat: float) -> np.ndarray:
         import torch
         from ray.rllib.core.columns import Columns
 
@@ -284,7 +297,8 @@ class RecordingLoop:
                 dist = dist.to_deterministic()
             return dist.sample().cpu().numpy()  # (N,)
 
-    def run(self, num_timesteps: int, explore: bool, random_actions: bool, repeat: float = 0.0) -> None:
+    def run(self, num_timesteps: int, explore: bool, random_actions: bool, repeat: float = 0.0,
+            epsilon: float = 0.0) -> None:
         """At least `num_timesteps` agent steps over all sub-envs. Sub-envs that end reset
         themselves (gymnasium vector autoreset); the recorders see those resets."""
         clock, sec = time.perf_counter, self.seconds
@@ -294,7 +308,7 @@ class RecordingLoop:
             sec["env"] += clock() - t
         for _ in range(-(-num_timesteps // self.num_envs)):
             t0 = clock()
-            actions = self.actions(explore, random_actions, repeat)
+            actions = self.actions(explore, random_actions, repeat, epsilon)
             t1 = clock()
             self.obs, *_ = self.env.step(actions)
             sec["policy"] += t1 - t0
@@ -318,7 +332,7 @@ def record_on_runner(runner, num_timesteps: int, explore: bool, random_actions: 
 
 
 def write_on_runner(runner, out_dir: str, num_timesteps: int, explore: bool, random_actions: bool,
-                    final: bool, repeat: float = 0.0) -> dict:
+                    final: bool, repeat: float = 0.0, epsilon: float = 0.0) -> dict:
     """Runs on an env runner: sample, drain, and write the rows as one zstd Parquet file in
     `out_dir` (temporary name, then rename, so a listing never shows half a file). `out_dir` must
     be visible to every node (a local path on one machine, shared storage on a cluster). Returns
@@ -326,7 +340,7 @@ def write_on_runner(runner, out_dir: str, num_timesteps: int, explore: bool, ran
     cumulative seconds per phase (policy, env, drain, write) and its policy's forward dtype."""
     loop = RecordingLoop.of(runner)
     if num_timesteps > 0:
-        loop.run(num_timesteps, explore, random_actions, repeat)
+        loop.run(num_timesteps, explore, random_actions, repeat, epsilon)
     t0 = time.perf_counter()
     table = _drain(runner, final)
     t1 = time.perf_counter()

@@ -76,6 +76,9 @@ class TrainSettings:
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
     """One GPU per worker (NCCL), else CPU (gloo)."""
+    gpus_per_worker: float = 1.0
+    """With use_gpu: the share of a GPU each worker asks Ray for (below 1, several runs share one
+    GPU, e.g. the trials of a sweep with `trials_per_gpu` 2)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker; keep it fractional on small machines so Ray Data can read."""
     max_failures: int = 2
@@ -109,6 +112,9 @@ class TrainSettings:
             raise ValueError(f"{type(self).__name__}.data_loader={self.data_loader!r}; expected one of {DATA_LOADERS}")
         if not 0.0 < self.train_episodes <= 1.0:
             raise ValueError(f"{type(self).__name__}.train_episodes={self.train_episodes}: expected a share in (0, 1]")
+        if not 0.0 < self.gpus_per_worker <= 1.0:
+            raise ValueError(f"{type(self).__name__}.gpus_per_worker={self.gpus_per_worker}: "
+                             f"expected a share in (0, 1]")
 
 
 DATA_LOADERS = ("device", "stream")

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Callable
 
 from pipeline.presets import gpu, paper, smoke
-from pipeline.presets.base import (Preset, imagine_version, preset_version, resolved_settings, section_configs,
-                                   with_overrides, with_seed)
+from pipeline.presets.base import (Preset, imagine_version, other_policy_config, preset_version, resolved_settings,
+                                   section_configs, with_overrides, with_seed)
 
 PRESETS: dict[str, Callable[[], Preset]] = {"smoke": smoke.preset, "gpu": gpu.preset, "paper": paper.preset}
 
-__all__ = ["PRESETS", "Preset", "imagine_version", "preset_version", "resolved_settings", "section_configs",
-           "with_overrides", "with_seed"]
+__all__ = ["PRESETS", "Preset", "imagine_version", "other_policy_config", "preset_version", "resolved_settings",
+           "section_configs", "with_overrides", "with_seed"]

@@ -29,9 +29,14 @@ class Preset:
     evaluate: dict[str, Any]
     """EvalConfig fields."""
     sweeps: tuple[tuple[str, dict[str, Any]], ...] = ()
-    """(space, SweepConfig fields) per sweep; SweepConfig.dit defaults to this preset's `dit`."""
+    """(space, SweepConfig fields) per sweep; every sweep trains this preset's `dit` (its trials
+    change only the fields their space sweeps)."""
     imagine: dict[str, Any] = dataclasses.field(default_factory=dict)
     """ImagineConfig fields (pipeline/imagine.py): PPO trained in the world model, scored in the real game."""
+    other_policy: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """CollectConfig fields of the other-policy test set (the `other_policy` stage; policy `random`
+    unless given): another policy's play of the DiT's game, under a data root of its own so that it
+    never enters training, on which each seed's world model is scored again; {} = no such stage."""
 
     def __post_init__(self) -> None:
         for space, fields in self.sweeps:
@@ -55,16 +60,17 @@ def section_configs() -> dict[str, type]:
 
     return {"collect": collect.CollectConfig, "collect.agent": AgentConfig, "vae": TrainVAEConfig,
             "dit": TrainDiTConfig, "evaluate": evaluate.EvalConfig, "imagine": imagine.ImagineConfig,
-            "sweep": sweep.SweepConfig}
+            "sweep": sweep.SweepConfig, "other_policy": collect.CollectConfig}
 
 
 def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
     """The preset with `section.field=value` settings replaced (`--set`): section is collect,
-    collect.agent, vae, dit, evaluate, imagine or sweep (every sweep of the preset, e.g.
+    collect.agent, vae, dit, evaluate, imagine, other_policy or sweep (every sweep of the preset, e.g.
     `sweep.seeds=[0]` to run part of a grid); value is JSON (`16`, `[1, 2]`, `true`), else a string.
     An unknown section or field fails here, naming it, before anything runs."""
     sections = section_configs()
-    parts = {name: dict(getattr(preset, name)) for name in ("collect", "vae", "dit", "evaluate", "imagine")}
+    parts = {name: dict(getattr(preset, name)) for name in ("collect", "vae", "dit", "evaluate", "imagine",
+                                                          "other_policy")}
     sweeps = [(space, dict(fields)) for space, fields in preset.sweeps]
     for item in sets:
         key, eq, raw = item.partition("=")
@@ -83,6 +89,8 @@ def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
                               else ""))
         if section == "sweep" and not sweeps:
             raise SystemExit(f"--set {item!r}: this preset has no sweep")
+        if section == "sweep" and field == "name" and len(sweeps) > 1:
+            raise SystemExit(f"--set {item!r}: the preset has {len(sweeps)} sweeps, which one name would merge")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -93,8 +101,10 @@ def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
             for space, fields in sweeps:
                 fields[field] = value
                 try:
-                    config_from_dict(sections["sweep"], {**fields, "space": space})
-                except (TypeError, ValueError) as exc:
+                    from pipeline.sweep import SweepError, preset_sweep_config, swept_fields
+
+                    swept_fields(preset_sweep_config(dataclasses.replace(preset, **parts), space, fields))
+                except (TypeError, ValueError, KeyError, SweepError) as exc:
                     raise SystemExit(f"--set {item!r}: sweep {space!r}: {exc}") from None
         else:
             parts[section][field] = value
@@ -104,7 +114,8 @@ def with_overrides(preset: Preset, sets: tuple[str, ...]) -> Preset:
 # Fields that do not change what a run trains or how its Table 2 is scored: where it runs, with
 # what resources, under which names, and the training seeds (seeds of one version pool).
 _UNVERSIONED = {"run_dir", "data_root", "name", "game", "games", "run_id", "vae_path", "model_path", "seed",
-                "num_workers", "cpus_per_worker", "use_gpu", "num_cpus", "figure_windows",
+                "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "num_cpus", "num_gpus",
+                "figure_windows",
                 "action_sequences", "windows_of", "checkpoint_every", "log_every", "num_env_runners",
                 "cpus_per_env_runner", "gpus_per_env_runner", "learner_threads", "learner_device",
                 "steps_per_round", "data_loader"}
@@ -124,7 +135,15 @@ def resolved_settings(preset: Preset) -> dict[str, dict[str, Any]]:
     return {"collect": dataclasses.asdict(collect.CollectConfig(agent=agent, **c)),
             "vae": dataclasses.asdict(config_from_dict(TrainVAEConfig, dict(preset.vae))),
             "dit": dataclasses.asdict(config_from_dict(TrainDiTConfig, dict(preset.dit))),
-            "evaluate": dataclasses.asdict(config_from_dict(evaluate.EvalConfig, dict(preset.evaluate)))}
+            "evaluate": dataclasses.asdict(config_from_dict(evaluate.EvalConfig, dict(preset.evaluate))),
+            "other_policy": dataclasses.asdict(other_policy_config(preset)) if preset.other_policy else {}}
+
+
+def other_policy_config(preset: Preset, **paths: Any) -> Any:
+    """The CollectConfig of the preset's other-policy test set (`random` policy unless it names one)."""
+    from pipeline import collect
+
+    return config_from_dict(collect.CollectConfig, {"policy": "random", **preset.other_policy, **paths})
 
 
 REVISION = 2

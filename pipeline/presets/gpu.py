@@ -18,8 +18,10 @@ def preset() -> Preset:
     - 4 Euler steps (as good as 8 at half the cost); evaluation at T = 1, 2, 4 on 256 test
       windows spread over the test episodes. `docs/history.md` has the measurements behind each
       choice.
-    - The imagine stage trains PPO in each seed's world model and scores it in the real game; the
-      sweep stage trains 9 more DiTs (Tables 3 and 4: three variants x three seeds) on the same
+    - The other_policy stage scores each seed again on a random policy's play (the action tests'
+      other test set); the imagine stage trains PPO in each seed's world model and scores it in the
+      real game; the sweep stage trains the DiTs of Tables 3 and 4 (three variants x three seeds,
+      the reference variant's seeds of the job served by its own evaluations) on the same
       collection and VAE. `--stages collect vae dit evaluate` is Table 2 alone."""
     gpu1 = {"cpus_per_worker": 4, "use_gpu": True}
     return Preset(
@@ -37,6 +39,10 @@ def preset() -> Preset:
              "warmup_steps": 300, "lr_cooldown": 0.2, "checkpoint_every": 1000, "log_every": 50},
         evaluate={"horizons": (1, 2, 4), "max_windows": 256, "stride": 8, "batch_size": 32,
                   "num_cpus": 4, "use_gpu": True},
+        # The other-policy test set: a random policy holding its action with probability 0.75, 40k
+        # steps (Breakout: about 220 games, half of them test, half val), never trained on.
+        other_policy={"random_repeat": 0.75, "steps_per_game": 40_000, "steps_per_round": 4000,
+                      "num_env_runners": 14, "cpus_per_env_runner": 1.0, "test_fraction": 0.5, "val_fraction": 0.5},
         # 60k imagined agent steps: about as many as the collection's training split holds; at the
         # measured 87 steps/s (pixel rollout, 256 games) 12 minutes
         imagine={"train_steps": 60_000, "train_batch_size": 8192, "minibatch_size": 512,

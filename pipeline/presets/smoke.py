@@ -20,6 +20,8 @@ def preset() -> Preset:
         dit=dit,
         evaluate={"horizons": (1, 2, 4), "max_windows": 8, "stride": 8, "batch_size": 4, "num_cpus": 0.5,
                   "figure_windows": 1, "idm_steps": 20, "idm_max_pairs": 256},
+        other_policy={"random_repeat": 0.75, "steps_per_game": 300, "steps_per_round": 300,
+                      "cpus_per_env_runner": 0.5, "test_fraction": 0.5, "val_fraction": 0.5},
         imagine={"heads_steps": 40, "heads_max_pairs": 256, "imagination_horizon": 8, "max_contexts": 32,
                  "train_steps": 64, "train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1,
                  "num_envs_per_env_runner": 4, "cpus_per_env_runner": 0.5,
