@@ -248,36 +248,6 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def git_commit() -> str:
-    """HEAD of this checkout, with "-dirty" when tracked files differ from it; else $AWM_COMMIT
-    (a `ray job submit` upload has no .git), else "unknown". As `pipeline/results.py` records runs."""
-    here = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("AWM_COMMIT", "unknown")
-
-
-def gpu_names() -> str:
-    """The machine's GPUs as nvidia-smi names them ("2x NVIDIA H100 80GB HBM3"), or "none (CPU)"."""
-    exe = shutil.which("nvidia-smi")
-    if exe is not None:
-        try:
-            out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
-                                 timeout=20)
-            names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
-            if out.returncode == 0 and names:
-                return f"{len(names)}x {names[0]}"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return "none (CPU)"
-
-
 def command_line() -> str:
     """This process's command line as typed (`python -m benchmarks.x --flag ...`), shell-quoted."""
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
@@ -288,7 +258,9 @@ def table_meta(meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every committed table carries: `commit`, `command`, `gpu` (the machine's GPUs; a
     benchmark's own `device` key names the one it ran on) and `date` (UTC), then the caller's keys,
     which may not replace those four."""
-    base = {"commit": git_commit(), "command": command_line(), "gpu": gpu_names(),
+    from pipeline.results import commit_hash, gpu_names
+
+    base = {"commit": commit_hash(), "command": command_line(), "gpu": gpu_names(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     clash = sorted(set(meta or {}) & set(base))
     if clash:

@@ -83,7 +83,9 @@ class ResultsError(ValueError):
 
 
 # -- recording one run ---------------------------------------------------------------------------
-def _commit() -> str:
+def commit_hash() -> str:
+    """HEAD of this checkout, with "-dirty" when tracked files differ from it; else $AWM_COMMIT
+    (a `ray job submit` upload has no .git), else "unknown"."""
     here = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -93,10 +95,11 @@ def _commit() -> str:
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("AWM_COMMIT", "unknown")  # e.g. under `ray job submit`, which uploads no .git
+    return os.environ.get("AWM_COMMIT", "unknown")
 
 
-def _gpu() -> str:
+def gpu_names() -> str:
+    """The machine's GPUs as nvidia-smi names them ("2x NVIDIA H100 80GB HBM3"), or "none (CPU)"."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=20)
@@ -120,7 +123,7 @@ def record_run(results_dir: str | Path, scores_file: str | Path, *, preset: str,
     now = dt.datetime.now(dt.timezone.utc)
     run_id = f"{preset}-{version}-{game}{'-' + tag if tag else ''}-s{seed}-{now:%Y%m%dT%H%M%S}-{os.urandom(2).hex()}"
     meta = {"run_id": run_id, "preset": preset, "preset_version": version, "game": game, "seed": seed,
-            "split": split, "date": now.isoformat(timespec="microseconds"), "commit": _commit(), "gpu": _gpu(),
+            "split": split, "date": now.isoformat(timespec="microseconds"), "commit": commit_hash(), "gpu": gpu_names(),
             "command": command, "stage_wall_s": stage_walls, "settings": settings}
     clash = sorted(set(extra or {}) & set(meta))
     if clash:
