@@ -40,7 +40,7 @@ def preset() -> Preset:
         evaluate={"horizons": (1, 2, 4), "max_windows": 256, "stride": 8, "batch_size": 32,
                   "num_cpus": 4, "use_gpu": True},
         # The other-policy test set: a random policy holding its action with probability 0.75, 40k
-        # steps (Breakout: about 220 games, half of them test, half val), never trained on.
+        # steps, half of the episodes test and half val (collect warns below 30 each), never trained on.
         other_policy={"random_repeat": 0.75, "steps_per_game": 40_000, "steps_per_round": 4000,
                       "num_env_runners": 14, "cpus_per_env_runner": 1.0, "test_fraction": 0.5, "val_fraction": 0.5},
         # 60k imagined agent steps: about as many as the collection's training split holds; at the
